@@ -1,0 +1,92 @@
+"""Command line: `rlrf <stage> --recipe R [key.sub=value ...]` and the shared argument parser.
+
+Every pipelines/<stage>.py script parses its arguments with `stage_args`, so the console script and
+the scripts take the same flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+from pathlib import Path
+
+from rlrf.config import ConfigError, Recipe, describe, load_recipe
+from rlrf.store import StageError, parse_shard
+
+PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
+STAGES = ("prepare", "sample", "encode", "train-reranker", "score", "pairs", "dpo", "check", "evaluate")
+
+
+def stage_args(description: str, argv: list[str] | None = None, rounds: bool = True,
+               shards: bool = False) -> tuple[Recipe, argparse.Namespace]:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="overrides: key.sub=value, e.g. sample.n=4 dpo.beta=0.01 "
+                                       "(`rlrf config --recipe R` lists every key)")
+    p.add_argument("--recipe", default="recipes/ml100k_smollm2.yaml", help="YAML recipe (default: the CPU demo)")
+    p.add_argument("--force", action="store_true", help="redo the stage from scratch even if its config changed")
+    if rounds:
+        p.add_argument("--round", type=int, default=1, help="RLRF round k (samples from generator k-1)")
+    if shards:
+        p.add_argument("--shard", default=None, help="run only slice i/n of the shards (Slurm arrays, Ray)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    args = p.parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        if shards:
+            args.shard = parse_shard(args.shard)
+    except (ConfigError, StageError) as e:
+        p.exit(2, f"error: {e}\n")
+    return recipe, args
+
+
+def run_main(main) -> None:
+    """Run a stage's main(); turn the errors a person must act on into one clear line and exit 2."""
+    from rlrf.schema import SchemaError
+
+    try:
+        main()
+    except (ConfigError, StageError, SchemaError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = ("usage: rlrf <command> [--recipe R] [key.sub=value ...]\n\n"
+             f"stages:   {', '.join(STAGES)}\n"
+             "others:   config (print the resolved recipe), inspect (pairs | profiles | summary)\n")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "config":
+        recipe, _ = stage_args("print the resolved recipe", rest, rounds=False)
+        defaults = {k: h for k, _, h in describe()}
+        import yaml
+        print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+        if "--keys" in rest:
+            for k, h in defaults.items():
+                print(f"{k:40s} {h}")
+        return
+    if cmd == "inspect":
+        from rlrf.inspect import main as inspect_main
+        inspect_main(rest)
+        return
+    if cmd not in STAGES:
+        import difflib
+        close = difflib.get_close_matches(cmd, STAGES + ("config", "inspect"), n=1)
+        print(f"error: unknown command {cmd!r}" + (f"; did you mean {close[0]}?" if close else "") + "\n\n" + usage,
+              file=sys.stderr)
+        sys.exit(2)
+    script = PIPELINES / f"{cmd.replace('-', '_')}.py"
+    if not script.is_file():
+        print(f"error: {script} not found; `rlrf {cmd}` runs the stage scripts of a source checkout "
+              f"(pip install -e .)", file=sys.stderr)
+        sys.exit(2)
+    sys.argv = [str(script), *rest]
+    runpy.run_path(str(script), run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,364 @@
+"""Typed recipe config: YAML recipes, `key.sub=value` overrides, validation, hashing.
+
+A recipe is one YAML file with a section per stage (see recipes/ml100k_smollm2.yaml). Each section is
+a dataclass below whose fields carry a help text and whose `__post_init__` validates. Unknown keys are
+errors that name the closest known key; values are type-checked (YAML's `5e-5` is a float here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override a person must fix; the message says what, where and how."""
+
+
+def _f(default: Any, help: str, **kw) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _f("ml-100k", "ml-100k | ml-1m | amazon-books")
+    path: str = _f("data/raw/ml-100k", "directory holding the dataset's original files")
+    layout: str = _f("auto", "auto | grouplens | recbole | amazon (auto detects from the files present)")
+
+    def __post_init__(self):
+        _check(self.dataset in ("ml-100k", "ml-1m", "amazon-books"), "data.dataset",
+               f"unknown dataset {self.dataset!r}; choose ml-100k, ml-1m or amazon-books")
+        _check(self.layout in ("auto", "grouplens", "recbole", "amazon"), "data.layout",
+               f"unknown layout {self.layout!r}; choose auto, grouplens, recbole or amazon")
+
+
+@dataclass
+class PrepareConfig:
+    positive_threshold: float = _f(-1.0, "rating > this is a positive; -1 = dataset default (3 MovieLens, 4 Amazon)")
+    history_max: int = _f(-1, "max prompt-history items; -1 = dataset default (30 MovieLens, 15 Amazon)")
+    chunk_size: int = _f(4, "consecutive rated items per rerank list")
+    list_size: int = _f(10, "items per list after padding with never-rated items")
+    min_history: int = _f(2, "users with fewer prompt-history items are dropped (and counted)")
+    split: list = _f([0.8, 0.1, 0.1], "train / valid / test share of users")
+    amazon_user_core: int = _f(60, "Amazon-Books: keep users with at least this many ratings (KAR)")
+    amazon_item_core: int = _f(40, "Amazon-Books: keep items with at least this many ratings (KAR)")
+    shards: int = _f(1, "output shards (users are hashed into shards)")
+
+    def __post_init__(self):
+        _check(len(self.split) == 3 and abs(sum(self.split) - 1) < 1e-6 and min(self.split) >= 0,
+               "prepare.split", f"needs three non-negative shares summing to 1, got {self.split}")
+        _check(0 < self.chunk_size <= self.list_size, "prepare.chunk_size", "must be in (0, list_size]")
+        _check(self.shards >= 1, "prepare.shards", "must be >= 1")
+
+
+@dataclass
+class SampleConfig:
+    model: str = _f("smollm2-135m-instruct", "hub id, local directory, or the alias smollm2-135m-instruct")
+    backend: str = _f("hf", "hf (transformers generate) | vllm")
+    n: int = _f(4, "profiles sampled per user")
+    splits: list = _f(["train", "valid", "test"], "which user splits to sample")
+    max_users: int = _f(-1, "cap users per split (first by user id order after a seeded shuffle); -1 = all")
+    temperature: float = _f(1.0, "sampling temperature; higher spreads profiles (more reward signal) but rambles")
+    top_p: float = _f(0.95, "nucleus sampling mass")
+    max_new_tokens: int = _f(128, "profile length cap; longer profiles cost time linearly")
+    min_new_tokens: int = _f(0, "force at least this many tokens (benchmarks)")
+    max_prompt_tokens: int = _f(1024, "prompt budget; history is trimmed oldest-first to fit (and counted)")
+    batch_size: int = _f(64, "sequences per generate call (prompts x n); larger is faster until memory binds")
+    dtype: str = _f("auto", "auto (bf16 where the CPU has AMX/AVX512-bf16, else fp32) | bfloat16 | float32")
+    shards: int = _f(8, "user shards; the unit of resume")
+    item_knowledge: bool = _f(False, "also generate KAR item texts with the LLM (slow); off = metadata texts")
+
+    def __post_init__(self):
+        _check(self.backend in ("hf", "vllm"), "sample.backend", f"unknown backend {self.backend!r}; choose hf or vllm")
+        _check(self.n >= 1, "sample.n", "must be >= 1")
+        _check(self.temperature >= 0, "sample.temperature", "must be >= 0")
+        _check(0 < self.top_p <= 1, "sample.top_p", "must be in (0, 1]")
+        _check(self.max_new_tokens >= 1, "sample.max_new_tokens", "must be >= 1")
+        _check(self.dtype in ("auto", "bfloat16", "float32"), "sample.dtype", "auto | bfloat16 | float32")
+        _check(set(self.splits) <= {"train", "valid", "test"} and self.splits, "sample.splits",
+               f"must be a non-empty subset of train, valid, test; got {self.splits}")
+        _check(self.shards >= 1, "sample.shards", "must be >= 1")
+
+
+@dataclass
+class EncodeConfig:
+    encoder: str = _f("all-MiniLM-L6-v2", "sentence-transformers model: all-MiniLM-L6-v2 (offline, from PyPI), hub id or path")
+    pooling: str = _f("auto", "auto (the model's own) | mean | cls")
+    batch_size: int = _f(64, "texts per encoder batch")
+    max_seq_length: int = _f(256, "encoder truncation length in tokens")
+
+    def __post_init__(self):
+        _check(self.pooling in ("auto", "mean", "cls"), "encode.pooling", "auto | mean | cls")
+
+
+@dataclass
+class RerankerConfig:
+    backbone: str = _f("dlcm", "dlcm | prm")
+    knowledge: bool = _f(True, "use the hybrid-expert adaptor over profile/item-text embeddings (KAR); off = base model")
+    loss: str = _f("bce", "bce (per item, KAR) | listwise (softmax cross-entropy over the list)")
+    lr: float = _f(1e-3, "AdamW learning rate")
+    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    batch_size: int = _f(256, "lists per step")
+    epochs: int = _f(20, "max epochs; early stopping on valid MAP@5 usually ends sooner")
+    patience: int = _f(3, "epochs without valid MAP@5 improvement before stopping")
+    seeds: list = _f([1234], "training seeds; metrics are reported as mean +- std over them")
+    retrain_each_round: bool = _f(False, "retrain the reward reranker on each round's knowledge (paper: once, round 1)")
+
+    def __post_init__(self):
+        _check(self.backbone in ("dlcm", "prm"), "reranker.backbone", f"unknown backbone {self.backbone!r}; choose dlcm or prm")
+        _check(self.loss in ("bce", "listwise"), "reranker.loss", "bce | listwise")
+        _check(self.lr > 0, "reranker.lr", "must be > 0")
+        _check(len(self.seeds) >= 1, "reranker.seeds", "needs at least one seed")
+
+
+@dataclass
+class ScoreConfig:
+    metric: str = _f("ndcg@5", "reward = this metric averaged over the user's lists: ndcg@k | map@k")
+    batch_size: int = _f(512, "profiles per reward forward")
+
+    def __post_init__(self):
+        _check(re.fullmatch(r"(ndcg|map)@\d+", self.metric) is not None, "score.metric",
+               f"expected ndcg@k or map@k, got {self.metric!r}")
+
+
+@dataclass
+class PairsConfig:
+    min_margin: float = _f(0.0, "drop users whose best-worst reward gap is <= this (ties always dropped)")
+    llamafactory_export: bool = _f(True, "also write a LLaMA-Factory sharegpt ranking dataset + dataset_info.json")
+
+
+@dataclass
+class DPOConfig:
+    backend: str = _f("trl", "trl | llamafactory (writes a LLaMA-Factory recipe and runs llamafactory-cli)")
+    beta: float = _f(0.1, "DPO beta; smaller lets the policy move further from the reference")
+    learning_rate: float = _f(5e-5, "AdamW learning rate")
+    per_device_train_batch_size: int = _f(2, "pairs per forward")
+    gradient_accumulation_steps: int = _f(8, "forwards per optimizer step")
+    num_train_epochs: float = _f(3.0, "epochs over the pairs")
+    max_steps: int = _f(-1, "stop after this many optimizer steps (-1 = by epochs)")
+    max_length: int = _f(1024, "prompt + completion tokens; longer is truncated")
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: int = _f(32, "LoRA alpha")
+    lora_dropout: float = _f(0.05, "LoRA dropout")
+    lora_target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "modules LoRA adapts")
+    bf16: str = _f("auto", "auto (on where the CPU/GPU supports bf16) | true | false")
+    gradient_checkpointing: bool = _f(False, "saves memory, costs ~30% time; off suits a 135M model on CPU")
+    precompute_ref_log_probs: bool = _f(True, "reference log-probs computed once up front instead of every step")
+    save_steps: int = _f(10, "checkpoint every this many steps (the unit of resume)")
+    logging_steps: int = _f(1, "log loss / reward margins / accuracies every this many steps")
+    template: str = _f("auto", "LLaMA-Factory chat template name (auto: from the model name)")
+
+    def __post_init__(self):
+        _check(self.backend in ("trl", "llamafactory"), "dpo.backend", f"unknown backend {self.backend!r}; choose trl or llamafactory")
+        _check(self.beta > 0, "dpo.beta", "must be > 0")
+        _check(self.learning_rate > 0, "dpo.learning_rate", "must be > 0")
+        _check(self.bf16 in ("auto", "true", "false"), "dpo.bf16", "auto | true | false")
+
+
+@dataclass
+class RoundsConfig:
+    learning_check_users: int = _f(-1, "valid users sampled by both generators for the is-it-learning figure; -1 = all")
+    learning_check_n: int = _f(2, "profiles per valid user per generator in the is-it-learning check")
+    bootstrap: int = _f(2000, "bootstrap resamples for the 95% interval")
+
+
+@dataclass
+class EvaluateConfig:
+    rounds: list = _f([1], "generator rounds to evaluate besides the base model (0)")
+    backbones: list = _f(["dlcm", "prm"], "reranker backbones in the tables")
+    seeds: list = _f([1, 2, 3], "reranker seeds; tables show mean +- std")
+    n: int = _f(1, "profiles per user per generator")
+
+
+@dataclass
+class Recipe:
+    run: str = _f("demo", "run name: artifacts land in <runs_dir>/<run>/")
+    runs_dir: str = _f("runs", "where runs live")
+    seed: int = _f(1234, "the run's seed: splits, list padding, sampling, training")
+    data: DataConfig = _f(None, "dataset", init=True)
+    prepare: PrepareConfig = _f(None, "prepare stage")
+    sample: SampleConfig = _f(None, "sample stage")
+    encode: EncodeConfig = _f(None, "encode stage")
+    reranker: RerankerConfig = _f(None, "train-reranker stage")
+    score: ScoreConfig = _f(None, "score stage")
+    pairs: PairsConfig = _f(None, "pairs stage")
+    dpo: DPOConfig = _f(None, "dpo stage")
+    rounds: RoundsConfig = _f(None, "round bookkeeping and the is-it-learning check")
+    evaluate: EvaluateConfig = _f(None, "evaluate stage")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is None:
+                setattr(self, f.name, _hint(Recipe, f.name)())
+        _check(re.fullmatch(r"[A-Za-z0-9_.-]+", self.run) is not None, "run",
+               f"{self.run!r} must be letters, digits, '_', '-', '.' (it names a directory)")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.run
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def section_hash(self, *names: str) -> str:
+        """Hash of the named sections (and the seed): what a stage's output depends on."""
+        d = self.to_dict()
+        payload = {"seed": self.seed, **{n: d[n] for n in names}}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader whose floats include `5e-5` and `1e3` (YAML 1.1 wants `5.0e-5`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def parse_value(text: str) -> Any:
+    """Parse a command-line value the way the recipe would (YAML scalar or flow list)."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def _hint(cls, name: str):
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise ConfigError(f"{key}: expected a list, got {value!r}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(_unknown(key, k, names, prefix))
+        kwargs[k] = _coerce(v, _hint(cls, k), key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as e:  # pragma: no cover - defensive
+        raise ConfigError(f"{prefix or 'recipe'}: {e}") from e
+
+
+def _unknown(key: str, k: str, names: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.5)
+    hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
+    return f"unknown key {key!r}{hint} (known: {', '.join(names)})"
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load a YAML recipe and apply `key.sub=value` overrides; validates everything."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"recipe {p} not found; the recipes shipped are in recipes/ (e.g. recipes/ml100k_smollm2.yaml)")
+        try:
+            tree = yaml.load(p.read_text(), Loader=_Loader) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {p} is not valid YAML: {e}") from e
+        if not isinstance(tree, dict):
+            raise ConfigError(f"recipe {p}: the top level must be a mapping of sections")
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override {o!r} must look like key.sub=value (e.g. sample.n=4)")
+        k, v = o.split("=", 1)
+        _set_path(tree, k.strip(), parse_value(v))
+    where = f" (recipe {path})" if path else ""
+    try:
+        return _build(Recipe, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{e}{where}") from None
+
+
+def describe(cls=Recipe, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(key, default, help) for every field, for `--help` output and docs."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp = _hint(cls, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, key + ".")
+        else:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            rows.append((key, default, f.metadata.get("help", "")))
+    return rows
