@@ -56,3 +56,10 @@ def generator_dir(r: Recipe, k: int) -> Path:
 def generator_for_round(r: Recipe, k: int) -> str:
     """What round k samples from: the base model for round 1, generator k-1 after that."""
     return r.sample.model if k == 1 else str(generator_dir(r, k - 1))
+
+
+def cache_dir() -> Path:
+    """Models converted once, wheels, and other reusable downloads: $RLRF_CACHE or ~/.cache/rlrf."""
+    import os
+
+    return Path(os.environ.get("RLRF_CACHE", Path.home() / ".cache" / "rlrf"))
