@@ -218,6 +218,7 @@ class Stage:
             write_parquet(self.dir / artifact / f"part-{i:05d}.parquet", df)
             rows[artifact] = df.height
         write_json(self._marker(i), {"rows": rows, "dropped": dict(counters or {})})
+        _maybe_die()
 
     def finish(self, extra: dict | None = None, rows: dict | None = None) -> dict | None:
         """Write stage.json once every shard is done; returns it (None if other slices are pending).
@@ -255,6 +256,21 @@ class Stage:
         self.log(f"{self.name}: done in {info['wall_s']:.1f}s -> {self.dir} | rows "
                  + ", ".join(f"{k}={v}" for k, v in sorted(total_rows.items())) + f" | dropped: {drops}")
         return info
+
+
+def _maybe_die() -> None:
+    """Fault injection for resume tests: RLRF_KILL_AFTER_SHARDS=k sends SIGKILL to this process after
+    it has written k shard markers, exactly what a kill -9 half way through a stage does."""
+    global _shards_written
+    limit = os.environ.get("RLRF_KILL_AFTER_SHARDS")
+    _shards_written += 1
+    if limit and _shards_written >= int(limit):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_shards_written = 0
 
 
 def read_artifact(stage_dir: str | Path, artifact: str, produced_by: str | None = None) -> pl.DataFrame:

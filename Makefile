@@ -1,0 +1,76 @@
+# rlrf: two commands on a fresh machine —  `make round1` (the demo round) and `make test`.
+# RECIPE selects another recipe; ARGS passes key.sub=value overrides to every stage.
+#   make round1 RECIPE=recipes/ml1m_llama31_8b.yaml ARGS="sample.n=8"
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+RECIPE ?= recipes/ml100k_smollm2.yaml
+ARGS   ?=
+# The CPU build already on this machine; on a GPU node set TORCH=torch (or your CUDA build).
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+RUN    := $(BIN)/python pipelines
+LF_VENV ?= .venv-llamafactory
+
+.PHONY: install data test test-integration round1 round2 round3 evaluate bench clean-runs llamafactory-env
+
+install: $(STAMP)
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+data: install
+	$(BIN)/python -m rlrf.fetch ml-100k --dest data/raw/ml-100k
+
+test: install data
+	$(BIN)/python -m pytest -q
+
+# Whole stages and a whole round with the real SmolLM2 on the tiny recipe (a few minutes).
+test-integration: install data
+	$(BIN)/python -m pytest -q -m integration
+
+# One RLRF round k: sample from generator k-1, score with the reward reranker, pair, DPO -> generator k,
+# then the is-it-learning check. Every stage resumes where it stopped and is a no-op when done.
+define round
+	$(RUN)/sample.py --recipe $(RECIPE) --round $(1) $(ARGS)
+	$(RUN)/encode.py --recipe $(RECIPE) --round $(1) $(ARGS)
+	$(RUN)/train_reranker.py --recipe $(RECIPE) --round $(1) $(ARGS)
+	$(RUN)/score.py --recipe $(RECIPE) --round $(1) $(ARGS)
+	$(RUN)/pairs.py --recipe $(RECIPE) --round $(1) $(ARGS)
+	$(RUN)/dpo.py --recipe $(RECIPE) --round $(1) $(ARGS)
+	$(RUN)/check.py --recipe $(RECIPE) --round $(1) $(ARGS)
+endef
+
+round1: install data
+	$(RUN)/prepare.py --recipe $(RECIPE) $(ARGS)
+	$(call round,1)
+
+round2: round1
+	$(call round,2)
+
+round3: round2
+	$(call round,3)
+
+evaluate: install data
+	$(RUN)/evaluate.py --recipe $(RECIPE) $(ARGS)
+
+bench: install data
+	$(BIN)/python benchmarks/ranking_baselines.py --recipe $(RECIPE)
+	$(BIN)/python benchmarks/sample_throughput.py
+	$(BIN)/python benchmarks/score_throughput.py --recipe $(RECIPE)
+	$(BIN)/python benchmarks/dpo_step.py
+
+# LLaMA-Factory pins older transformers/trl than rlrf, so it gets its own environment; the dpo stage with
+# `dpo.backend: llamafactory` finds llamafactory-cli on PATH (or at $(LF_VENV)/bin).
+llamafactory-env:
+	$(PYTHON) -m venv $(LF_VENV)
+	$(LF_VENV)/bin/pip install -q --upgrade pip
+	$(LF_VENV)/bin/pip install -q $(TORCH)
+	$(LF_VENV)/bin/pip install -q 'llamafactory>=0.9.3'
+
+clean-runs:
+	rm -rf runs/

@@ -1,0 +1,71 @@
+"""Recipes: YAML + overrides, type checks, closest-key errors, and every shipped recipe loads."""
+
+from pathlib import Path
+
+import pytest
+
+from rlrf.config import ConfigError, load_recipe, parse_value
+
+RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+
+
+def test_defaults_and_overrides():
+    r = load_recipe(None, ["sample.n=3", "dpo.learning_rate=5e-5", "run=x", "evaluate.seeds=[1,2]"])
+    assert r.sample.n == 3 and r.run == "x" and r.evaluate.seeds == [1, 2]
+    assert isinstance(r.dpo.learning_rate, float) and r.dpo.learning_rate == 5e-5
+
+
+def test_yaml_exponent_without_dot_is_a_float(tmp_path):
+    # plain PyYAML reads `5e-5` as the string "5e-5" (YAML 1.1); RecBole's pitfall
+    p = tmp_path / "r.yaml"
+    p.write_text("dpo:\n  learning_rate: 5e-5\n  beta: 1e-2\n")
+    r = load_recipe(p)
+    assert r.dpo.learning_rate == pytest.approx(5e-5) and r.dpo.beta == pytest.approx(0.01)
+    assert parse_value("1e3") == 1000.0
+
+
+def test_unknown_key_names_the_closest_known_key():
+    with pytest.raises(ConfigError, match=r"unknown key 'sample.temprature'; did you mean sample.temperature\?"):
+        load_recipe(None, ["sample.temprature=0.7"])
+    with pytest.raises(ConfigError, match=r"did you mean reranker\?"):
+        load_recipe(None, ["reranke.lr=0.1"])
+
+
+def test_unknown_key_in_a_recipe_names_the_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("sample:\n  max_new_token: 10\n")
+    with pytest.raises(ConfigError, match=r"max_new_tokens.*bad.yaml"):
+        load_recipe(p)
+
+
+@pytest.mark.parametrize("override,msg", [
+    ("sample.n=many", "expected an integer"),
+    ("sample.n=2.5", "expected an integer"),
+    ("reranker.knowledge=maybe", "expected true/false"),
+    ("dpo.beta=-1", "must be > 0"),
+    ("sample.backend=tgi", "choose hf or vllm"),
+    ("prepare.split=[0.5,0.5,0.5]", "summing to 1"),
+    ("score.metric=recall@5", "ndcg@k or map@k"),
+    ("run=../escape", "names a directory"),
+    ("sample.n", "key.sub=value"),
+])
+def test_values_are_validated(override, msg):
+    with pytest.raises(ConfigError, match=msg):
+        load_recipe(None, [override])
+
+
+def test_missing_recipe_file_says_where_recipes_are(tmp_path):
+    with pytest.raises(ConfigError, match="recipes/"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_load(path):
+    r = load_recipe(path)
+    assert r.run and r.seed == 1234
+
+
+def test_section_hash_tracks_only_named_sections():
+    a, b = load_recipe(None), load_recipe(None, ["dpo.beta=0.5"])
+    assert a.section_hash("data", "prepare") == b.section_hash("data", "prepare")
+    assert a.section_hash("dpo") != b.section_hash("dpo")
