@@ -142,6 +142,8 @@ class Stage:
                        busy=f"another process is running slice {i}/{n} of stage '{self.name}' in {self.dir}")
 
         old = self._read_fingerprint()
+        if old is not None and old != self.fingerprint and not self._has_output():
+            old = None  # a run that failed before writing anything leaves nothing to protect
         if old is not None and old != self.fingerprint:
             if not self.force:
                 raise StageError(
@@ -182,6 +184,9 @@ class Stage:
     def _read_fingerprint(self) -> str | None:
         p = self.dir / FINGERPRINT
         return json.loads(p.read_text())["fingerprint"] if p.is_file() else None
+
+    def _has_output(self) -> bool:
+        return any(not c.name.startswith(".lock") and c.name != FINGERPRINT for c in self.dir.iterdir())
 
     def _wipe(self) -> None:
         for child in self.dir.iterdir():

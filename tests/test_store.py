@@ -178,3 +178,14 @@ def test_parse_shard(text, want):
 def test_parse_shard_rejects(text):
     with pytest.raises(StageError, match="--shard"):
         parse_shard(text)
+
+
+def test_a_run_that_failed_before_writing_anything_does_not_need_force(tmp_path):
+    out = tmp_path / "s"
+    with pytest.raises(ValueError):
+        with Stage(out, "toy", {"path": "typo"}, quiet=True):
+            raise ValueError("bad data path")  # fails before any shard or output
+    with Stage(out, "toy", {"path": "fixed"}, quiet=True) as st:
+        assert not st.done
+        st.finish(rows={})
+    assert read_stage_json(out)["config"] == {"path": "fixed"}
