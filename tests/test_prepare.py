@@ -198,5 +198,5 @@ def test_missing_dataset_leaves_no_stage_behind(tmp_path):
     bad = load_recipe(None, [f"runs_dir={tmp_path}", "run=x", f"data.path={tmp_path / 'none'}"])
     with pytest.raises(StageError, match="make data"):
         prepare_stage(bad)
-    assert not (tmp_path / "x").exists()  # so the corrected recipe runs without --force
+    assert not (tmp_path / "x" / "prepare" / "stage.json").exists()  # nothing that looks finished
     assert prepare_stage(make_recipe(tmp_path, "ml-100k-recbole", "x")).joinpath("stage.json").is_file()
