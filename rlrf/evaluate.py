@@ -1,0 +1,361 @@
+"""The evaluate stage: the paper's Table I, Table II and Figure 4 on our data, reward distributions and
+profile quality, as runs/<run>/evaluate/results.md + results.json + PNGs.
+
+Every generator (0 = the base model, k = round k's DPO output) writes N=evaluate.n profiles for every
+user with the same seeds and decoding; a reranker per backbone x seed is trained on train users with
+that generator's knowledge, early-stopped on valid, and reported on test. Each piece is its own
+resumable sub-stage under evaluate/, so a rerun only does what is not done:
+
+    evaluate/gen_<k>/sample/  encode/  quality.json      generator k's profiles, their embeddings, quality
+    evaluate/rerank/<backbone>/base/seed_<s>/            reranker without knowledge
+    evaluate/rerank/<backbone>/gen_<k>/seed_<s>/         reranker with generator k's knowledge
+    evaluate/reward/gen_<k>/                             test rewards under the run's reward reranker
+    evaluate/results.md results.json rounds.png rewards.png stage.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from rlrf import runs
+from rlrf.config import Recipe
+from rlrf.store import STAGE_JSON, Stage, StageError, read_artifact, read_stage_json, write_json
+
+# All generators are sampled with this round argument, so their seeds (recipe.seed, user, round, idx)
+# match and a difference between generators is the generator's, not the dice's.
+EVAL_SAMPLE_ROUND = 0
+METRICS = ("map@3", "ndcg@3", "map@5", "ndcg@5", "map@7", "ndcg@7")
+TABLE_METRICS = ("map@5", "ndcg@5")
+
+
+# ----------------------------------------------------------------------------- rounds
+
+
+def generator(recipe: Recipe, k: int) -> str:
+    """Generator k: the base model for k = 0, round k's merged DPO model after that."""
+    return recipe.sample.model if k == 0 else str(runs.generator_dir(recipe, k))
+
+
+def missing_rounds(recipe: Recipe) -> list[int]:
+    """Rounds in evaluate.rounds whose generator (round k's finished dpo stage) does not exist."""
+    return [k for k in sorted(set(recipe.evaluate.rounds))
+            if not (runs.stage_dir(recipe, "dpo", k) / STAGE_JSON).is_file()]
+
+
+def check_rounds(recipe: Recipe, recipe_path: str = "<recipe>") -> list[int]:
+    """The generators to evaluate, [0, *rounds]; an error saying which stage to run when one is missing."""
+    missing = missing_rounds(recipe)
+    if missing:
+        have = [k for k in sorted(set(recipe.evaluate.rounds)) if k not in missing]
+        todo = "; ".join(f"generator {k} needs `make round{k}` (its last stage: `python pipelines/dpo.py "
+                         f"--recipe {recipe_path} --round {k}` -> {runs.generator_dir(recipe, k)})" for k in missing)
+        alt = f"evaluate.rounds={have}" if have else "evaluate.rounds=[] is not allowed; run round 1 first"
+        raise StageError(f"evaluate.rounds lists round(s) {missing} that {recipe.run_dir} does not have: {todo}. "
+                         f"Run those first, or evaluate only what exists ({alt}).")
+    return [0, *sorted(set(recipe.evaluate.rounds))]
+
+
+# ----------------------------------------------------------------------------- tables (pure)
+
+
+def read_test_metrics(train_dir: Path, seed: int) -> dict[str, float]:
+    """One seed's test metrics (and its test list count) from a train-reranker stage's metrics.json."""
+    path = Path(train_dir) / "metrics.json"
+    m = json.loads(path.read_text())
+    test = m.get("per_seed", {}).get(str(seed), {}).get("test")
+    if not isinstance(test, dict) or "map@5" not in test:
+        raise StageError(f"{path} has no test metrics for seed {seed} (seeds there: {sorted(m.get('per_seed', {}))}); "
+                         f"rerun that train-reranker sub-stage with --force")
+    out = {k: float(v) for k, v in test.items() if isinstance(v, (int, float))}
+    if "test" in m.get("n_lists", {}):
+        out["test_lists"] = float(m["n_lists"]["test"])
+    return out
+
+
+def summarize(per_seed: list[dict[str, float]]) -> dict[str, dict]:
+    """{metric: {mean, std (ddof=1; 0 for one seed), n, values}} over seeds."""
+    out = {}
+    for metric in (*METRICS, "test_lists"):
+        vals = [float(s[metric]) for s in per_seed if metric in s]
+        if vals:
+            out[metric] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+                           "n": len(vals), "values": vals}
+    return out
+
+
+def cell(s: dict | None) -> str:
+    return "—" if not s else f"{s['mean']:.4f} ± {s['std']:.4f}"
+
+
+def assemble_tables(conditions: dict, last: int) -> dict:
+    """Table I, Table II and the per-round series from {backbone: {"base" | k: summarize(...)}}.
+
+    `last` is the round whose generator is "RLRF"; generator 0's knowledge is KAR's (an untuned LLM)."""
+    table1, table2, per_round, base = [], [], {}, {}
+    for backbone, cond in conditions.items():
+        name = backbone.upper()
+        rows = [("base", "none", cond.get("base")), ("KAR", "original LLM (round 0)", cond.get(0)),
+                ("RLRF", f"round {last} generator", cond.get(last))]
+        table1 += [{"backbone": name, "method": m, "knowledge": kn, **(s or {})} for m, kn, s in rows]
+        ablation = [("RLRF", f"full: round {last} generator's knowledge", cond.get(last)),
+                    ("RLRF w/o knowledge", "= the base reranker, no profile", cond.get("base")),
+                    ("RLRF w/o DPO", "= KAR: knowledge from the untuned LLM (round 0)", cond.get(0))]
+        table2 += [{"backbone": name, "variant": v, "maps_to": how, **(s or {})} for v, how, s in ablation]
+        per_round[backbone] = {k: s for k, s in cond.items() if k != "base"}
+        if cond.get("base"):
+            base[backbone] = cond["base"]
+    return {"table1": table1, "table2": table2, "per_round": per_round, "base": base}
+
+
+def markdown_table(rows: list[dict], keys: list[str], headers: list[str]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for r in rows:
+        lines.append("| " + " | ".join(cell(r.get(k)) if k in METRICS else str(r.get(k, "")) for k in keys) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- reward comparison (pure)
+
+
+def bootstrap_ci(diff: np.ndarray, resamples: int, seed: int, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `diff` (users resampled with replacement): the
+    is-it-learning check's function, so the check and the evaluation agree on the same numbers."""
+    from rlrf.check import paired_bootstrap
+
+    ci = paired_bootstrap(diff, resamples=resamples, seed=seed, level=level)
+    return ci["low"], ci["high"]
+
+
+def paired_rewards(scores0: pl.DataFrame, scoresk: pl.DataFrame, split: str = "test") -> pl.DataFrame:
+    """Per user of `split`: mean reward over their profiles under each generator (users both scored)."""
+    def per_user(s):  # a profile scored on no list has a NaN reward and is left out
+        return (s.filter((pl.col("split") == split) & pl.col("reward").is_not_nan())
+                .group_by("user_id").agg(pl.col("reward").mean()))
+    return (per_user(scores0).rename({"reward": "reward_0"})
+            .join(per_user(scoresk).rename({"reward": "reward_k"}), on="user_id", how="inner").sort("user_id"))
+
+
+def _verdict(lo: float, hi: float) -> str:
+    from rlrf.check import verdict
+
+    return verdict({"low": lo, "high": hi}) if np.isfinite(lo) else "no test user scored under both generators"
+
+
+def reward_summary(paired: pl.DataFrame, k: int, resamples: int, seed: int) -> dict:
+    r0, rk = paired["reward_0"].to_numpy(), paired["reward_k"].to_numpy()
+    d = rk - r0
+    lo, hi = bootstrap_ci(d, resamples, seed) if len(d) else (float("nan"), float("nan"))
+    return {"round": k, "users": len(d), "mean_0": float(r0.mean()) if len(d) else float("nan"),
+            "mean_k": float(rk.mean()) if len(d) else float("nan"), "mean_diff": float(d.mean()) if len(d) else float("nan"),
+            "ci95": [lo, hi], "verdict": _verdict(lo, hi), "share_improved": float((d > 0).mean()) if len(d) else float("nan"),
+            "bootstrap": resamples}
+
+
+# ----------------------------------------------------------------------------- hardware
+
+
+def hardware() -> dict:
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": cores, "torch_threads": torch.get_num_threads(), "gpu": gpu,
+            "platform": platform.platform()}
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _quality(recipe: Recipe, gen_dir: Path, profiles_dir: Path, items, interactions, load_model) -> dict:
+    """Generator k's quality row, cached in gen_<k>/quality.json next to the profiles it describes."""
+    from rlrf.quality import profile_quality
+
+    path = gen_dir / "quality.json"
+    fp = read_stage_json(profiles_dir)["fingerprint"]
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("profiles_fingerprint") == fp:
+            return cached["quality"]
+    q = profile_quality(read_artifact(profiles_dir, "profiles", "sample"), items, interactions, ppl_model=load_model())
+    write_json(path, {"profiles_fingerprint": fp, "quality": q})
+    return q
+
+
+def evaluate_stage(recipe: Recipe, *, force: bool = False, recipe_path: str = "<recipe>") -> Path:
+    """Run (or resume) every sub-stage, then write results.md / results.json / rounds.png / rewards.png."""
+    gens = check_rounds(recipe, recipe_path)  # before anything heavy: a missing round is the common mistake
+
+    from tqdm import tqdm
+
+    from rlrf.encode import encode_stage
+    from rlrf.llm import weights_hash
+    from rlrf.plots import plot_rewards, plot_rounds
+    from rlrf.rerank import train_stage
+    from rlrf.reward import score_stage
+    from rlrf.sample import sample_stage
+
+    last = gens[-1]
+    ev = recipe.evaluate
+    out = recipe.run_dir / "evaluate"
+    prep = runs.prepare_dir(recipe)
+    reward_reranker = runs.reranker_dir(recipe, last)  # what generator `last` was tuned against
+    d = recipe.to_dict()
+    config = {s: d[s] for s in ("data", "prepare", "sample", "encode", "reranker", "score", "rounds", "evaluate")}
+    # a round redone with the same config writes new weights under the same fingerprint: hash them too,
+    # so finished results are never reported for a generator that has since changed
+    config["generator_hashes"] = {str(k): weights_hash(runs.generator_dir(recipe, k)) for k in gens[1:]}
+    inputs = [prep, *(runs.stage_dir(recipe, "dpo", k) for k in gens[1:]), reward_reranker]
+    with Stage(out, "evaluate", config, inputs=inputs, force=force) as st:
+        if st.done:
+            return out
+        items, interactions = read_artifact(prep, "items", "prepare"), read_artifact(prep, "interactions", "prepare")
+
+        profiles, encoded = {}, {}
+        for k in gens:
+            g = out / f"gen_{k}"
+            profiles[k] = Path(sample_stage(recipe, g / "sample", generator(recipe, k), EVAL_SAMPLE_ROUND,
+                                            splits=["train", "valid", "test"], n=ev.n, max_users=ev.max_users))
+            encoded[k] = Path(encode_stage(recipe, profiles[k], g / "encode"))
+
+        jobs = [(b, c, s) for b in ev.backbones for c in ["base", *gens] for s in ev.seeds]
+        per_seed: dict = {}
+        for b, c, s in tqdm(jobs, desc="evaluate: rerankers", unit="model"):
+            tdir = out / "rerank" / b / ("base" if c == "base" else f"gen_{c}") / f"seed_{s}"
+            know = None if c == "base" else encoded[c]
+            train_stage(recipe, tdir, know, backbone=b, knowledge=know is not None, seeds=[s])
+            per_seed.setdefault(b, {}).setdefault(c, []).append(read_test_metrics(tdir, s))
+        conditions = {b: {c: summarize(v) for c, v in conds.items()} for b, conds in per_seed.items()}
+        tables = assemble_tables(conditions, last)
+        plot_rounds(tables["per_round"], tables["base"], out / "rounds.png")
+
+        scores = {}
+        for k in sorted({0, last}):
+            sdir = score_stage(recipe, profiles[k], encoded[k], reward_reranker, out / "reward" / f"gen_{k}")
+            scores[k] = read_artifact(sdir, "scores", "score")
+        paired = paired_rewards(scores[0], scores[last])
+        reward = {"reranker": str(reward_reranker), "metric": recipe.score.metric,
+                  **reward_summary(paired, last, recipe.rounds.bootstrap, recipe.seed)}
+        if paired.height:
+            ci = tuple(reward["ci95"])
+            plot_rewards(paired["reward_0"].to_numpy(), paired["reward_k"].to_numpy(), last, ci,
+                         recipe.score.metric, out / "rewards.png")
+
+        model = []  # the base model, loaded once and only if some quality row is not cached
+
+        def load_model():
+            if not model:
+                from rlrf.llm import load_generator
+                model.append(load_generator(recipe.sample.model))
+            return model[0]
+
+        quality = {k: _quality(recipe, out / f"gen_{k}", profiles[k], items, interactions, load_model) for k in gens}
+
+        hw = hardware()
+        results = {"run": recipe.run, "recipe": recipe_path, "hardware": hw, "generators": {k: generator(recipe, k) for k in gens},
+                   "rlrf_round": last, "conditions": conditions, **tables, "reward": reward, "quality": quality}
+        results = _str_keys(results)  # json wants string keys; generator k becomes "k"
+        write_json(out / "results.json", results)
+        (out / "results.md").write_text(results_markdown(results, recipe))
+        st.finish(extra={"hardware": hw, "recipe": recipe_path, "results": str(out / "results.md")},
+                  rows={"rerankers": len(jobs), "generators": len(gens), "reward_users": paired.height})
+    return out
+
+
+def list_counts_note(conditions: dict) -> str:
+    """Rows are comparable only if every reranker was scored on the same test lists; say so either way.
+
+    (A knowledge reranker drops the lists of users without a profile, e.g. under evaluate.max_users.)"""
+    counts = {(b, str(c)): int(s["test_lists"]["mean"]) for b, conds in conditions.items()
+              for c, s in conds.items() if "test_lists" in s}
+    if not counts:
+        return "Test list counts were not reported by the train-reranker stage."
+    if len(set(counts.values())) == 1:
+        return f"Every reranker above was scored on the same {next(iter(counts.values()))} test lists."
+    detail = ", ".join(f"{b.upper()} {c}: {n}" for (b, c), n in sorted(counts.items()))
+    return (f"**Warning: the rerankers were scored on different numbers of test lists ({detail}), so rows are not "
+            f"strictly comparable.** Knowledge rerankers drop lists of users without a profile; set "
+            f"evaluate.max_users=-1 so every user has one.")
+
+
+def _str_keys(obj):
+    if isinstance(obj, dict):
+        return {str(k): _str_keys(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_str_keys(v) for v in obj]
+    return obj
+
+
+def results_markdown(res: dict, recipe: Recipe) -> str:
+    """results.md: both tables (with how each ablation row maps), the figures, reward and quality."""
+    hw, last, ev = res["hardware"], res["rlrf_round"], recipe.evaluate
+    m_cols = list(TABLE_METRICS)
+    heads = [m.upper() for m in m_cols]
+    gpu = f", GPU {hw['gpu']}" if hw.get("gpu") else ", no GPU"
+    lines = [
+        f"# Results: run `{res['run']}`",
+        "",
+        f"Recipe `{res['recipe']}`; {hw['cpu']} ({hw['cores']} cores, {hw['torch_threads']} torch threads){gpu}.",
+        f"Test users; every reranker early-stopped on valid users. Mean ± std (ddof=1) over seeds {ev.seeds}; "
+        f"{ev.n} profile(s) per user per generator, same seeds and decoding for every generator. "
+        f"RLRF = generator of round {last}.",
+        "",
+        "## Table I: reranking with and without LLM knowledge",
+        "",
+        markdown_table(res["table1"], ["backbone", "method", "knowledge", *m_cols], ["backbone", "method", "knowledge", *heads]),
+        "",
+        "## Table II: ablation",
+        "",
+        markdown_table(res["table2"], ["backbone", "variant", "maps_to", *m_cols], ["backbone", "variant", "how it is measured", *heads]),
+        "",
+        "## Per round (Figure 4 analogue)",
+        "",
+        "![per round](rounds.png)",
+        "",
+    ]
+    rows = [{"backbone": b.upper(), "generator": "original" if int(k) == 0 else f"round {k}", **s}
+            for b, per in res["per_round"].items() for k, s in sorted(per.items(), key=lambda x: int(x[0]))]
+    lines += [markdown_table(rows, ["backbone", "generator", *m_cols], ["backbone", "generator", *heads]), ""]
+    lines += [list_counts_note(res["conditions"]), ""]
+    r = res["reward"]
+    lines += [
+        f"## Reward of original vs round-{last} profiles on test users",
+        "",
+        f"Scored by the reward reranker `{r['reranker']}` ({r['metric']}), {r['users']} test users, "
+        f"per-user mean over their profiles.",
+        "",
+        f"- original: {r['mean_0']:.4f}; round {last}: {r['mean_k']:.4f}",
+        f"- paired difference: {r['mean_diff']:+.4f}, bootstrap 95% interval [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}] "
+        f"({r['bootstrap']} resamples); users improved: {r['share_improved']:.1%}",
+        f"- verdict: {r['verdict']}",
+        "",
+        "![rewards](rewards.png)",
+        "",
+        "## Profile quality",
+        "",
+        "distinct-2: distinct word bigrams / all bigrams over the generator's profiles. names history: share of "
+        "profiles naming at least one title or genre from the user's prompt history. perplexity: of the profile "
+        "text alone under the base model, on test users.",
+        "",
+        "| generator | profiles | mean tokens | mean words | distinct-2 | names history | truncated | perplexity |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for k, q in sorted(res["quality"].items(), key=lambda x: int(x[0])):
+        name = "original" if int(k) == 0 else f"round {k}"
+        ppl = f"{q['perplexity']:.2f}" if "perplexity" in q else "—"
+        lines.append(f"| {name} | {q['profiles']} | {q['mean_tokens']:.1f} | {q['mean_words']:.1f} | "
+                     f"{q['distinct_2']:.3f} | {q['names_history']:.1%} | {q['share_truncated']:.1%} | {ppl} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,145 @@
+"""Profile quality metrics on hand-made texts, against values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import polars as pl
+import pytest
+import torch
+
+from rlrf.quality import (
+    distinct_n,
+    history_mentions,
+    names_history,
+    normalize_title,
+    perplexity,
+    profile_quality,
+    words,
+)
+
+
+def test_distinct_2_by_hand():
+    # bigrams: "a b a b" -> ab, ba, ab ; "a b c" -> ab, bc   => 5 bigrams, distinct {ab, ba, bc} = 3
+    assert distinct_n(["a b a b", "a b c"], 2) == pytest.approx(3 / 5)
+    # unigrams: a b a b a b c -> 7 words, 3 distinct
+    assert distinct_n(["a b a b", "a b c"], 1) == pytest.approx(3 / 7)
+    # case and punctuation do not make a bigram new: "The film. the film!" -> the-film, film-the, the-film
+    assert distinct_n(["The film. the film!"], 2) == pytest.approx(2 / 3)
+    # bigrams never cross texts; a one-word text has none; no bigram at all is 0, not a division error
+    assert distinct_n(["a", "b"], 2) == 0.0
+    assert distinct_n([], 2) == 0.0
+    # a generator repeating one profile for everyone has distinct-2 falling with the number of users
+    assert distinct_n(["likes action movies"] * 4, 2) == pytest.approx(2 / 8)
+
+
+def test_words_keep_hyphens_and_apostrophes():
+    assert words("Sci-Fi fans' children's FILMS, 1990s!") == ["sci-fi", "fans", "children's", "films", "1990s"]
+
+
+def test_normalize_title():
+    assert normalize_title("Usual Suspects, The (1995)") == "the usual suspects"
+    assert normalize_title("Horseman on the Roof, The (Hussard sur le toit, Le)") == "the horseman on the roof"
+    assert normalize_title("Toy Story") == "toy story"
+    assert normalize_title("Se7en (1995)") == "se7en"
+
+
+def test_names_history_titles_genres_and_word_boundaries():
+    assert names_history("They adored The Usual Suspects and twist endings.", ["Usual Suspects, The (1995)"], [])
+    assert names_history("A fan of science fiction.", [], ["Sci-Fi"])
+    assert names_history("They like CHILDREN'S films", [], ["Children's"])
+    assert not names_history("They like warm, cosy films.", [], ["War"])  # 'war' is not in 'warm'
+    assert not names_history("Mostly M-rated content", ["M (1931)"], [])  # one-letter titles never count
+    assert not names_history("", ["Toy Story"], ["Comedy"])
+    assert not names_history("Taste unknown.", ["unknown"], [])  # ML-100K item 267 is titled "unknown"
+
+
+def _items():
+    return pl.DataFrame({"item_id": [1, 2, 3], "title": ["Toy Story (1995)", "GoldenEye (1995)", "Heat (1995)"],
+                         "genres": [["Animation", "Comedy"], ["Action", "Thriller"], ["Crime"]]},
+                        schema={"item_id": pl.Int64, "title": pl.Utf8, "genres": pl.List(pl.Utf8)})
+
+
+def _interactions():
+    # user 1's history: Toy Story; user 2's: GoldenEye. Heat is user 2's *rerank* item, not history.
+    return pl.DataFrame({"user_id": [1, 2, 2], "item_id": [1, 2, 3], "in_history": [True, True, False]},
+                        schema={"user_id": pl.Int64, "item_id": pl.Int64, "in_history": pl.Boolean})
+
+
+def _profiles(rows):
+    return pl.DataFrame([{"user_id": u, "text": t, "n_tokens": n, "finish_reason": f, "split": s}
+                         for u, t, n, f, s in rows],
+                        schema={"user_id": pl.Int64, "text": pl.Utf8, "n_tokens": pl.Int32,
+                                "finish_reason": pl.Utf8, "split": pl.Utf8})
+
+
+def test_history_mentions_use_each_users_own_history():
+    profiles = _profiles([
+        (1, "Loves Toy Story.", 4, "eos", "test"),           # own history title -> yes
+        (1, "Enjoys thrillers.", 3, "eos", "test"),          # thriller is user 2's genre, not user 1's -> no
+        (2, "Big on action and spies.", 6, "length", "train"),  # own genre -> yes
+        (2, "A fan of Heat and crime.", 7, "eos", "train"),   # Heat/Crime are not in user 2's *history* -> no
+    ])
+    assert history_mentions(profiles, _items(), _interactions()).tolist() == [True, False, True, False]
+    q = profile_quality(profiles, _items(), _interactions())
+    assert q["profiles"] == 4
+    assert q["names_history"] == pytest.approx(0.5)
+    assert q["mean_tokens"] == pytest.approx((4 + 3 + 6 + 7) / 4)
+    assert q["mean_words"] == pytest.approx((3 + 2 + 5 + 6) / 4)
+    assert q["share_truncated"] == pytest.approx(0.25)
+    assert "perplexity" not in q
+
+
+class _Tok:
+    """Whitespace tokenizer over a fixed vocabulary; ids 0 = pad/eos, 1 = bos."""
+
+    pad_token_id, eos_token_id, bos_token_id = 0, 0, 1
+
+    def __init__(self, vocab):
+        self.ids = {w: i + 2 for i, w in enumerate(vocab)}
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [self.ids[w] for w in text.split()]}
+
+
+class _Uniform(torch.nn.Module):
+    """Every next token equally likely among V: perplexity exactly V."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.v = vocab_size
+
+    def forward(self, input_ids, attention_mask):
+        return type("Out", (), {"logits": torch.zeros(*input_ids.shape, self.v)})()
+
+
+class _Oracle(_Uniform):
+    """Puts all mass on the true next token: perplexity 1 (it peeks, which a test may do)."""
+
+    def forward(self, input_ids, attention_mask):
+        logits = torch.full((*input_ids.shape, self.v), -1e4)
+        nxt = torch.roll(input_ids, -1, dims=1)
+        logits.scatter_(-1, nxt[..., None], 0.0)
+        return type("Out", (), {"logits": logits})()
+
+
+def test_perplexity_uniform_and_oracle_padding_ignored():
+    tok = _Tok(["a", "b", "c", "d"])
+    texts = ["a b c d a", "b", "c d"]  # different lengths: padding must not count
+    assert perplexity(texts, _Uniform(6), tok, batch_size=2) == pytest.approx(6.0)
+    assert perplexity(texts, _Oracle(6), tok, batch_size=3) == pytest.approx(1.0, abs=1e-3)
+    assert math.isnan(perplexity(["", "  "], _Uniform(6), tok))
+    q = profile_quality(_profiles([(1, "a b", 2, "eos", "test"), (2, "c", 1, "eos", "train")]),
+                        _items(), _interactions(), ppl_model=(_Uniform(6), tok))
+    assert q["perplexity"] == pytest.approx(6.0) and q["perplexity_profiles"] == 1  # test split only
+
+
+@pytest.mark.integration
+def test_perplexity_under_smollm2_prefers_fluent_text():
+    from rlrf.llm import load_generator
+
+    model, tok = load_generator("smollm2-135m-instruct")
+    fluent = ["This user enjoys classic science fiction films and thoughtful dramas with strong characters."]
+    shuffled = [" ".join(sorted(fluent[0].split(), key=lambda w: w[::-1]))]
+    p_fluent, p_shuffled = perplexity(fluent, model, tok), perplexity(shuffled, model, tok)
+    assert 1 < p_fluent < p_shuffled
