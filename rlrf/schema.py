@@ -46,9 +46,16 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
         "n_history_trimmed": I32, "generator": Str, "generator_hash": Str,
         "temperature": F64, "top_p": F64, "max_new_tokens": I32, "seed": I64,
     },
+    "item_knowledge": {  # sample.item_knowledge: the LLM's answer to KAR's item prompt, one per item
+        "item_id": I64, "prompt": Str, "text": Str, "n_tokens": I32, "finish_reason": Str,
+        "round": I32, "generator": Str, "generator_hash": Str, "seed": I64,
+    },
     # ---- encode (embeddings live in the cache, rows here point into it)
     "user_texts": {
         "user_id": I64, "sample_idx": I32, "split": Str, "text_hash": Str,
+    },
+    "item_texts": {
+        "item_id": I64, "text_hash": Str,  # the items artifact's `text`, encoded
     },
     # ---- score
     "scores": {
@@ -71,7 +78,7 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
 # producer stage of each artifact, for error messages
 PRODUCED_BY = {
     "users": "prepare", "items": "prepare", "interactions": "prepare", "lists": "prepare", "prompts": "prepare",
-    "profiles": "sample", "user_texts": "encode", "scores": "score", "predictions": "train-reranker",
+    "profiles": "sample", "item_knowledge": "sample", "user_texts": "encode", "item_texts": "encode", "scores": "score", "predictions": "train-reranker",
     "pairs": "pairs",
 }
 

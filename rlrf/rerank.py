@@ -1,0 +1,490 @@
+"""KAR's knowledge-augmented rerankers (DLCM, PRM) and the train-reranker stage.
+
+Each candidate item is the concatenation of its id embedding, its attribute (first genre) embedding
+(32 each) and, with knowledge on, the hybrid-expert adaptor's output for two tasks: user preference
+(driven by the user's profile embedding) and item fact (driven by the item text embedding), 32 dims
+each. With knowledge off the same code is the base model. The backbone reads the whole list:
+
+- DLCM: a GRU (hidden 64) over the list; item i scores V . (o_i * tanh(W s + b)), o_i the GRU output
+  at i and s its final state (DLCM's local perception function Phi, as KAR uses it).
+- PRM: sinusoidal position encoding, one 2-head self-attention block, an MLP 200-80, one logit
+  (the sigmoid lives in the loss; ranking by logits is ranking by sigmoids).
+
+The item tables (attribute per item, item text embedding per item) are buffers of the model, so a
+checkpoint carries the knowledge it was trained with and a reward forward needs only item ids and
+profile embeddings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from rlrf import runs
+from rlrf.config import Recipe, RerankerConfig
+from rlrf.store import Stage, StageError, atomic_path, read_artifact, write_json
+
+KS = (1, 3, 5, 7)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """reranker.threads for the block: one thread suits this tiny model (see RerankerConfig.threads)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@dataclass
+class RerankerSpec:
+    """What a checkpoint needs to be rebuilt, and what the data must match (saved as model.json)."""
+    backbone: str
+    knowledge: bool
+    n_items: int          # item-id vocabulary: max item_id + 1 (0 = padding)
+    n_attributes: int     # attribute-id vocabulary: max attribute_id + 1 (0 = none)
+    list_size: int
+    know_dim: int = 0     # text-embedding width (0 without knowledge)
+    encoder: str = ""     # rlrf.encode.encoder_id of those embeddings
+    emb_dim: int = 32
+    expert_hidden: int = 128
+    expert_out: int = 32
+    n_shared: int = 2
+    n_dedicated: int = 5
+    gru_hidden: int = 64
+    prm_heads: int = 2
+    prm_mlp: tuple = (200, 80)
+    dropout: float = 0.0  # on each candidate's input features, training only
+
+    # fields that describe the data: a checkpoint is refused when one of these differs
+    DATA_FIELDS = ("n_items", "n_attributes", "list_size", "know_dim", "encoder")
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RerankerSpec":
+        d = dict(d)
+        d["prm_mlp"] = tuple(d.get("prm_mlp", (200, 80)))
+        return cls(**d)
+
+
+def _mlp(sizes: list[int], last_act: bool = True) -> nn.Sequential:
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if last_act or i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class HybridExpertAdaptor(nn.Module):
+    """KAR's hybrid-expert adaptor: per task, n_shared experts (shared by all tasks) plus n_dedicated
+    experts of its own, mixed by a softmax gate computed from that task's vector."""
+
+    def __init__(self, d_in: int, n_tasks: int = 2, n_shared: int = 2, n_dedicated: int = 5,
+                 hidden: int = 128, out: int = 32):
+        super().__init__()
+        self.shared = nn.ModuleList(_mlp([d_in, hidden, out]) for _ in range(n_shared))
+        self.dedicated = nn.ModuleList(nn.ModuleList(_mlp([d_in, hidden, out]) for _ in range(n_dedicated))
+                                       for _ in range(n_tasks))
+        self.gates = nn.ModuleList(nn.Linear(d_in, n_shared + n_dedicated) for _ in range(n_tasks))
+
+    def task(self, t: int, x: torch.Tensor) -> torch.Tensor:
+        experts = torch.stack([e(x) for e in (*self.shared, *self.dedicated[t])], dim=-2)  # (..., E, out)
+        gate = torch.softmax(self.gates[t](x), dim=-1).unsqueeze(-1)                      # (..., E, 1)
+        return (gate * experts).sum(-2)
+
+
+class DLCM(nn.Module):
+    def __init__(self, d_in: int, hidden: int = 64):
+        super().__init__()
+        self.gru = nn.GRU(d_in, hidden, batch_first=True)
+        self.phi_w = nn.Linear(hidden, hidden)
+        self.phi_v = nn.Linear(hidden, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o, s = self.gru(x)                                   # o (B, L, H), s (1, B, H)
+        ctx = torch.tanh(self.phi_w(s[-1])).unsqueeze(1)     # (B, 1, H)
+        return self.phi_v(o * ctx).squeeze(-1)
+
+
+def sinusoidal(length: int, dim: int) -> torch.Tensor:
+    pos = torch.arange(length, dtype=torch.float32).unsqueeze(1)
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(length, dim)
+    pe[:, 0::2] = torch.sin(pos * div)
+    pe[:, 1::2] = torch.cos(pos * div[: dim // 2])
+    return pe
+
+
+class PRM(nn.Module):
+    def __init__(self, d_in: int, list_size: int, heads: int = 2, mlp: tuple = (200, 80)):
+        super().__init__()
+        self.register_buffer("pe", sinusoidal(list_size, d_in), persistent=False)
+        self.attn = nn.MultiheadAttention(d_in, heads, batch_first=True)
+        self.norm1 = nn.LayerNorm(d_in)
+        self.ffn = nn.Sequential(nn.Linear(d_in, d_in), nn.ReLU(), nn.Linear(d_in, d_in))
+        self.norm2 = nn.LayerNorm(d_in)
+        self.head = nn.Sequential(_mlp([d_in, *mlp]), nn.Linear(mlp[-1], 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.pe[: x.shape[1]]
+        x = self.norm1(x + self.attn(x, x, x, need_weights=False)[0])
+        x = self.norm2(x + self.ffn(x))
+        return self.head(x).squeeze(-1)
+
+
+class Reranker(nn.Module):
+    def __init__(self, spec: RerankerSpec):
+        super().__init__()
+        self.spec = spec
+        e = spec.emb_dim
+        self.item_emb = nn.Embedding(spec.n_items, e, padding_idx=0)
+        self.attr_emb = nn.Embedding(spec.n_attributes, e, padding_idx=0)
+        self.register_buffer("item_attr", torch.zeros(spec.n_items, dtype=torch.long))
+        d = 2 * e
+        if spec.knowledge:
+            if spec.know_dim <= 0:
+                raise ValueError("a knowledge reranker needs know_dim > 0 (the text-embedding width)")
+            self.register_buffer("item_know", torch.zeros(spec.n_items, spec.know_dim))
+            self.adaptor = HybridExpertAdaptor(spec.know_dim, 2, spec.n_shared, spec.n_dedicated,
+                                               spec.expert_hidden, spec.expert_out)
+            d += 2 * spec.expert_out
+        self.dropout = nn.Dropout(spec.dropout)
+        if spec.backbone == "dlcm":
+            self.backbone = DLCM(d, spec.gru_hidden)
+        elif spec.backbone == "prm":
+            self.backbone = PRM(d, spec.list_size, spec.prm_heads, spec.prm_mlp)
+        else:
+            raise ValueError(f"unknown backbone {spec.backbone!r}; choose dlcm or prm")
+
+    def forward(self, item_ids: torch.Tensor, user_vecs: torch.Tensor | None = None,
+                user_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, L) for lists of item ids (B, L).
+
+        user_vecs (U, know_dim): profile embeddings; user_index (B,) picks each list's row (default: row
+        b for list b). Many lists share a profile in a reward forward, so the user task runs once per
+        profile and the item task once per distinct item.
+        """
+        parts = [self.item_emb(item_ids), self.attr_emb(self.item_attr[item_ids])]
+        if self.spec.knowledge:
+            if user_vecs is None:
+                raise ValueError("this reranker was trained with knowledge: pass the profile embeddings")
+            uniq, inv = torch.unique(item_ids, return_inverse=True)
+            parts.append(self.adaptor.task(1, self.item_know[uniq])[inv])
+            user = self.adaptor.task(0, user_vecs)
+            user = user if user_index is None else user[user_index]
+            parts.append(user.unsqueeze(1).expand(-1, item_ids.shape[1], -1))
+        return self.backbone(self.dropout(torch.cat(parts, dim=-1)))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class RerankData:
+    """Lists of one run as arrays, plus the item tables a Reranker's buffers hold."""
+    item_attr: np.ndarray                 # (n_items,) attribute id per item id
+    item_know: np.ndarray | None          # (n_items, d) item text embedding per item id
+    user_know: dict[int, np.ndarray]      # user_id -> profile embedding (sample_idx 0)
+    lists: dict[str, dict[str, np.ndarray]]   # split -> list_id, user_id, item_ids (R, L), labels (R, L)
+    encoder: str = ""
+    dropped: dict = dataclasses.field(default_factory=dict)
+
+    def spec(self, backbone: str, knowledge: bool, dropout: float = 0.0) -> RerankerSpec:
+        sizes = {len(v["item_ids"][0]) for v in self.lists.values() if len(v["item_ids"])}
+        return RerankerSpec(backbone=backbone, knowledge=knowledge, n_items=len(self.item_attr),
+                            n_attributes=int(self.item_attr.max()) + 1, list_size=max(sizes) if sizes else 0,
+                            know_dim=self.item_know.shape[1] if knowledge else 0,
+                            encoder=self.encoder if knowledge else "", dropout=dropout)
+
+
+def lists_arrays(lists: pl.DataFrame, where: str = "lists") -> dict[str, np.ndarray]:
+    sizes = lists["item_ids"].list.len().unique().to_list()
+    if len(sizes) > 1:
+        raise StageError(f"{where}: lists have different lengths {sorted(sizes)}; the prepare stage pads every "
+                         f"list to prepare.list_size, so rerun it with --force")
+    L = sizes[0] if sizes else 0
+    if lists.height == 0:  # e.g. a shard whose users have no lists
+        return {"list_id": np.zeros(0, np.int64), "user_id": np.zeros(0, np.int64),
+                "item_ids": np.zeros((0, L), np.int64), "labels": np.zeros((0, L), np.int8)}
+    return {
+        "list_id": lists["list_id"].to_numpy(),
+        "user_id": lists["user_id"].to_numpy(),
+        "item_ids": np.asarray(lists["item_ids"].to_list(), dtype=np.int64).reshape(-1, L),
+        "labels": np.asarray(lists["labels"].to_list(), dtype=np.int8).reshape(-1, L),
+    }
+
+
+def item_tables(items: pl.DataFrame) -> np.ndarray:
+    attr = np.zeros(int(items["item_id"].max()) + 1, dtype=np.int64)
+    attr[items["item_id"].to_numpy()] = items["attribute_id"].to_numpy()
+    return attr
+
+
+def load_data(recipe: Recipe, knowledge_dir: str | Path | None) -> RerankData:
+    prep = runs.prepare_dir(recipe)
+    items = read_artifact(prep, "items", "prepare")
+    lists = read_artifact(prep, "lists", "prepare").sort("list_id")
+    attr = item_tables(items)
+    item_know, user_know, encoder, dropped = None, {}, "", {}
+    if knowledge_dir is not None:
+        from rlrf.encode import encoder_id, load_knowledge
+
+        ut, it, cache = load_knowledge(recipe, knowledge_dir, sample_idx=0)
+        encoder = encoder_id(recipe.encode)
+        vecs = cache.get(it["text_hash"].to_list())
+        item_know = np.zeros((len(attr), vecs.shape[1]), dtype=np.float32)
+        item_know[it["item_id"].to_numpy()] = vecs
+        uv = cache.get(ut["text_hash"].to_list())
+        user_know = dict(zip(ut["user_id"].to_list(), uv))
+        # KAR needs every user's knowledge; lists of users without a profile cannot be scored (counted)
+        has = lists["user_id"].is_in(list(user_know))
+        dropped = {"lists_without_profile": int((~has).sum())}
+        lists = lists.filter(has)
+    by_split = {s: lists_arrays(lists.filter(pl.col("split") == s), f"{prep}/lists") for s in ("train", "valid", "test")}
+    if user_know:
+        d = item_know.shape[1]
+        for arr in by_split.values():  # one profile row per list, gathered once instead of every batch
+            arr["user_vecs"] = (np.stack([user_know[int(u)] for u in arr["user_id"]]).astype(np.float32)
+                                if len(arr["user_id"]) else np.zeros((0, d), np.float32))
+    return RerankData(attr, item_know, user_know, by_split, encoder, dropped)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def build_model(spec: RerankerSpec, data: RerankData) -> Reranker:
+    model = Reranker(spec)
+    model.item_attr.copy_(torch.from_numpy(data.item_attr))
+    if spec.knowledge:
+        model.item_know.copy_(torch.from_numpy(data.item_know))
+    return model
+
+
+def _user_matrix(arr: dict, idx) -> torch.Tensor | None:
+    return torch.from_numpy(arr["user_vecs"][idx]) if "user_vecs" in arr else None
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "bce":
+        return nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    # listwise: softmax cross-entropy against the normalised labels; lists without a positive carry no signal
+    pos = labels.sum(1)
+    keep = pos > 0
+    if not keep.any():
+        return logits.sum() * 0.0
+    target = labels[keep] / pos[keep].unsqueeze(1)
+    return -(target * torch.log_softmax(logits[keep], dim=1)).sum(1).mean()
+
+
+@torch.no_grad()
+def predict(model: Reranker, data: RerankData, split: str, batch: int = 2048) -> np.ndarray:
+    model.eval()
+    arr = data.lists[split]
+    out = []
+    for s in range(0, len(arr["item_ids"]), batch):
+        ids = torch.from_numpy(arr["item_ids"][s:s + batch])
+        out.append(model(ids, _user_matrix(arr, slice(s, s + batch))).float().numpy())
+    L = arr["item_ids"].shape[1] if arr["item_ids"].ndim == 2 else 0
+    return np.concatenate(out) if out else np.zeros((0, L), dtype=np.float32)
+
+
+def split_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    from rlrf.metrics import ranking_metrics
+
+    if len(scores) == 0:
+        return {}
+    return {k: float(v) for k, v in ranking_metrics(scores, labels, ks=KS).items()}
+
+
+def fit(spec: RerankerSpec, data: RerankData, cfg: RerankerConfig, seed: int, progress: bool = True) -> tuple[Reranker, dict]:
+    """Train one seed; early stopping on valid MAP@5. Returns the best model and its training log."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = build_model(spec, data)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    train = data.lists["train"]
+    n = len(train["item_ids"])
+    if n == 0:
+        raise StageError("train-reranker: no train lists (see the prepare stage's lists and, with knowledge, "
+                         "whether train users have profiles)")
+    has_valid = len(data.lists["valid"]["item_ids"]) > 0
+    log = {"seed": seed, "epochs": [], "best_epoch": 0, "best_valid_map@5": -1.0}
+    best_state, bad = None, 0
+    step = 0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        t0 = time.time()
+        order = rng.permutation(n)
+        losses = []
+        for b, s in enumerate(tqdm(range(0, n, cfg.batch_size), desc=f"seed {seed} epoch {epoch}",
+                                   leave=False, disable=not progress)):
+            idx = order[s:s + cfg.batch_size]
+            ids = torch.from_numpy(train["item_ids"][idx])
+            labels = torch.from_numpy(train["labels"][idx]).float()
+            loss = loss_fn(model(ids, _user_matrix(train, idx)), labels, cfg.loss)
+            step += 1
+            if not torch.isfinite(loss):
+                raise StageError(
+                    f"train-reranker: loss is {loss.item()} at step {step} (epoch {epoch}, batch {b}: lists "
+                    f"{train['list_id'][idx][:5].tolist()}...) with seed {seed}. Lower reranker.lr (now {cfg.lr}) "
+                    f"or check the profile/item embeddings of the encode stage for NaN.")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        epoch_s = time.time() - t0
+        vm = split_metrics(predict(model, data, "valid"), data.lists["valid"]["labels"]) if has_valid else {}
+        v = vm.get("map@5", -float(np.mean(losses)))  # no valid users: fall back to the train loss
+        log["epochs"].append({"epoch": epoch, "train_loss": float(np.mean(losses)), "epoch_s": round(epoch_s, 3),
+                              "valid_map@5": vm.get("map@5"), "valid_ndcg@5": vm.get("ndcg@5")})
+        if v > log["best_valid_map@5"]:
+            log["best_valid_map@5"], log["best_epoch"], bad = v, epoch, 0
+            best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    return model, log
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(model: Reranker, out_dir: Path, seed: int) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(out_dir) / "checkpoints" / f"seed_{seed}.safetensors"
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
+                  metadata={"seed": str(seed)})
+    return path
+
+
+def check_spec(saved: RerankerSpec, expected: RerankerSpec, where: str) -> None:
+    """Refuse a checkpoint whose data-dependent config differs from the data it would be used with."""
+    diffs = [f"{k}: checkpoint {getattr(saved, k)!r}, data {getattr(expected, k)!r}"
+             for k in RerankerSpec.DATA_FIELDS if getattr(saved, k) != getattr(expected, k)]
+    if diffs:
+        raise StageError(f"{where} does not match the data it is used with ({'; '.join(diffs)}). Retrain it on "
+                         f"this run's prepare/encode output (python pipelines/train_reranker.py --force) or "
+                         f"point to the matching run.")
+
+
+def load_reranker(reranker_dir: str | Path, seed: int | None = None,
+                  expect: RerankerSpec | None = None) -> tuple[Reranker, RerankerSpec]:
+    """A trained reranker (first seed unless `seed`), checked against `expect` when given."""
+    from safetensors.torch import load_file
+
+    from rlrf.store import read_stage_json
+
+    reranker_dir = Path(reranker_dir)
+    info = read_stage_json(reranker_dir, "train-reranker")
+    spec = RerankerSpec.from_dict(json.loads((reranker_dir / "model.json").read_text()))
+    if expect is not None:
+        check_spec(spec, expect, str(reranker_dir / "model.json"))
+    seed = info["seeds"][0] if seed is None else seed
+    path = reranker_dir / "checkpoints" / f"seed_{seed}.safetensors"
+    if not path.is_file():
+        raise StageError(f"{path} not found (seeds trained: {info['seeds']})")
+    model = Reranker(spec)
+    state = load_file(str(path))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise StageError(f"{path} does not fit {reranker_dir / 'model.json'}: {str(e).splitlines()[0]}") from None
+    model.eval()
+    return model, spec
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _mean_std(per_seed: list[dict]) -> dict:
+    keys = per_seed[0].keys() if per_seed else []
+    return {k: {"mean": float(np.mean([m[k] for m in per_seed])), "std": float(np.std([m[k] for m in per_seed]))}
+            for k in keys}
+
+
+def train_stage(recipe: Recipe, out_dir: str | Path, knowledge_dir: str | Path | None, *, backbone: str | None = None,
+                knowledge: bool | None = None, seeds: list[int] | None = None, force: bool = False) -> Path:
+    """Train the reranker (one model per seed) on train users' lists; early stop on valid MAP@5."""
+    cfg = dataclasses.replace(recipe.reranker, **{k: v for k, v in
+                              {"backbone": backbone, "knowledge": knowledge, "seeds": seeds}.items() if v is not None})
+    if cfg.knowledge and knowledge_dir is None:
+        raise StageError("train-reranker: reranker.knowledge=true needs an encode stage dir (profiles as knowledge); "
+                         "run pipelines/encode.py first or set reranker.knowledge=false for the base model")
+    knowledge_dir = knowledge_dir if cfg.knowledge else None
+    out_dir = Path(out_dir)
+    d = recipe.to_dict()
+    # threads changes speed, not results; retrain_each_round only picks where the stage lives
+    config = {"seed": recipe.seed,
+              "reranker": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("threads", "retrain_each_round")},
+              "encode": d["encode"] if cfg.knowledge else None}
+    inputs = [runs.prepare_dir(recipe)] + ([knowledge_dir] if knowledge_dir else [])
+    with Stage(out_dir, "train-reranker", config, inputs=inputs, force=force) as st, torch_threads(cfg.threads):
+        if st.done:
+            return out_dir
+        data = load_data(recipe, knowledge_dir)
+        st.counters.update(data.dropped)
+        spec = data.spec(cfg.backbone, cfg.knowledge, cfg.dropout)
+        write_json(out_dir / "model.json", spec.to_dict())
+        for i in st.todo(len(cfg.seeds)):
+            seed = int(cfg.seeds[i])
+            model, log = fit(spec, data, cfg, seed, progress=not st.quiet)
+            save_checkpoint(model, out_dir, seed)
+            frames, result = [], {"best_epoch": log["best_epoch"], "epochs_run": len(log["epochs"]),
+                                  "epoch_s": float(np.mean([e["epoch_s"] for e in log["epochs"]])), "log": log}
+            for split in ("train", "valid", "test"):
+                arr = data.lists[split]
+                scores = predict(model, data, split)
+                result[split] = split_metrics(scores, arr["labels"])
+                frames.append(pl.DataFrame({
+                    "user_id": arr["user_id"], "list_id": arr["list_id"], "split": [split] * len(scores),
+                    "seed": np.full(len(scores), seed, dtype=np.int64),
+                    "scores": scores.tolist(), "labels": arr["labels"].tolist(),
+                }, schema={"user_id": pl.Int64, "list_id": pl.Int64, "split": pl.Utf8, "seed": pl.Int64,
+                           "scores": pl.List(pl.Float32), "labels": pl.List(pl.Int8)}))
+            write_json(out_dir / "metrics" / f"seed_{seed}.json", result)
+            st.write_shard(i, {"predictions": pl.concat(frames)})
+            st.log(f"train-reranker: seed {seed}: best epoch {log['best_epoch']}, "
+                   f"valid MAP@5 {result['valid'].get('map@5', float('nan')):.4f}, "
+                   f"test NDCG@5 {result['test'].get('ndcg@5', float('nan')):.4f}")
+        per_seed = {int(s): json.loads((out_dir / "metrics" / f"seed_{int(s)}.json").read_text()) for s in cfg.seeds}
+        metrics = {
+            "backbone": cfg.backbone, "knowledge": cfg.knowledge, "loss": cfg.loss, "seeds": [int(s) for s in cfg.seeds],
+            "per_seed": {str(s): {k: m[k] for k in ("valid", "test", "best_epoch", "epochs_run", "epoch_s")}
+                         for s, m in per_seed.items()},
+            "valid": _mean_std([m["valid"] for m in per_seed.values()]),
+            "test": _mean_std([m["test"] for m in per_seed.values()]),
+            "epoch_s": float(np.mean([m["epoch_s"] for m in per_seed.values()])),
+            "n_lists": {s: int(len(a["list_id"])) for s, a in data.lists.items()},
+        }
+        write_json(out_dir / "metrics.json", metrics)
+        info = st.finish({"seeds": metrics["seeds"], "backbone": cfg.backbone, "knowledge": cfg.knowledge,
+                          "test": metrics["test"], "valid": metrics["valid"], "epoch_s": metrics["epoch_s"]})
+    t = info["test"].get("ndcg@5", {})
+    print(f"train-reranker: {cfg.backbone}{' + knowledge' if cfg.knowledge else ''} over seeds {cfg.seeds}: "
+          f"test NDCG@5 {t.get('mean', float('nan')):.4f} +- {t.get('std', float('nan')):.4f}, "
+          f"{info['epoch_s']:.2f} s/epoch -> {out_dir}")
+    return out_dir

@@ -1,0 +1,153 @@
+"""The KAR rerankers: shapes, training, checkpoints, the train-reranker stage (synthetic run, fake embeddings)."""
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from rlrf import runs
+from rlrf.metrics import ranking_metrics
+from rlrf.rerank import (HybridExpertAdaptor, Reranker, RerankerSpec, build_model, check_spec, fit, load_data,
+                         load_reranker, train_stage)
+from rlrf.store import StageError, read_artifact
+from tests.reward_fixtures import one_torch_thread  # noqa: F401  (autouse)
+from tests.reward_fixtures import make_recipe, profile_texts, write_fake_encode, write_prepare, write_profiles
+
+
+def spec(backbone="dlcm", knowledge=True, **kw):
+    return RerankerSpec(backbone=backbone, knowledge=knowledge, n_items=21, n_attributes=5, list_size=10,
+                        know_dim=12 if knowledge else 0, encoder="e" if knowledge else "", **kw)
+
+
+@pytest.mark.parametrize("backbone", ["dlcm", "prm"])
+@pytest.mark.parametrize("knowledge", [True, False])
+def test_shapes_and_user_index(backbone, knowledge):
+    torch.manual_seed(0)
+    m = Reranker(spec(backbone, knowledge)).eval()
+    ids = torch.randint(1, 21, (6, 10))
+    users = torch.randn(2, 12) if knowledge else None
+    owner = torch.tensor([0, 0, 0, 1, 1, 1])
+    out = m(ids, users, owner if knowledge else None)
+    assert out.shape == (6, 10) and torch.isfinite(out).all()
+    if knowledge:
+        # scoring 6 lists with 2 profiles by index == repeating the profiles per list
+        assert torch.allclose(out, m(ids, users[owner]), atol=1e-5)
+        # the profile changes the scores; the base model has no such input
+        assert not torch.allclose(m(ids, users[[1, 1, 1, 0, 0, 0]]), out)
+    # the model reads the whole list: swapping two other items changes item 0's score
+    ids2 = ids.clone()
+    ids2[:, [3, 4]] = ids[:, [4, 3]]
+    assert not torch.allclose(m(ids2, users, owner if knowledge else None)[:, 0], out[:, 0])
+    n_in = 64 + (64 if knowledge else 0)
+    first = m.backbone.gru.input_size if backbone == "dlcm" else m.backbone.attn.embed_dim
+    assert first == n_in
+
+
+def test_adaptor_mixes_2_shared_and_5_dedicated_experts_per_task():
+    a = HybridExpertAdaptor(12)
+    assert len(a.shared) == 2 and [len(d) for d in a.dedicated] == [5, 5]
+    assert a.shared[0][0].out_features == 128 and a.shared[0][2].out_features == 32
+    x = torch.randn(4, 12)
+    gate = torch.softmax(a.gates[0](x), -1)
+    manual = sum(gate[:, j:j + 1] * e(x) for j, e in enumerate([*a.shared, *a.dedicated[0]]))
+    assert torch.allclose(a.task(0, x), manual, atol=1e-6)
+    assert not torch.allclose(a.task(0, x), a.task(1, x))  # each task has its own gate and experts
+
+
+@pytest.fixture
+def run(tmp_path):
+    recipe = make_recipe(tmp_path)
+    write_prepare(recipe)
+    prof = write_profiles(recipe, runs.stage_dir(recipe, "sample", 1), profile_texts())
+    enc = write_fake_encode(recipe, prof, runs.stage_dir(recipe, "encode", 1))
+    return recipe, enc
+
+
+def test_training_lowers_loss_changes_parameters_and_knowledge_helps(run):
+    recipe, enc = run
+    data = load_data(recipe, enc)
+    s = data.spec("dlcm", True)
+    torch.manual_seed(7)
+    init = {k: v.clone() for k, v in build_model(s, data).state_dict().items()}
+    model, log = fit(s, data, recipe.reranker, seed=7, progress=False)
+    losses = [e["train_loss"] for e in log["epochs"]]
+    assert losses[-1] < 0.8 * losses[0]
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, init[k])]
+    assert any(k.startswith("adaptor.") for k in changed) and any(k.startswith("backbone.") for k in changed)
+    assert "item_emb.weight" in changed
+    # the synthetic positives are the user's taste, which only the profile says
+    base_data = load_data(recipe, None)
+    base, _ = fit(base_data.spec("dlcm", False), base_data, recipe.reranker, seed=7, progress=False)
+    from rlrf.rerank import predict
+    kar = ranking_metrics(predict(model, data, "valid"), data.lists["valid"]["labels"])["map@5"]
+    plain = ranking_metrics(predict(base, base_data, "valid"), base_data.lists["valid"]["labels"])["map@5"]
+    assert kar > plain + 0.2 and kar > 0.9
+
+
+def test_listwise_loss_trains_prm(run):
+    recipe, enc = run
+    recipe.reranker.loss = "listwise"
+    data = load_data(recipe, enc)
+    _, log = fit(data.spec("prm", True), data, recipe.reranker, seed=1, progress=False)
+    assert log["epochs"][-1]["train_loss"] < log["epochs"][0]["train_loss"]
+
+
+def test_nan_loss_names_step_and_batch(run):
+    recipe, enc = run
+    data = load_data(recipe, enc)
+    data.lists["train"]["user_vecs"][:] = np.nan
+    with pytest.raises(StageError, match=r"loss is nan at step 1 \(epoch 1, batch 0"):
+        fit(data.spec("dlcm", True), data, recipe.reranker, seed=0, progress=False)
+
+
+def test_train_stage_writes_checkpoints_metrics_predictions(run, tmp_path):
+    recipe, enc = run
+    out = tmp_path / "reranker"
+    train_stage(recipe, out, enc, seeds=[1, 2])
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["per_seed"]) == {"1", "2"} and m["knowledge"] and m["backbone"] == "dlcm"
+    for split in ("valid", "test"):
+        assert set(m[split]) == {f"{x}@{k}" for x in ("map", "ndcg") for k in (1, 3, 5, 7)}
+        vals = [m["per_seed"][s][split]["ndcg@5"] for s in ("1", "2")]
+        assert m[split]["ndcg@5"]["mean"] == pytest.approx(np.mean(vals))
+        assert m[split]["ndcg@5"]["std"] == pytest.approx(np.std(vals))
+    preds = read_artifact(out, "predictions")
+    n_lists = sum(m["n_lists"].values())
+    assert preds.height == 2 * n_lists
+    # anyone can recompute the metrics from the predictions
+    t = preds.filter((pl.col("split") == "test") & (pl.col("seed") == 2)).sort("list_id")
+    again = ranking_metrics(np.array(t["scores"].to_list()), np.array(t["labels"].to_list()))
+    assert again["ndcg@5"] == pytest.approx(m["per_seed"]["2"]["test"]["ndcg@5"])
+    # the checkpoint reloads to the same scores
+    model, sp = load_reranker(out, seed=2)
+    assert sp.knowledge and sp.know_dim == 8
+    assert (out / "checkpoints" / "seed_1.safetensors").is_file()
+    data = load_data(recipe, enc)
+    from rlrf.rerank import predict
+    test_scores = predict(model, data, "test")
+    order = np.argsort(data.lists["test"]["list_id"])
+    np.testing.assert_allclose(test_scores[order], np.array(t["scores"].to_list()), rtol=1e-5, atol=1e-5)
+    # an up-to-date rerun does nothing
+    train_stage(recipe, out, enc, seeds=[1, 2])
+
+
+def test_base_model_needs_no_knowledge(run, tmp_path):
+    recipe, _ = run
+    out = train_stage(recipe, tmp_path / "base", None, knowledge=False, backbone="prm", seeds=[3])
+    sp = json.loads((out / "model.json").read_text())
+    assert sp["knowledge"] is False and sp["know_dim"] == 0 and sp["backbone"] == "prm"
+    with pytest.raises(StageError, match="needs an encode stage dir"):
+        train_stage(recipe, tmp_path / "kar", None, knowledge=True)
+
+
+def test_checkpoint_that_does_not_match_the_data_is_refused(run, tmp_path):
+    recipe, enc = run
+    out = train_stage(recipe, tmp_path / "r", enc, seeds=[1])
+    expect = load_data(recipe, enc).spec("dlcm", True)
+    load_reranker(out, expect=expect)  # matches
+    other = RerankerSpec(**{**expect.to_dict(), "n_items": 100, "know_dim": 384, "prm_mlp": (200, 80)})
+    with pytest.raises(StageError, match=r"n_items: checkpoint 49, data 100; know_dim: checkpoint 8, data 384"):
+        load_reranker(out, expect=other)
+    check_spec(expect, expect, "x")
