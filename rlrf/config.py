@@ -85,6 +85,8 @@ class SampleConfig:
     max_prompt_tokens: int = _f(1024, "prompt budget; history is trimmed oldest-first to fit (and counted)")
     batch_size: int = _f(64, "sequences per generate call (prompts x n); larger is faster until memory binds")
     dtype: str = _f("auto", "auto (bf16 where the CPU has AMX/AVX512-bf16, else fp32) | bfloat16 | float32")
+    threads: int = _f(0, "torch CPU threads for the hf backend; 0 = torch's default (all cores). 1 wins when "
+                         "other jobs share the cores (measured 3-9x faster on a busy 2-core machine)")
     shards: int = _f(8, "user shards; the unit of resume")
     item_knowledge: bool = _f(False, "also generate KAR item texts with the LLM (slow); off = metadata texts")
 
@@ -98,6 +100,10 @@ class SampleConfig:
         _check(set(self.splits) <= {"train", "valid", "test"} and self.splits, "sample.splits",
                f"must be a non-empty subset of train, valid, test; got {self.splits}")
         _check(self.shards >= 1, "sample.shards", "must be >= 1")
+        _check(self.threads >= 0, "sample.threads", "must be >= 0 (0 = torch's default)")
+        _check(self.batch_size >= 1, "sample.batch_size", "must be >= 1")
+        _check(0 <= self.min_new_tokens <= self.max_new_tokens, "sample.min_new_tokens", "must be in [0, max_new_tokens]")
+        _check(self.max_prompt_tokens >= 16, "sample.max_prompt_tokens", "must be >= 16")
 
 
 @dataclass
@@ -106,9 +112,13 @@ class EncodeConfig:
     pooling: str = _f("auto", "auto (the model's own) | mean | cls")
     batch_size: int = _f(64, "texts per encoder batch")
     max_seq_length: int = _f(256, "encoder truncation length in tokens")
+    shards: int = _f(4, "user shards (+1 for item texts); the unit of resume")
 
     def __post_init__(self):
         _check(self.pooling in ("auto", "mean", "cls"), "encode.pooling", "auto | mean | cls")
+        _check(self.batch_size >= 1, "encode.batch_size", "must be >= 1")
+        _check(self.max_seq_length >= 8, "encode.max_seq_length", "must be >= 8")
+        _check(self.shards >= 1, "encode.shards", "must be >= 1")
 
 
 @dataclass
@@ -118,6 +128,9 @@ class RerankerConfig:
     loss: str = _f("bce", "bce (per item, KAR) | listwise (softmax cross-entropy over the list)")
     lr: float = _f(1e-3, "AdamW learning rate")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
+    dropout: float = _f(0.0, "dropout on each candidate's input features; fights the id embeddings' overfitting")
+    threads: int = _f(1, "torch threads for training and the reward forward: the model is tiny, so a second "
+                         "thread mostly waits (measured 20x slower with 2 on a busy 2-core machine)")
     batch_size: int = _f(256, "lists per step")
     epochs: int = _f(20, "max epochs; early stopping on valid MAP@5 usually ends sooner")
     patience: int = _f(3, "epochs without valid MAP@5 improvement before stopping")
@@ -129,22 +142,37 @@ class RerankerConfig:
         _check(self.loss in ("bce", "listwise"), "reranker.loss", "bce | listwise")
         _check(self.lr > 0, "reranker.lr", "must be > 0")
         _check(len(self.seeds) >= 1, "reranker.seeds", "needs at least one seed")
+        _check(0 <= self.dropout < 1, "reranker.dropout", "must be in [0, 1)")
+        _check(self.threads >= 1, "reranker.threads", "must be >= 1")
 
 
 @dataclass
 class ScoreConfig:
     metric: str = _f("ndcg@5", "reward = this metric averaged over the user's lists: ndcg@k | map@k")
     batch_size: int = _f(512, "profiles per reward forward")
+    shards: int = _f(4, "user shards; the unit of resume")
+    tie_break: float = _f(1e-6, "reward = metric + tie_break * tanh(margin): the reranker's continuous positive-vs-"
+                                "negative score margin breaks exact metric ties (common: NDCG@k is a step function), "
+                                "too small to reorder profiles whose metric differs; 0 = the pure metric")
 
     def __post_init__(self):
+        _check(0 <= self.tie_break <= 1e-3, "score.tie_break", "must be in [0, 1e-3] (it only breaks ties)")
         _check(re.fullmatch(r"(ndcg|map)@\d+", self.metric) is not None, "score.metric",
                f"expected ndcg@k or map@k, got {self.metric!r}")
+        _check(self.batch_size >= 1, "score.batch_size", "must be >= 1")
+        _check(self.shards >= 1, "score.shards", "must be >= 1")
 
 
 @dataclass
 class PairsConfig:
     min_margin: float = _f(0.0, "drop users whose best-worst reward gap is <= this (ties always dropped)")
+    splits: list = _f(["train"], "user splits that become pairs (valid users judge the is-it-learning check, test users the evaluation)")
     llamafactory_export: bool = _f(True, "also write a LLaMA-Factory sharegpt ranking dataset + dataset_info.json")
+
+    def __post_init__(self):
+        _check(self.min_margin >= 0, "pairs.min_margin", "must be >= 0 (ties are always dropped)")
+        _check(set(self.splits) <= {"train", "valid", "test"} and self.splits, "pairs.splits",
+               f"must be a non-empty subset of train, valid, test; got {self.splits}")
 
 
 @dataclass
@@ -161,18 +189,27 @@ class DPOConfig:
     lora_alpha: int = _f(32, "LoRA alpha")
     lora_dropout: float = _f(0.05, "LoRA dropout")
     lora_target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "modules LoRA adapts")
-    bf16: str = _f("auto", "auto (on where the CPU/GPU supports bf16) | true | false")
+    dtype: str = _f("auto", "frozen base weights during DPO (LoRA stays fp32): auto (bf16 where the CPU/GPU does bf16 natively) | bfloat16 | float32")
     gradient_checkpointing: bool = _f(False, "saves memory, costs ~30% time; off suits a 135M model on CPU")
     precompute_ref_log_probs: bool = _f(True, "reference log-probs computed once up front instead of every step")
+    precompute_ref_batch_size: int = _f(16, "pairs per no-grad reference forward when precomputing (larger is faster up to memory)")
+    group_by_length: bool = _f(True, "batch pairs of similar token length together (less padding per step; order stays seeded)")
     save_steps: int = _f(10, "checkpoint every this many steps (the unit of resume)")
     logging_steps: int = _f(1, "log loss / reward margins / accuracies every this many steps")
     template: str = _f("auto", "LLaMA-Factory chat template name (auto: from the model name)")
+    llamafactory_cli: str = _f("auto", "llamafactory-cli to run (auto: on PATH, else .venv-llamafactory/bin/)")
 
     def __post_init__(self):
         _check(self.backend in ("trl", "llamafactory"), "dpo.backend", f"unknown backend {self.backend!r}; choose trl or llamafactory")
         _check(self.beta > 0, "dpo.beta", "must be > 0")
         _check(self.learning_rate > 0, "dpo.learning_rate", "must be > 0")
-        _check(self.bf16 in ("auto", "true", "false"), "dpo.bf16", "auto | true | false")
+        _check(self.dtype in ("auto", "bfloat16", "float32"), "dpo.dtype", "auto | bfloat16 | float32")
+        _check(self.per_device_train_batch_size >= 1 and self.gradient_accumulation_steps >= 1,
+               "dpo.per_device_train_batch_size", "batch size and gradient_accumulation_steps must be >= 1")
+        _check(self.max_steps > 0 or self.num_train_epochs > 0, "dpo.max_steps",
+               "set max_steps > 0 or num_train_epochs > 0")
+        _check(self.save_steps >= 1, "dpo.save_steps", "must be >= 1")
+        _check(0 < self.lora_r and 0 <= self.lora_dropout < 1, "dpo.lora_r", "lora_r must be > 0, lora_dropout in [0, 1)")
 
 
 @dataclass
@@ -188,6 +225,15 @@ class EvaluateConfig:
     backbones: list = _f(["dlcm", "prm"], "reranker backbones in the tables")
     seeds: list = _f([1, 2, 3], "reranker seeds; tables show mean +- std")
     n: int = _f(1, "profiles per user per generator")
+    max_users: int = _f(-1, "cap users per split for every generator (-1 = all users; small only for tests)")
+
+    def __post_init__(self):
+        _check(len(self.rounds) >= 1 and all(isinstance(k, int) and k >= 1 for k in self.rounds), "evaluate.rounds",
+               f"needs rounds >= 1 (round k's DPO makes generator k; 0, the base model, is always evaluated), got {self.rounds}")
+        _check(set(self.backbones) <= {"dlcm", "prm"} and len(self.backbones) >= 1, "evaluate.backbones",
+               f"choose from dlcm, prm; got {self.backbones}")
+        _check(len(self.seeds) >= 1, "evaluate.seeds", "needs at least one seed")
+        _check(self.n >= 1, "evaluate.n", "must be >= 1")
 
 
 @dataclass
