@@ -1,0 +1,26 @@
+"""python pipelines/sample.py --recipe recipes/ml100k_smollm2.yaml --round 1
+
+The sample stage of round k: sample.n preference profiles per user of sample.splits from generator
+k-1 (round 1: the base model sample.model; round k > 1: runs/<run>/round_<k-1>/dpo/merged), written
+as the `profiles` artifact to runs/<run>/round_<k>/sample/. Sharded by user (sample.shards): a killed
+run resumes where it stopped, and `--shard i/n` runs one slice so a Slurm array or Ray job can run
+slices side by side (the last slice to finish writes stage.json). Each user's samples are seeded from
+(seed, user_id, round, sample_idx), so every way of running it gives the same texts.
+
+    python pipelines/sample.py --recipe recipes/tiny.yaml --round 1 --shard 0/2 sample.threads=1
+"""
+
+from rlrf import runs
+from rlrf.cli import run_main, stage_args
+from rlrf.sample import sample_stage
+
+
+def main() -> None:
+    recipe, args = stage_args(__doc__, shards=True)
+    generator = runs.generator_for_round(recipe, args.round)
+    out = runs.stage_dir(recipe, "sample", args.round)
+    sample_stage(recipe, out, generator, args.round, force=args.force, shard=args.shard)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,194 @@
+"""The sample stage: N preference profiles per user from the round's generator.
+
+For every user of the chosen splits: the KAR prompt from prepare (history trimmed oldest-first until
+the chat-templated prompt fits sample.max_prompt_tokens), then N samples with temperature / top_p /
+max_new_tokens. Sample j of user u in round k is drawn with seed `user_seed(seed, u, k) + j`, from
+nothing else: a rerun, a resumed run, a `--shard i/n` slice, or another generator sampled with the
+same round argument (the is-it-learning check) all use the same seeds.
+
+Users go to shard `user_id % sample.shards` (the unit of resume); with sample.item_knowledge one more
+shard holds the LLM's KAR item texts (`item_knowledge` artifact). Empty and length-limited profiles are
+kept and marked (finish_reason eos | length); stage.json counts them, and the trimmed history lines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from tqdm import tqdm
+
+from rlrf import prompts as kar, runs, schema
+from rlrf.config import Recipe
+from rlrf.generate import Sampling, open_backend
+from rlrf.llm import resolve_model, weights_hash
+from rlrf.store import Stage, StageError, parse_shard, read_artifact
+
+
+def user_seed(seed: int, user_id: int, round: int, kind: str = "user") -> int:
+    """Base seed of a user's samples (sample j uses base + j); 60 bits so base + j stays an int64."""
+    h = hashlib.sha256(f"{kind}:{seed}:{user_id}:{round}".encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 4
+
+
+def select_users(prompts: pl.DataFrame, splits: list[str], max_users: int, seed: int) -> pl.DataFrame:
+    """Prompts of the chosen splits; with max_users > 0, that many per split from a seeded shuffle.
+
+    The shuffle depends on the run seed only (not the round), so every round samples the same users.
+    """
+    out = []
+    for split in splits:
+        part = prompts.filter(pl.col("split") == split).sort("user_id")
+        if 0 < max_users < part.height:
+            rng = np.random.default_rng([seed, 7, schema.SPLITS.index(split)])
+            part = part[sorted(rng.permutation(part.height)[:max_users].tolist())]
+        out.append(part)
+    return pl.concat(out).sort("user_id") if out else prompts.head(0)
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=False)
+    return list(ids)
+
+
+def fit_prompt(tokenizer, head: str, lines: list[str], tail: str, budget: int) -> tuple[str, list[int], int]:
+    """(prompt, chat token ids, lines dropped): drop the oldest history lines until it fits `budget`.
+
+    Binary search on the number dropped (the length only shrinks as lines go). If even an empty history
+    does not fit, the prompt keeps no history and goes over budget (the caller counts it).
+    """
+    full = kar.join_prompt(head, lines, tail)
+    ids = chat_ids(tokenizer, full)
+    if len(ids) <= budget:
+        return full, ids, 0
+    lo, hi = 1, len(lines)  # answer in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(chat_ids(tokenizer, kar.join_prompt(head, lines[mid:], tail))) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    text = kar.join_prompt(head, lines[lo:], tail)
+    return text, chat_ids(tokenizer, text), lo
+
+
+def sample_stage(recipe: Recipe, out_dir: str | Path, generator: str, round: int, *, splits=None, n=None,
+                 max_users=None, force: bool = False, shard=None) -> Path:
+    """Write the `profiles` artifact (N per user) for `generator` into out_dir; returns out_dir."""
+    cfg = dataclasses.replace(recipe.sample, **{k: v for k, v in
+                                                 {"splits": splits, "n": n, "max_users": max_users}.items()
+                                                 if v is not None})
+    out_dir = Path(out_dir)
+    shard = parse_shard(shard) if isinstance(shard, str) else shard
+    prep = runs.prepare_dir(recipe)
+    model_dir = resolve_model(generator)  # an unknown model fails here, before any work
+    ghash = weights_hash(model_dir)
+    # threads only changes speed, so it stays out of the fingerprint (a rerun with other threads resumes)
+    sample_cfg = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "threads"}
+    config = {"seed": recipe.seed, "run": recipe.run, "round": round, "generator": str(generator),
+              "generator_hash": ghash, "sample": sample_cfg}
+    with Stage(out_dir, "sample", config, inputs=[prep], force=force, shard=shard) as st:
+        if st.done:
+            return out_dir
+        prompts = read_artifact(prep, "prompts", "prepare")
+        users = select_users(prompts, cfg.splits, cfg.max_users, recipe.seed)
+        if users.height == 0:
+            raise StageError(f"sample: no users in splits {cfg.splits} of {prep} (sample.splits); "
+                             f"check the prepare stage's output")
+        n_shards = cfg.shards + (1 if cfg.item_knowledge else 0)
+        todo = st.todo(n_shards)
+        backend = open_backend(cfg.backend, str(model_dir), cfg.dtype, cfg.batch_size, cfg.threads,
+                               pad_to=cfg.max_prompt_tokens) if todo else None
+        meta = dict(run=recipe.run, round=round, generator=str(generator), generator_hash=ghash)
+        for i in todo:
+            if i == cfg.shards:
+                st.write_shard(i, {"item_knowledge": _item_knowledge(backend, prep, prompts, cfg, recipe.seed, meta)})
+            else:
+                part = users.filter(pl.col("user_id") % cfg.shards == i)
+                desc = f"sample shard {i + 1}/{cfg.shards}"
+                st.write_shard(i, {"profiles": _profiles(backend, part, cfg, recipe.seed, meta, desc)})
+        info = st.finish(extra=_summary(out_dir, cfg) if _all_done(st, n_shards) else None)
+    if info:
+        s = _summary(out_dir, cfg)
+        print(f"sample round {round}: {info['rows'].get('profiles', 0)} profiles of {s['users']} users from "
+              f"{generator} | finish eos={s['finish_reason'].get('eos', 0)} length={s['finish_reason'].get('length', 0)} "
+              f"empty={s['empty_text']} | history trimmed for {s['users_history_trimmed']} users "
+              f"({s['history_lines_trimmed']} lines) | {info['wall_s']:.0f}s -> {out_dir}")
+    return out_dir
+
+
+def _all_done(st: Stage, n_shards: int) -> bool:
+    return all(st.shard_done(s) for s in range(n_shards))
+
+
+def _profiles(backend, part: pl.DataFrame, cfg, seed: int, meta: dict, desc: str) -> pl.DataFrame:
+    tok = backend.tokenizer
+    fitted = [fit_prompt(tok, r["prompt_head"], r["history_lines"], r["prompt_tail"], cfg.max_prompt_tokens)
+              for r in part.iter_rows(named=True)]
+    uids = part["user_id"].to_list()
+    seeds = [user_seed(seed, u, meta["round"]) for u in uids]
+    sp = Sampling(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                  min_new_tokens=cfg.min_new_tokens)
+    comps = _run(backend, [f[1] for f in fitted], seeds, sp, desc, unit="user")
+    rows = []
+    for r, (text, ids, trimmed), base, cs in zip(part.iter_rows(named=True), fitted, seeds, comps):
+        over = len(ids) > cfg.max_prompt_tokens
+        for j, c in enumerate(cs):
+            rows.append(dict(meta, split=r["split"], user_id=r["user_id"], sample_idx=j, prompt=text, text=c.text,
+                             n_tokens=c.n_tokens, finish_reason=c.finish_reason, n_history_trimmed=trimmed,
+                             prompt_over_budget=over, temperature=cfg.temperature, top_p=cfg.top_p,
+                             max_new_tokens=cfg.max_new_tokens, seed=base + j))
+    cols = {**schema.SCHEMAS["profiles"], "prompt_over_budget": pl.Boolean}
+    return pl.DataFrame(rows, schema=cols).select(list(cols))
+
+
+def _item_knowledge(backend, prep: Path, prompts: pl.DataFrame, cfg, seed: int, meta: dict) -> pl.DataFrame:
+    """KAR's factual item knowledge: one LLM answer to the item prompt per item."""
+    items = read_artifact(prep, "items", "prepare").sort("item_id")
+    domain = prompts["domain"][0] if prompts.height else "movies"
+    texts = [kar.item_prompt(t, domain, y) for t, y in zip(items["title"], items["year"])]
+    ids = [chat_ids(backend.tokenizer, t) for t in texts]
+    seeds = [user_seed(seed, i, meta["round"], kind="item") for i in items["item_id"]]
+    sp = Sampling(n=1, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
+    comps = _run(backend, ids, seeds, sp, "item knowledge", unit="item")
+    return pl.DataFrame({
+        "item_id": items["item_id"], "prompt": texts, "text": [c[0].text for c in comps],
+        "n_tokens": [c[0].n_tokens for c in comps], "finish_reason": [c[0].finish_reason for c in comps],
+        "round": [meta["round"]] * len(texts), "generator": [meta["generator"]] * len(texts),
+        "generator_hash": [meta["generator_hash"]] * len(texts), "seed": seeds,
+    }, schema=schema.SCHEMAS["item_knowledge"])
+
+
+def _run(backend, prompt_ids, seeds, sp, desc: str, unit: str):
+    """backend.generate with a progress bar of prompts done and tokens/s."""
+    t0, tokens = time.time(), [0]
+    with tqdm(total=len(prompt_ids), desc=desc, unit=unit, leave=False) as bar:
+        def progress(done: int, new_tokens: int) -> None:
+            tokens[0] += new_tokens
+            bar.update(done)
+            bar.set_postfix(tok_s=f"{tokens[0] / max(time.time() - t0, 1e-9):.0f}")
+
+        return backend.generate(prompt_ids, seeds, sp, progress=progress)
+
+
+def _summary(out_dir: Path, cfg) -> dict:
+    """Counts over every shard's profiles (not just this process's), for stage.json and the summary line."""
+    files = sorted((out_dir / "profiles").glob("part-*.parquet"))
+    df = pl.concat([pl.read_parquet(f) for f in files]) if files else schema.empty("profiles")
+    per_user = df.filter(pl.col("sample_idx") == 0)
+    return {
+        "users": per_user.height,
+        "finish_reason": dict(zip(*df["finish_reason"].value_counts().sort("finish_reason")
+                                  .to_dict(as_series=False).values())) if df.height else {},
+        "empty_text": int((df["text"].str.strip_chars() == "").sum()),
+        "users_history_trimmed": int((per_user["n_history_trimmed"] > 0).sum()),
+        "history_lines_trimmed": int(per_user["n_history_trimmed"].sum()),
+        "prompts_over_budget": int(per_user["prompt_over_budget"].sum()) if "prompt_over_budget" in df.columns else 0,
+        "mean_n_tokens": round(float(df["n_tokens"].mean()), 1) if df.height else 0.0,
+        "n": cfg.n, "max_new_tokens": cfg.max_new_tokens, "max_prompt_tokens": cfg.max_prompt_tokens,
+    }
