@@ -191,7 +191,7 @@ class DPOConfig:
     lora_target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "modules LoRA adapts")
     dtype: str = _f("auto", "frozen base weights during DPO (LoRA stays fp32): auto (bf16 where the CPU/GPU does bf16 natively) | bfloat16 | float32")
     gradient_checkpointing: bool = _f(False, "saves memory, costs ~30% time; off suits a 135M model on CPU")
-    precompute_ref_log_probs: bool = _f(True, "reference log-probs computed once up front instead of every step")
+    precompute_ref_log_probs: bool = _f(False, "reference log-probs for ALL pairs in one pass up front instead of a no-grad forward per step: pays only over several epochs (a demo run with max_steps below one epoch computes more than it trains on)")
     precompute_ref_batch_size: int = _f(16, "pairs per no-grad reference forward when precomputing (larger is faster up to memory)")
     group_by_length: bool = _f(True, "batch pairs of similar token length together (less padding per step; order stays seeded)")
     save_steps: int = _f(10, "checkpoint every this many steps (the unit of resume)")

@@ -1,0 +1,160 @@
+"""python benchmarks/dpo_step.py [--steps 3] [--pairs 64]
+
+Seconds per DPO optimizer step on SmolLM2-135M-Instruct (LoRA r16 on q/k/v/o, batch 8, max_length 256):
+TRL's default DPOConfig (gradient checkpointing on, bf16 autocast over fp32 weights, a reference forward
+every step) against the dpo stage's settings (rlrf.dpo.trl_args: frozen bf16 base weights, no
+checkpointing, batches grouped by length; reference log-probs precomputed once as an optional last
+step, since that pays only over several epochs), measured in one
+process on the same pairs, with each setting added one at a time so its effect shows.
+
+The pairs are KAR prompts built from real MovieLens-100K titles (4-9 history lines, so prompt and
+profile fit in 256 tokens) with profiles of 30-90 words. Variants take turns, one optimizer step each
+per round, so the load of neighbours on a shared machine falls on all of them alike; round 0 is
+warm-up. Precomputing the reference costs one no-grad pass over the pairs up front: it is reported
+separately (trainer init) and also amortised over one epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from rlrf.config import load_recipe  # noqa: E402
+from rlrf.prompts import history_line, join_prompt, prompt_head, prompt_tail  # noqa: E402
+
+WORDS = ("enjoys character driven dramas with strong performances and a soft spot for classic Hollywood "
+         "romance while thrillers with twisty plots keep this viewer engaged action is fine when the story "
+         "matters critically acclaimed films and memorable soundtracks rate highly slow paced art house "
+         "titles and broad comedies rate low the user favours the nineties and films about friendship").split()
+
+
+def make_pairs(n: int, seed: int = 0):
+    import datasets
+    import polars as pl
+
+    items = pl.read_csv("data/raw/ml-100k/ml-100k.item", separator="\t", quote_char=None, infer_schema=False)
+    titles = items[items.columns[1]].to_list()
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n):
+        hist = [history_line(titles[i], int(rng.integers(1, 6))) for i in rng.choice(len(titles), rng.integers(4, 10))]
+        prompt = join_prompt(prompt_head("movies", "male", "25-34", "programmer"), hist, prompt_tail("movies"))
+        c, r = (" ".join(rng.choice(WORDS, rng.integers(30, 90))).capitalize() + "." for _ in range(2))
+        rows.append({"prompt": [{"role": "user", "content": prompt}], "chosen": [{"role": "assistant", "content": c}],
+                     "rejected": [{"role": "assistant", "content": r}]})
+    return datasets.Dataset.from_list(rows)
+
+
+def build_variant(name: str, ds, model_dir: Path, ours: dict, out: Path):
+    """A DPOTrainer for one variant, with its optimizer and its batches (the first two of its epoch order).
+
+    ours: which of the dpo stage's settings are on: no_ckpt, bf16_weights, precompute, group.
+    """
+    from trl import DPOConfig, DPOTrainer
+
+    from rlrf.dpo import group_by_length, lora_config, trl_args
+    from rlrf.llm import load_generator
+
+    recipe = load_recipe(None, ["dpo.per_device_train_batch_size=8", "dpo.gradient_accumulation_steps=1",
+                                "dpo.max_length=256", "dpo.lora_r=16", "dpo.lora_alpha=32", "dpo.learning_rate=5e-5",
+                                f"dpo.gradient_checkpointing={str(not ours['no_ckpt']).lower()}",
+                                f"dpo.precompute_ref_log_probs={str(ours['precompute']).lower()}",
+                                f"dpo.group_by_length={str(ours['group']).lower()}"])
+    cfg = recipe.dpo
+    model, tok = load_generator(model_dir, dtype="bfloat16" if ours["bf16_weights"] else "float32")
+    tok.padding_side = "right"
+    if not any(ours.values()):
+        # what a user gets from DPOConfig(output_dir=...) with the shared batch / length / lr
+        args = DPOConfig(output_dir=str(out / "default"), per_device_train_batch_size=8, max_length=256,
+                         learning_rate=5e-5, report_to=[], use_cpu=not torch.cuda.is_available(), seed=recipe.seed)
+    else:
+        args = trl_args(cfg, out / name.replace(" ", "_"), recipe.seed, bf16=ours["bf16_weights"])
+        args.bf16 = not ours["bf16_weights"]  # TRL's bf16 autocast until the weights themselves are bf16
+    t0 = time.perf_counter()
+    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=lora_config(cfg))
+    init_s = time.perf_counter() - t0
+    if ours["group"]:
+        trainer.train_dataset = group_by_length(trainer.train_dataset, 8, recipe.seed)
+    if args.gradient_checkpointing:  # what Trainer.train() switches on before its loop
+        trainer.model.activation_checkpointing_enable()
+    trainer.create_optimizer_and_scheduler(num_training_steps=1000)
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this bypasses
+    batches = list(trainer.get_train_dataloader())[:2]
+    return {"name": name, "trainer": trainer, "batches": batches, "init_s": init_s, "times": []}
+
+
+def optimizer_step(v: dict, i: int) -> float:
+    """One optimizer step (batch 8, no accumulation) the way Trainer runs it; returns seconds."""
+    tr = v["trainer"]
+    batch = v["batches"][i % len(v["batches"])]
+    t = time.perf_counter()
+    tr.training_step(tr.model, batch)
+    tr.optimizer.step()
+    tr.optimizer.zero_grad()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per variant (after 1 warm-up)")
+    p.add_argument("--pairs", type=int, default=64, help="pairs in the dataset (one epoch = pairs/8 steps)")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--only", default=None, help="comma-separated variant numbers to run (debugging)")
+    a = p.parse_args()
+    import tempfile
+
+    from rlrf.llm import resolve_model
+
+    torch.manual_seed(0)
+    model_dir = resolve_model(a.model)
+    ds = make_pairs(a.pairs)
+    off = dict(no_ckpt=False, bf16_weights=False, precompute=False, group=False)
+    variants = [
+        ("TRL default DPOConfig", off),
+        ("+ no gradient checkpointing", {**off, "no_ckpt": True}),
+        ("+ bf16 frozen weights (no autocast)", {**off, "no_ckpt": True, "bf16_weights": True}),
+        ("+ group by length (= the dpo stage)", {**off, "no_ckpt": True, "bf16_weights": True, "group": True}),
+        ("+ precomputed reference log-probs", {"no_ckpt": True, "bf16_weights": True, "group": True,
+                                               "precompute": True}),
+    ]
+    pick = {int(x) for x in a.only.split(",")} if a.only else set(range(len(variants)))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.pairs} pairs, batch 8, max_length 256, "
+          f"{a.steps} timed steps each", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        built = [build_variant(name, ds, model_dir, ours, Path(tmp)) for i, (name, ours) in enumerate(variants)
+                 if i in pick]
+        # round-robin, one step of each variant per round: a neighbour's load on this shared machine then
+        # falls on every variant alike (run back to back, a busy minute would land on one of them)
+        for r in range(a.steps + 1):
+            took = [optimizer_step(v, r) for v in built]
+            if r > 0:  # round 0 is warm-up
+                for v, dt in zip(built, took):
+                    v["times"].append(dt)
+            print(f"  round {r}{' (warm-up)' if r == 0 else ''}: " + ", ".join(f"{dt:.1f}s" for dt in took), flush=True)
+    results = [{"name": v["name"], "s_per_step": float(np.mean(v["times"])), "init_s": v["init_s"]} for v in built]
+    base = results[0]
+    print()
+    print(f"{'variant':40s} {'s/step':>7s} {'vs default':>10s} {'vs previous':>11s}")
+    for prev, r in zip([None] + results[:-1], results):
+        step_ratio = base["s_per_step"] / r["s_per_step"]
+        prev_ratio = "" if prev is None else f"{prev['s_per_step'] / r['s_per_step']:10.2f}x"
+        print(f"{r['name']:40s} {r['s_per_step']:7.2f} {step_ratio:9.2f}x {prev_ratio:>11s}")
+    last = next((r for r in results if r["name"].endswith("(= the dpo stage)")), results[-1])
+    epoch = a.pairs / 8
+    # one epoch including the up-front reference pass (init time difference) for an honest comparison
+    base_epoch = base["s_per_step"] * epoch + base["init_s"]
+    ours_epoch = last["s_per_step"] * epoch + last["init_s"]
+    print(f"\nratio (TRL default / dpo stage), seconds per optimizer step: {base['s_per_step'] / last['s_per_step']:.2f}x")
+    print(f"ratio over one epoch of {a.pairs} pairs incl. trainer init and reference precompute: "
+          f"{base_epoch:.0f} s / {ours_epoch:.0f} s = {base_epoch / ours_epoch:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

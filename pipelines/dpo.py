@@ -1,0 +1,24 @@
+"""python pipelines/dpo.py --recipe recipes/ml100k_smollm2.yaml --round 1
+
+DPO on round k's pairs: TRL DPOTrainer with a LoRA adapter (the reference is the base with the adapter
+disabled) tunes generator k-1 (round 1: the base model) into generator k. Writes
+runs/<run>/round_<k>/dpo/{adapter/, merged/ (generator k), train_log.csv, loss.png, checkpoints/}.
+A killed run resumes from its last checkpoint (dpo.save_steps). `dpo.backend=llamafactory` writes a
+LLaMA-Factory recipe there instead and runs `llamafactory-cli train` on it (`make llamafactory-env`).
+"""
+
+from rlrf import runs
+from rlrf.cli import run_main, stage_args
+from rlrf.dpo import dpo_stage
+
+
+def main() -> None:
+    recipe, args = stage_args(__doc__)
+    k = args.round
+    out = dpo_stage(recipe, runs.stage_dir(recipe, "pairs", k), runs.generator_for_round(recipe, k),
+                    runs.stage_dir(recipe, "dpo", k), force=args.force)
+    print(f"dpo: generator {k} -> {out / 'merged'}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,170 @@
+"""Is it learning? Generator k-1 and generator k write profiles for the same VALID users with the same
+seeds; round k's reward reranker scores both; the figure is the paired difference of mean reward per
+user (new - old) with a bootstrap 95% interval.
+
+    runs/<run>/round_<k>/check/{old,new}/{sample,encode,score}/   both generators' profiles and rewards
+    runs/<run>/round_<k>/check/stage.json, summary.md, check.png  the figure
+
+Valid users are neither DPO's training users nor the test users the evaluation reports, and the same
+seeds mean the two generators differ only in their weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from rlrf import runs
+from rlrf.config import Recipe
+from rlrf.store import Stage, StageError, atomic_path, read_artifact, read_stage_json
+
+
+def paired_bootstrap(diff, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean of paired differences with a percentile bootstrap interval (users resampled with replacement)."""
+    d = np.asarray(diff, dtype=np.float64)
+    if d.size == 0:
+        raise ValueError("paired_bootstrap: no paired differences (no user was scored under both generators)")
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, size=(resamples, d.size))].mean(axis=1)
+    alpha = (1 - level) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    return {"mean": float(d.mean()), "low": float(low), "high": float(high), "n": int(d.size),
+            "level": level, "resamples": resamples}
+
+
+def per_user_means(scores: pl.DataFrame) -> pl.DataFrame:
+    """Mean reward per user over its profiles (profiles scored on no list carry NaN and are left out)."""
+    return (scores.filter(pl.col("reward").is_not_nan())
+            .group_by("user_id").agg(pl.col("reward").mean().alias("reward"), pl.len().alias("n"))
+            .sort("user_id"))
+
+
+def paired(old: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
+    """user_id, old, new, diff for users scored under both generators."""
+    return (per_user_means(old).select("user_id", pl.col("reward").alias("old"))
+            .join(per_user_means(new).select("user_id", pl.col("reward").alias("new")), on="user_id")
+            .with_columns((pl.col("new") - pl.col("old")).alias("diff")).sort("user_id"))
+
+
+def verdict(ci: dict) -> str:
+    if ci["low"] > 0:
+        return "improved: the whole 95% interval is above 0"
+    if ci["high"] < 0:
+        return "got worse: the whole 95% interval is below 0"
+    return "no detectable change: the 95% interval contains 0"
+
+
+def _side(recipe: Recipe, root: Path, generator: str, k: int, reranker: Path) -> Path:
+    """Sample (same seeds: same round argument for both generators), encode and score one generator."""
+    from rlrf.encode import encode_stage
+    from rlrf.reward import score_stage
+    from rlrf.sample import sample_stage
+
+    rc = recipe.rounds
+    prof = sample_stage(recipe, root / "sample", generator, k, splits=["valid"], n=rc.learning_check_n,
+                        max_users=rc.learning_check_users)
+    enc = encode_stage(recipe, prof, root / "encode")
+    return score_stage(recipe, prof, enc, reranker, root / "score")
+
+
+def write_summary(path: Path, k: int, ci: dict, pairs: pl.DataFrame, old_gen: str, new_gen: str,
+                  metric: str, dpo: dict | None) -> None:
+    improved = float((pairs["diff"] > 0).mean()) if pairs.height else 0.0
+    lines = [
+        f"# Round {k}: is it learning?",
+        "",
+        f"Valid users, same seeds; reward = {metric} of round {k}'s reward reranker over each user's lists, "
+        f"averaged over the user's profiles.",
+        "",
+        "| generator | mean reward |",
+        "| --- | --- |",
+        f"| old (generator {k - 1}: `{old_gen}`) | {pairs['old'].mean():.4f} |",
+        f"| new (generator {k}: `{new_gen}`) | {pairs['new'].mean():.4f} |",
+        "",
+        f"**Paired difference (new - old): {ci['mean']:+.4f}, 95% bootstrap interval "
+        f"[{ci['low']:+.4f}, {ci['high']:+.4f}]** over {ci['n']} users ({ci['resamples']} resamples): "
+        f"{verdict(ci)}. The new generator scores higher for {improved:.0%} of users.",
+    ]
+    if dpo:
+        fin = dpo.get("final") or {}
+        lines += ["", f"DPO (round {k}): {dpo.get('steps')} steps on {dpo.get('pairs_used')} pairs; last logged "
+                  f"loss {fin.get('loss')}, reward margin {fin.get('rewards/margins')}, "
+                  f"accuracy {fin.get('rewards/accuracies')}."]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
+def plot(path: Path, pairs: pl.DataFrame, ci: dict, k: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    d = pairs["diff"].to_numpy()
+    # identical differences (e.g. an unchanged generator: all 0) need an explicit range to draw one bar
+    lim = None if np.ptp(d) > 1e-12 else (d[0] - 1e-3, d[0] + 1e-3)
+    ax.hist(d, bins=30 if lim is None else 1, range=lim, color="#4c72b0", alpha=0.8)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.axvline(ci["mean"], color="#c44e52", lw=1.5, label=f"mean {ci['mean']:+.4f}")
+    ax.axvspan(ci["low"], ci["high"], color="#c44e52", alpha=0.2, label="95% bootstrap interval")
+    ax.set(xlabel=f"reward(generator {k}) - reward(generator {k - 1}) per valid user", ylabel="users",
+           title=f"round {k}: is it learning?")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
+    """Generator round-1 vs generator round on valid users; writes the figure into round_<k>/check/."""
+    from rlrf.llm import weights_hash
+
+    k = round
+    out = runs.stage_dir(recipe, "check", k)
+    old_gen, new_gen = runs.generator_for_round(recipe, k), str(runs.generator_dir(recipe, k))
+    if not (Path(new_gen) / "config.json").is_file():
+        raise StageError(f"generator {k} ({new_gen}) does not exist yet: run "
+                         f"`python pipelines/dpo.py --recipe <recipe> --round {k}` first")
+    reranker = runs.reranker_dir(recipe, k)
+    d = recipe.to_dict()
+    config = {"rounds": d["rounds"], "sample": d["sample"], "encode": d["encode"], "score": d["score"],
+              "round": k, "old": weights_hash(old_gen), "new": weights_hash(new_gen)}
+    # the reranker's fingerprint is an input; the sides' sub-stages live inside this stage's directory, so a
+    # --force here wipes them too before they are redone
+    with Stage(out, "check", config, inputs=[reranker], force=force) as st:
+        if st.done:
+            info = read_stage_json(out)
+        else:
+            old = read_artifact(_side(recipe, out / "old", old_gen, k, reranker), "scores", "score")
+            new = read_artifact(_side(recipe, out / "new", new_gen, k, reranker), "scores", "score")
+            pairs = paired(old, new)
+            ci = paired_bootstrap(pairs["diff"].to_numpy(), recipe.rounds.bootstrap, seed=recipe.seed + k)
+            dpo_dir = runs.stage_dir(recipe, "dpo", k)
+            dpo = read_stage_json(dpo_dir) if (dpo_dir / "stage.json").is_file() else None
+            write_summary(out / "summary.md", k, ci, pairs, old_gen, new_gen, recipe.score.metric, dpo)
+            plot(out / "check.png", pairs, ci, k)
+            with atomic_path(out / "per_user.parquet") as tmp:
+                pairs.write_parquet(tmp)
+            info = st.finish(
+                extra={"round": k, "metric": recipe.score.metric, "reward_diff": ci, "verdict": verdict(ci),
+                       "old_mean": float(pairs["old"].mean()), "new_mean": float(pairs["new"].mean()),
+                       "improved_share": float((pairs["diff"] > 0).mean()),
+                       "old_generator": old_gen, "new_generator": new_gen},
+                rows={"users": pairs.height})
+    ci = info["reward_diff"]
+    print(f"check: round {k} reward {info['metric']} new - old = {ci['mean']:+.4f} "
+          f"[{ci['low']:+.4f}, {ci['high']:+.4f}] over {ci['n']} valid users -> {info['verdict']} ({out / 'summary.md'})")
+    return out
+
+
+def summary_line(check_dir: Path) -> str:
+    """One markdown line for README / evaluate tables."""
+    info = json.loads((Path(check_dir) / "stage.json").read_text())
+    ci = info["reward_diff"]
+    return (f"round {info['round']}: {info['metric']} new - old {ci['mean']:+.4f} "
+            f"(95% CI {ci['low']:+.4f} to {ci['high']:+.4f}, {ci['n']} valid users)")

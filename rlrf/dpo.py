@@ -1,0 +1,342 @@
+"""DPO on the round's preference pairs: TRL DPOTrainer + a peft LoRA adapter -> the next generator.
+
+The reference model is the base weights with the adapter disabled (a PEFT model and ref_model=None), so
+only one copy of the model is held. Outputs in the stage directory:
+
+    checkpoints/checkpoint-<step>/   Trainer checkpoints every dpo.save_steps (the unit of resume)
+    adapter/                         the LoRA adapter (peft)
+    merged/                          base + adapter merged in fp32, safetensors + tokenizer: generator k
+    train_log.csv, loss.png          loss, rewards/margins, rewards/accuracies per logged step
+
+`dpo.backend: llamafactory` instead writes a LLaMA-Factory recipe (llamafactory_dpo.yaml) next to the
+pairs' sharegpt export and runs `llamafactory-cli train` on it when that command exists.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from rlrf.config import Recipe
+from rlrf.store import Stage, StageError, atomic_path, read_artifact
+
+LOG_COLUMNS = ("step", "epoch", "loss", "rewards/margins", "rewards/accuracies", "rewards/chosen",
+               "rewards/rejected", "logps/chosen", "logps/rejected", "learning_rate", "grad_norm")
+LLAMAFACTORY_INSTALL = "make llamafactory-env   (a separate venv: LLaMA-Factory pins older transformers/trl)"
+
+
+def use_bf16(setting: str) -> bool:
+    """dpo.dtype: auto = bf16 where the hardware does it natively (CUDA, or a CPU with AMX / AVX512-bf16)."""
+    import torch
+
+    from rlrf.llm import pick_dtype
+
+    return pick_dtype(setting) == torch.bfloat16
+
+
+def lora_config(cfg):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+def trl_args(cfg, output_dir: Path, seed: int, bf16: bool):
+    """TRL DPOConfig from the recipe's dpo section (shared with benchmarks/dpo_step.py)."""
+    from trl import DPOConfig as TRLDPOConfig
+
+    return TRLDPOConfig(
+        output_dir=str(output_dir),
+        beta=cfg.beta,
+        learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        max_length=cfg.max_length,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        precompute_ref_log_probs=cfg.precompute_ref_log_probs,
+        precompute_ref_batch_size=cfg.precompute_ref_batch_size,
+        # the base weights are already bf16 when bf16 is on (see load_policy); autocast on top only adds casts
+        bf16=False,
+        # group_by_length orders the dataset itself (see group_by_length); the sampler then replays that order
+        train_sampling_strategy="sequential" if cfg.group_by_length else "random",
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        logging_steps=cfg.logging_steps,
+        seed=seed,
+        data_seed=seed,
+        report_to=[],
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+        use_cpu=not _cuda(),
+    )
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def load_pairs_dataset(pairs_dir: Path, cache_dir: Path):
+    """The pairs parquet as a datasets.Dataset with only TRL's columns (prompt, chosen, rejected)."""
+    import datasets
+
+    read_artifact(pairs_dir, "pairs", "pairs")  # schema check and a clear error when unfinished
+    files = sorted(str(p) for p in (Path(pairs_dir) / "pairs").glob("part-*.parquet"))
+    ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(cache_dir))
+    return ds.select_columns(["prompt", "chosen", "rejected"])
+
+
+def load_policy(model_dir: Path, bf16: bool):
+    """The generator to tune: frozen base weights in bf16 when bf16 is on (LoRA weights stay fp32)."""
+    from rlrf.llm import load_generator
+
+    model, tok = load_generator(model_dir, dtype="bfloat16" if bf16 else "float32")
+    tok.padding_side = "right"
+    return model, tok
+
+
+def group_by_length(dataset, batch_size: int, seed: int, megabatch: int = 50):
+    """The tokenized pairs reordered so each batch holds pairs of similar length (less padding).
+
+    A seeded shuffle, then sorted by length inside megabatches of `megabatch` batches, then the batches
+    shuffled: the same idea as transformers' LengthGroupedSampler, but a fixed order that a sequential
+    sampler replays exactly when a killed run resumes (that sampler redraws from the global RNG, so a
+    resumed run would see other batches). Each epoch repeats the order.
+    """
+    import numpy as np
+
+    lengths = np.array([len(p) + max(len(c), len(r)) for p, c, r in
+                        zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])])
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(lengths))
+    step = batch_size * megabatch
+    grouped = np.concatenate([m[np.argsort(-lengths[m], kind="stable")] for m in
+                              (perm[i:i + step] for i in range(0, len(perm), step))])
+    batches = [grouped[i:i + batch_size] for i in range(0, len(grouped), batch_size)]
+    order = np.concatenate([batches[i] for i in rng.permutation(len(batches))])
+    return dataset.select(order.tolist())
+
+
+def _checkpoint_callback():
+    from transformers import TrainerCallback
+
+    from rlrf.store import _maybe_die
+
+    class CheckpointIsAShard(TrainerCallback):
+        """A saved checkpoint is this stage's shard: RLRF_KILL_AFTER_SHARDS kills right after it (resume tests)."""
+
+        def on_save(self, args, state, control, **kw):
+            _maybe_die()
+
+    return CheckpointIsAShard()
+
+
+def last_checkpoint(ckpt_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+
+
+def write_log(log_history: list[dict], out_dir: Path) -> list[dict]:
+    """train_log.csv (one row per logged step) and loss.png; returns the rows."""
+    rows = [{c: h.get(c) for c in LOG_COLUMNS} for h in log_history if "loss" in h]
+    with atomic_path(out_dir / "train_log.csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    steps = [r["step"] for r in rows]
+    a.plot(steps, [r["loss"] for r in rows], marker=".")
+    a.axhline(0.6931, color="grey", lw=0.8, ls="--", label="log 2 (no preference)")
+    a.set(xlabel="optimizer step", ylabel="DPO loss", title="loss")
+    a.legend(fontsize=8)
+    b.plot(steps, [r["rewards/margins"] for r in rows], marker=".", label="reward margin")
+    b.plot(steps, [r["rewards/accuracies"] for r in rows], marker=".", label="reward accuracy")
+    b.set(xlabel="optimizer step", title="implicit rewards")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out_dir / "loss.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return rows
+
+
+def merge(model_dir: Path, adapter_dir: Path, out: Path) -> Path:
+    """Base + adapter merged in fp32 (a bf16 merge would round the small LoRA update away), saved atomically."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    with atomic_path(out) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        for extra in ("generation_config.json",):
+            if (model_dir / extra).is_file() and not (tmp / extra).is_file():
+                shutil.copy(model_dir / extra, tmp / extra)
+    return out
+
+
+def train_trl(recipe: Recipe, pairs_dir: Path, model_dir: Path, out_dir: Path, log=print) -> dict:
+    import torch
+    from trl import DPOTrainer
+
+    cfg = recipe.dpo
+    bf16 = use_bf16(cfg.dtype)
+    torch.manual_seed(recipe.seed)
+    ds = load_pairs_dataset(pairs_dir, out_dir / "hf_cache")
+    model, tok = load_policy(model_dir, bf16)
+    ckpt_dir = out_dir / "checkpoints"
+    trainer = DPOTrainer(model=model, args=trl_args(cfg, ckpt_dir, recipe.seed, bf16), train_dataset=ds,
+                         processing_class=tok, peft_config=lora_config(cfg), callbacks=[_checkpoint_callback()])
+    if cfg.group_by_length:
+        trainer.train_dataset = group_by_length(trainer.train_dataset, cfg.per_device_train_batch_size, recipe.seed)
+    resume = last_checkpoint(ckpt_dir)
+    if resume:
+        log(f"dpo: resuming from {resume}")
+    result = trainer.train(resume_from_checkpoint=resume)
+    adapter = out_dir / "adapter"
+    with atomic_path(adapter) as tmp:
+        trainer.model.save_pretrained(tmp)
+    rows = write_log(trainer.state.log_history, out_dir)
+    del trainer, model
+    merge(model_dir, adapter, out_dir / "merged")
+    last = rows[-1] if rows else {}
+    return {"backend": "trl", "bf16": bf16, "steps": int(result.global_step), "pairs_used": ds.num_rows,
+            "train_loss": float(result.training_loss), "final": last, "resumed_from": resume,
+            "generator_out": str(out_dir / "merged")}
+
+
+# ----------------------------------------------------------------------------- LLaMA-Factory
+
+
+def llamafactory_template(model_dir: Path, setting: str) -> str:
+    """LLaMA-Factory's chat template name; auto picks from the model's name or its chat template."""
+    if setting != "auto":
+        return setting
+    name = str(model_dir).lower()
+    for key, template in (("llama-3", "llama3"), ("llama3", "llama3"), ("qwen", "qwen"), ("mistral", "mistral"),
+                          ("gemma", "gemma")):
+        if key in name:
+            return template
+    tmpl = Path(model_dir) / "chat_template.jinja"
+    text = tmpl.read_text() if tmpl.is_file() else ""
+    if "<|im_start|>" in text or "smollm" in name:
+        return "chatml"  # SmolLM2 and other ChatML models
+    raise StageError(f"dpo.template: cannot tell LLaMA-Factory's chat template for {model_dir}; "
+                     f"set dpo.template=<name> (e.g. llama3, qwen, chatml)")
+
+
+def llamafactory_recipe(recipe: Recipe, pairs_dir: Path, model_dir: Path, out_dir: Path) -> dict:
+    """The LLaMA-Factory training recipe equivalent to the trl backend's settings."""
+    from rlrf.pairs import LLAMAFACTORY_DIR, dataset_name
+
+    cfg = recipe.dpo
+    info = read_artifact(pairs_dir, "pairs", "pairs")
+    rounds = sorted(set(info["round"].to_list())) or [1]
+    lf_dir = Path(pairs_dir) / LLAMAFACTORY_DIR
+    if not (lf_dir / "dataset_info.json").is_file():
+        raise StageError(f"{lf_dir}/dataset_info.json not found: rerun the pairs stage with "
+                         f"pairs.llamafactory_export=true --force")
+    bf16 = use_bf16(cfg.dtype)
+    return {
+        "model_name_or_path": str(Path(model_dir).resolve()),
+        "stage": "dpo",
+        "do_train": True,
+        "finetuning_type": "lora",
+        "lora_rank": cfg.lora_r,
+        "lora_alpha": cfg.lora_alpha,
+        "lora_dropout": cfg.lora_dropout,
+        "lora_target": ",".join(cfg.lora_target_modules),
+        "pref_beta": cfg.beta,
+        "pref_loss": "sigmoid",
+        "dataset": dataset_name(rounds[0]),
+        "dataset_dir": str(lf_dir.resolve()),
+        "template": llamafactory_template(Path(model_dir), cfg.template),
+        "cutoff_len": cfg.max_length,
+        "overwrite_cache": True,
+        "output_dir": str((Path(out_dir) / "adapter").resolve()),
+        "logging_steps": cfg.logging_steps,
+        "save_steps": cfg.save_steps,
+        "plot_loss": True,
+        "per_device_train_batch_size": cfg.per_device_train_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "learning_rate": cfg.learning_rate,
+        "num_train_epochs": cfg.num_train_epochs,
+        "max_steps": cfg.max_steps,
+        "lr_scheduler_type": "linear",
+        "bf16": bf16,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "seed": recipe.seed,
+        "report_to": "none",
+    }
+
+
+def find_llamafactory_cli(setting: str) -> str | None:
+    if setting != "auto":
+        return setting if shutil.which(setting) or Path(setting).is_file() else None
+    local = Path(".venv-llamafactory/bin/llamafactory-cli")
+    return shutil.which("llamafactory-cli") or (str(local) if local.is_file() else None)
+
+
+def run_llamafactory(recipe: Recipe, pairs_dir: Path, model_dir: Path, out_dir: Path, log=print) -> dict:
+    """Write <out_dir>/llamafactory_dpo.yaml; run `llamafactory-cli train` on it, or stop saying how to."""
+    import yaml
+
+    lf = llamafactory_recipe(recipe, pairs_dir, model_dir, out_dir)
+    path = out_dir / "llamafactory_dpo.yaml"
+    with atomic_path(path) as tmp:
+        tmp.write_text("# LLaMA-Factory DPO recipe written by rlrf (dpo.backend: llamafactory)\n"
+                       f"#   llamafactory-cli train {path}\n" + yaml.safe_dump(lf, sort_keys=False))
+    cli = find_llamafactory_cli(recipe.dpo.llamafactory_cli)
+    if cli is None:
+        raise StageError(f"dpo.backend=llamafactory: llamafactory-cli not found (looked on PATH and in "
+                         f".venv-llamafactory/bin). The recipe is written: {path}. Install LLaMA-Factory with "
+                         f"`{LLAMAFACTORY_INSTALL}` (or set dpo.llamafactory_cli=/path/to/llamafactory-cli), then "
+                         f"rerun this stage, or run `llamafactory-cli train {path}` yourself.")
+    log(f"dpo: {cli} train {path}")
+    res = subprocess.run([cli, "train", str(path)], env={**os.environ, "WANDB_DISABLED": "true"})
+    if res.returncode != 0:
+        raise StageError(f"`{cli} train {path}` failed (exit {res.returncode}); its output is above. "
+                         f"Fix the recipe with dpo.* overrides and rerun.")
+    merge(model_dir, out_dir / "adapter", out_dir / "merged")
+    return {"backend": "llamafactory", "recipe": str(path), "cli": cli, "generator_out": str(out_dir / "merged")}
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def dpo_stage(recipe: Recipe, pairs_dir, generator: str, out_dir, *, force: bool = False) -> Path:
+    """Tune `generator` on the pairs in `pairs_dir`; out_dir/merged is the next round's generator."""
+    from rlrf.llm import resolve_model, weights_hash
+
+    pairs_dir, out_dir = Path(pairs_dir), Path(out_dir)
+    model_dir = resolve_model(generator)
+    config = {"dpo": recipe.to_dict()["dpo"], "seed": recipe.seed, "generator": str(generator),
+              "generator_hash": weights_hash(model_dir)}
+    with Stage(out_dir, "dpo", config, inputs=[pairs_dir], force=force) as st:
+        if st.done:
+            return out_dir
+        pairs = read_artifact(pairs_dir, "pairs", "pairs")
+        if pairs.is_empty():
+            raise StageError(f"{pairs_dir}: no preference pairs (every user was dropped; see its stage.json "
+                             f"'dropped'). Raise sample.n or sample.temperature, or lower pairs.min_margin.")
+        if recipe.dpo.backend == "llamafactory":
+            extra = run_llamafactory(recipe, pairs_dir, model_dir, out_dir, log=st.log)
+        else:
+            extra = train_trl(recipe, pairs_dir, model_dir, out_dir, log=st.log)
+        st.finish(extra=extra, rows={"pairs": pairs.height})
+    return out_dir

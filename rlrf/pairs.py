@@ -1,0 +1,139 @@
+"""Preference pairs: per user, the best and the worst of the N scored profiles become (chosen, rejected).
+
+The `pairs` artifact is TRL's conversational preference format (`prompt` = the sample stage's user
+message as chat messages, `chosen` / `rejected` = one assistant message each) plus bookkeeping, so
+`datasets.load_dataset("parquet", data_files=...)` hands DPOTrainer a dataset it takes as it is.
+The LLaMA-Factory export is the same pairs in its sharegpt ranking format with a dataset_info.json.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import polars as pl
+
+from rlrf.config import Recipe
+from rlrf.schema import SCHEMAS
+from rlrf.store import Stage, StageError, read_artifact, write_json
+
+LLAMAFACTORY_DIR = "llamafactory"
+
+
+def dataset_name(round: int) -> str:
+    """The LLaMA-Factory dataset name of round k's pairs (the key in dataset_info.json)."""
+    return f"rlrf_pairs_round{round}"
+
+
+def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0) -> tuple[pl.DataFrame, Counter]:
+    """Best and worst profile per user from a scores frame (user_id, sample_idx, reward, empty_text).
+
+    Returns one row per kept user (user_id, chosen_idx, rejected_idx, chosen_reward, rejected_reward,
+    margin) and the users dropped by reason. Empty profiles are left out before picking (an empty
+    completion teaches DPO nothing about profiles). Equal rewards resolve to the lowest sample_idx
+    for both picks, so the choice is deterministic.
+    """
+    dropped: Counter = Counter()
+    n_empty = int(scores["empty_text"].sum())
+    if n_empty:
+        dropped["empty_profile"] += n_empty
+    live = scores.filter(~pl.col("empty_text"))
+    best = live.sort(["user_id", "reward", "sample_idx"], descending=[False, True, False]).group_by(
+        "user_id", maintain_order=True).first()
+    worst = live.sort(["user_id", "reward", "sample_idx"]).group_by("user_id", maintain_order=True).first()
+    counts = live.group_by("user_id").len()
+    df = (best.select("user_id", pl.col("sample_idx").alias("chosen_idx"), pl.col("reward").alias("chosen_reward"))
+          .join(worst.select("user_id", pl.col("sample_idx").alias("rejected_idx"),
+                             pl.col("reward").alias("rejected_reward")), on="user_id")
+          .join(counts, on="user_id")
+          .with_columns((pl.col("chosen_reward") - pl.col("rejected_reward")).alias("margin"))
+          .sort("user_id"))
+    single = df["len"] < 2
+    tie = ~single & (df["margin"] <= 0)
+    small = ~single & ~tie & (df["margin"] <= min_margin)
+    dropped["single_profile"] += int(single.sum())
+    dropped["tie"] += int(tie.sum())
+    dropped["margin_below_min"] += int(small.sum())
+    keep = df.filter(~(single | tie | small)).drop("len")
+    return keep, +dropped
+
+
+def to_trl(chosen: pl.DataFrame, profiles: pl.DataFrame, round: int) -> pl.DataFrame:
+    """Join picked indices with the profile texts and shape TRL's conversational preference rows."""
+    texts = profiles.select("user_id", "sample_idx", "prompt", "text")
+    df = (chosen
+          .join(texts.rename({"sample_idx": "chosen_idx", "text": "chosen_text"}), on=["user_id", "chosen_idx"])
+          .join(texts.rename({"sample_idx": "rejected_idx", "text": "rejected_text"}).drop("prompt"),
+                on=["user_id", "rejected_idx"]))
+
+    def msg(role: str, col: str) -> pl.Expr:
+        return pl.concat_list(pl.struct(pl.lit(role).alias("role"), pl.col(col).alias("content")))
+
+    out = df.select(
+        msg("user", "prompt").alias("prompt"),
+        msg("assistant", "chosen_text").alias("chosen"),
+        msg("assistant", "rejected_text").alias("rejected"),
+        "user_id", pl.lit(round).alias("round"), "chosen_reward", "rejected_reward", "margin",
+        "chosen_idx", "rejected_idx",
+    )
+    return out.cast(SCHEMAS["pairs"]).sort("user_id")
+
+
+def to_sharegpt(pairs: pl.DataFrame) -> list[dict]:
+    """LLaMA-Factory's sharegpt preference rows: conversations + chosen/rejected gpt messages."""
+    role = {"user": "human", "assistant": "gpt", "system": "system"}
+    rows = []
+    for r in pairs.iter_rows(named=True):
+        rows.append({
+            "conversations": [{"from": role[m["role"]], "value": m["content"]} for m in r["prompt"]],
+            "chosen": {"from": "gpt", "value": r["chosen"][0]["content"]},
+            "rejected": {"from": "gpt", "value": r["rejected"][0]["content"]},
+        })
+    return rows
+
+
+def write_llamafactory(pairs: pl.DataFrame, out_dir: Path, round: int) -> Path:
+    """Write <out_dir>/llamafactory/{<name>.json, dataset_info.json}; returns that directory (= dataset_dir)."""
+    d = Path(out_dir) / LLAMAFACTORY_DIR
+    name = dataset_name(round)
+    d.mkdir(parents=True, exist_ok=True)
+    write_json(d / f"{name}.json", to_sharegpt(pairs))
+    write_json(d / "dataset_info.json", {name: {
+        "file_name": f"{name}.json",
+        "formatting": "sharegpt",
+        "ranking": True,
+        "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"},
+    }})
+    return d
+
+
+def pairs_stage(recipe: Recipe, profiles_dir, scores_dir, out_dir, round: int, *, force: bool = False) -> Path:
+    """Build round `round`'s preference pairs from a sample stage's profiles and a score stage's rewards."""
+    cfg = recipe.pairs
+    out_dir = Path(out_dir)
+    config = {"pairs": recipe.to_dict()["pairs"], "round": round}
+    with Stage(out_dir, "pairs", config, inputs=[profiles_dir, scores_dir], force=force) as st:
+        if st.done:
+            return out_dir
+        profiles = read_artifact(profiles_dir, "profiles", "sample")
+        scores = read_artifact(scores_dir, "scores", "score").filter(pl.col("split").is_in(cfg.splits))
+        if scores.is_empty():
+            raise StageError(f"{scores_dir}: no scored profiles of split(s) {cfg.splits}; check pairs.splits "
+                             f"against sample.splits in the recipe")
+        picked, dropped = select_pairs(scores, cfg.min_margin)
+        pairs = to_trl(picked, profiles.filter(pl.col("split").is_in(cfg.splits)), round)
+        if pairs.height < picked.height:
+            raise StageError(f"{scores_dir} scores profiles that {profiles_dir} does not hold "
+                             f"({picked.height - pairs.height} users); rerun the score stage with --force")
+        for todo in st.todo(1):
+            if cfg.llamafactory_export:
+                write_llamafactory(pairs, out_dir, round)
+            st.write_shard(todo, {"pairs": pairs}, counters=dict(dropped))
+        users = scores["user_id"].n_unique()
+        info = st.finish(extra={"users": users, "mean_margin": float(pairs["margin"].mean() or 0.0),
+                                "llamafactory_dataset": dataset_name(round) if cfg.llamafactory_export else None})
+        if info is not None and pairs.is_empty():
+            st.log(f"pairs: warning: every user was dropped ({json.dumps(dict(dropped))}); DPO has nothing to learn. "
+                   f"Raise sample.n or sample.temperature for more reward spread, or lower pairs.min_margin.")
+    return out_dir

@@ -1,0 +1,83 @@
+"""The is-it-learning check: the bootstrap interval, the pairing of users, and the stage's outputs."""
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from rlrf import check
+from rlrf.check import paired, paired_bootstrap, verdict
+from tests.loop_fixtures import score_rows, write_stage
+
+
+def test_bootstrap_of_a_constant_difference_collapses_to_it():
+    ci = paired_bootstrap(np.full(50, 0.02), resamples=500, seed=1)
+    assert ci["mean"] == pytest.approx(0.02) and ci["low"] == pytest.approx(0.02) and ci["high"] == pytest.approx(0.02)
+
+
+def test_bootstrap_interval_matches_the_normal_approximation():
+    # 400 differences: mean 0.01, sd 0.1 -> standard error 0.005, so the 95% interval is about 0.01 +- 0.0098
+    d = np.random.default_rng(0).normal(0, 0.1, 400)
+    d = (d - d.mean()) / d.std() * 0.1 + 0.01
+    ci = paired_bootstrap(d, resamples=4000, seed=3)
+    assert ci["mean"] == pytest.approx(0.01)
+    assert ci["low"] == pytest.approx(0.01 - 1.96 * 0.005, abs=0.0012)
+    assert ci["high"] == pytest.approx(0.01 + 1.96 * 0.005, abs=0.0012)
+    assert paired_bootstrap(d, 4000, seed=3) == ci  # seeded: the same interval every time
+    assert verdict(ci) == "improved: the whole 95% interval is above 0"
+
+
+def test_bootstrap_two_users_worked_by_hand():
+    # resampling two users gives means -1 (1/4), 0 (1/2), 1 (1/4): the 2.5% / 97.5% quantiles are -1 and 1
+    ci = paired_bootstrap([-1.0, 1.0], resamples=4000, seed=0)
+    assert ci["mean"] == 0.0 and ci["low"] == -1.0 and ci["high"] == 1.0
+    assert verdict(ci).startswith("no detectable change")
+    with pytest.raises(ValueError, match="no paired differences"):
+        paired_bootstrap([], 10)
+
+
+def test_pairing_averages_profiles_per_user_and_keeps_users_scored_twice():
+    old = pl.DataFrame(score_rows({1: [0.2, 0.4], 2: [0.5, 0.5], 3: [0.1, float("nan")]}, split="valid"))
+    new = pl.DataFrame(score_rows({1: [0.6, 0.4], 3: [0.3, 0.2], 4: [0.9]}, split="valid"))
+    p = paired(old, new)
+    assert p["user_id"].to_list() == [1, 3]
+    assert p["old"].to_list() == pytest.approx([0.3, 0.1])  # user 3's NaN (no lists) left out
+    assert p["diff"].to_list() == pytest.approx([0.2, 0.15])
+
+
+def test_check_stage_writes_figure_summary_and_interval(tmp_path, monkeypatch):
+    from rlrf import runs
+    from rlrf.config import load_recipe
+    from rlrf.store import Stage
+
+    recipe = load_recipe(None, [f"runs_dir={tmp_path}", "run=r", "rounds.bootstrap=300"])
+    # generator 1 and a finished reward reranker, as the earlier stages leave them
+    gen = runs.generator_dir(recipe, 1)
+    gen.mkdir(parents=True)
+    (gen / "config.json").write_text("{}")
+    monkeypatch.setattr("rlrf.llm.weights_hash", lambda p: "h-" + str(p)[-6:])
+    with Stage(runs.reranker_dir(recipe, 1), "train-reranker", {"x": 1}, quiet=True) as st:
+        st.finish(rows={})
+    rng = np.random.default_rng(0)
+    base = {u: [float(x) for x in rng.uniform(0.3, 0.6, 2)] for u in range(1, 41)}
+    sides = {"old": base, "new": {u: [r + 0.05 for r in rs] for u, rs in base.items()}}
+    calls = []
+
+    def fake_side(recipe, root, generator, k, reranker):
+        calls.append((root.name, generator, k))
+        return write_stage(root / "score", "score", "scores", score_rows(sides[root.name], split="valid"))
+
+    monkeypatch.setattr(check, "_side", fake_side)
+    out = check.check_stage(recipe, 1)
+    assert calls == [("old", "smollm2-135m-instruct", 1), ("new", str(gen), 1)]  # same round: same seeds
+    info = json.loads((out / "stage.json").read_text())
+    ci = info["reward_diff"]
+    assert ci["mean"] == pytest.approx(0.05) and ci["low"] == pytest.approx(0.05) and ci["n"] == 40
+    assert info["improved_share"] == 1.0 and info["verdict"].startswith("improved")
+    md = (out / "summary.md").read_text()
+    assert "+0.0500" in md and "40 users" in md
+    assert (out / "check.png").stat().st_size > 1000
+    calls.clear()
+    check.check_stage(recipe, 1)  # finished: a no-op that still prints the figure
+    assert calls == []

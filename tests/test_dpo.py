@@ -1,0 +1,233 @@
+"""dpo stage on a tiny random Llama: LoRA parameters change, the log is written, the merged model loads and
+generates, a killed run resumes from its checkpoint, and the LLaMA-Factory backend writes its recipe."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from rlrf.config import load_recipe
+from rlrf.pairs import pairs_stage
+from rlrf.store import StageError, read_stage_json
+from tests.loop_fixtures import profile_rows, score_rows, write_stage
+
+REPO = Path(__file__).resolve().parent.parent
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+WORDS = ("given a user who watched films analyze preferences likes dislikes drama comedy action romance thriller "
+         "horror old new slow fast plots actors music the and of profile this user's to is 0 1 2 3 4 5 6 7 8 9 : . , "
+         "system assistant").split()
+
+
+def tiny_model_dir(d: Path) -> Path:
+    """A 2-layer random LlamaForCausalLM with a word-level ChatML tokenizer, saved like a real model dir."""
+    if (d / "config.json").is_file():
+        return d
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "[UNK]"]
+    vocab = {t: i for i, t in enumerate(specials + WORDS)}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),
+                                                 pre_tokenizers.WhitespaceSplit()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|im_end|>", unk_token="[UNK]")
+    tok.chat_template = CHATML
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    d.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(d, safe_serialization=True)
+    tok.save_pretrained(d)
+    return d
+
+
+def _pairs(tmp_path: Path, n_users: int = 8) -> Path:
+    texts = {u: [f"this user likes drama and old films {u}", f"this user dislikes comedy {u % 10} fast plots"]
+             for u in range(1, n_users + 1)}
+    rewards = {u: [0.8, 0.3] for u in texts}
+    prof = write_stage(tmp_path / "sample", "sample", "profiles", profile_rows(texts))
+    sc = write_stage(tmp_path / "score", "score", "scores", score_rows(rewards))
+    return pairs_stage(load_recipe(None), prof, sc, tmp_path / "pairs", round=1)
+
+
+TINY = ["dpo.per_device_train_batch_size=2", "dpo.gradient_accumulation_steps=1", "dpo.max_steps=4",
+        "dpo.save_steps=2", "dpo.max_length=128", "dpo.lora_r=4", "dpo.lora_alpha=8", "dpo.learning_rate=0.01",
+        "dpo.dtype=float32", "dpo.lora_dropout=0.0"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dpo")
+    model_dir = tiny_model_dir(tmp / "model")
+    pairs = _pairs(tmp)
+    from rlrf.dpo import dpo_stage
+
+    out = dpo_stage(load_recipe(None, TINY), pairs, str(model_dir), tmp / "dpo")
+    return tmp, model_dir, pairs, out
+
+
+def test_lora_parameters_change_and_loss_is_logged(trained):
+    from safetensors.torch import load_file
+
+    tmp, model_dir, pairs, out = trained
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(v.shape[1] == 4 for v in lora_b)
+    # LoRA B starts at zero: any non-zero entry was put there by DPO updates
+    assert max(float(v.abs().max()) for v in lora_b) > 1e-4
+    rows = list(csv.DictReader(open(out / "train_log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    losses = [float(r["loss"]) for r in rows]
+    assert abs(losses[0] - 0.6931) < 0.01  # the policy starts equal to the reference: loss = log 2
+    assert losses[-1] < losses[0]
+    assert float(rows[-1]["rewards/margins"]) > 0
+    assert (out / "loss.png").stat().st_size > 1000
+    info = read_stage_json(out)
+    assert info["steps"] == 4 and info["rows"] == {"pairs": 8}
+
+
+def test_merged_model_differs_from_base_loads_and_generates(trained):
+    from safetensors.torch import load_file
+
+    from rlrf.llm import load_generator
+
+    tmp, model_dir, pairs, out = trained
+    base = load_file(model_dir / "model.safetensors")
+    merged = load_file(out / "merged" / "model.safetensors")
+    assert set(base) == set(merged)
+    changed = [k for k in base if "q_proj" in k and not torch.equal(base[k], merged[k])]
+    assert changed, "LoRA was not merged into the q_proj weights"
+    assert all(torch.equal(base[k], merged[k]) for k in base if "mlp" in k)  # not a LoRA target
+    model, tok = load_generator(out / "merged", dtype="float32")
+    ids = tok.apply_chat_template([{"role": "user", "content": "analyze this user's preferences"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    gen = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert gen.shape[1] == ids["input_ids"].shape[1] + 5 or int(gen[0, -1]) == tok.eos_token_id
+
+
+def test_rerun_is_a_noop_and_config_change_refuses(trained):
+    from rlrf.dpo import dpo_stage
+
+    tmp, model_dir, pairs, out = trained
+    before = (out / "merged" / "model.safetensors").stat().st_mtime_ns
+    dpo_stage(load_recipe(None, TINY), pairs, str(model_dir), out)
+    assert (out / "merged" / "model.safetensors").stat().st_mtime_ns == before
+    with pytest.raises(StageError, match="different config"):
+        dpo_stage(load_recipe(None, TINY + ["dpo.beta=0.5"]), pairs, str(model_dir), out)
+
+
+_RUN = """
+import sys
+from rlrf.config import load_recipe
+from rlrf.dpo import dpo_stage
+dpo_stage(load_recipe(None, sys.argv[4:]), sys.argv[1], sys.argv[2], sys.argv[3])
+"""
+
+
+def test_killed_run_resumes_from_its_checkpoint_and_matches_a_clean_run(trained, tmp_path):
+    from safetensors.torch import load_file
+
+    _, model_dir, pairs, clean = trained
+    out = tmp_path / "dpo"
+    env = {**os.environ, "RLRF_KILL_AFTER_SHARDS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-c", _RUN, str(pairs), str(model_dir), str(out), *TINY]
+    died = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert died.returncode == -9, died.stderr[-2000:]
+    assert (out / "checkpoints" / "checkpoint-2").is_dir() and not (out / "stage.json").exists()
+    env.pop("RLRF_KILL_AFTER_SHARDS")
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    info = read_stage_json(out)
+    assert info["resumed_from"].endswith("checkpoint-2") and info["steps"] == 4
+    rows = list(csv.DictReader(open(out / "train_log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]  # nothing logged twice
+    want = load_file(clean / "adapter" / "adapter_model.safetensors")
+    got = load_file(out / "adapter" / "adapter_model.safetensors")
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
+
+
+def test_llamafactory_backend_writes_its_recipe_and_says_how_to_install(trained, tmp_path):
+    from rlrf.dpo import dpo_stage
+
+    _, model_dir, pairs, _ = trained
+    recipe = load_recipe(None, TINY + ["dpo.backend=llamafactory", "dpo.template=chatml",
+                                       "dpo.llamafactory_cli=/nonexistent/llamafactory-cli"])
+    with pytest.raises(StageError) as e:
+        dpo_stage(recipe, pairs, str(model_dir), tmp_path / "dpo")
+    msg = str(e.value)
+    assert "llamafactory-cli not found" in msg and "make llamafactory-env" in msg
+    path = tmp_path / "dpo" / "llamafactory_dpo.yaml"
+    assert str(path) in msg
+    lf = yaml.safe_load(path.read_text())
+    assert lf["stage"] == "dpo" and lf["finetuning_type"] == "lora" and lf["pref_loss"] == "sigmoid"
+    assert lf["pref_beta"] == 0.1 and lf["template"] == "chatml" and lf["lora_rank"] == 4
+    info = json.loads((Path(lf["dataset_dir"]) / "dataset_info.json").read_text())
+    assert lf["dataset"] in info and info[lf["dataset"]]["ranking"] is True
+    assert lf["model_name_or_path"] == str(model_dir.resolve())
+
+
+def test_llamafactory_backend_runs_the_cli_when_it_exists(trained, tmp_path):
+    """A stand-in llamafactory-cli that writes the adapter LLaMA-Factory would: the stage then merges it."""
+    from rlrf.dpo import dpo_stage
+
+    _, model_dir, pairs, clean = trained
+    fake = tmp_path / "llamafactory-cli"
+    fake.write_text(f"#!{sys.executable}\nimport sys, shutil, yaml\n"
+                    "cfg = yaml.safe_load(open(sys.argv[2]))\nassert sys.argv[1] == 'train'\n"
+                    f"shutil.copytree({str(clean / 'adapter')!r}, cfg['output_dir'])\n")
+    fake.chmod(0o755)
+    recipe = load_recipe(None, TINY + ["dpo.backend=llamafactory", f"dpo.llamafactory_cli={fake}"])
+    out = dpo_stage(recipe, pairs, str(model_dir), tmp_path / "dpo")
+    assert read_stage_json(out)["backend"] == "llamafactory"
+    assert (out / "merged" / "model.safetensors").is_file()
+
+
+def test_group_by_length_batches_similar_lengths_in_a_seeded_order():
+    import datasets
+
+    from rlrf.dpo import group_by_length
+
+    lens = [3, 40, 5, 38, 4, 41, 6, 39]
+    ds = datasets.Dataset.from_dict({"prompt_ids": [[0] * n for n in lens], "chosen_ids": [[1]] * 8,
+                                     "rejected_ids": [[1, 1]] * 8, "i": list(range(8))})
+    a = group_by_length(ds, batch_size=4, seed=1)
+    assert sorted(a["i"]) == list(range(8))  # a permutation: nothing dropped or doubled
+    batches = [sorted(lens[i] for i in a["i"][j:j + 4]) for j in (0, 4)]
+    assert sorted(batches) == [[3, 4, 5, 6], [38, 39, 40, 41]]  # short with short, long with long
+    assert group_by_length(ds, 4, seed=1)["i"] == a["i"]
+
+
+@pytest.mark.integration
+def test_real_smollm2_dpo_round_trip(tmp_path):
+    """The tiny recipe's DPO on the real SmolLM2-135M: two steps, a merged generator the sampler can load."""
+    from safetensors.torch import load_file
+
+    from rlrf.dpo import dpo_stage
+    from rlrf.llm import load_generator, resolve_model
+
+    base = resolve_model("smollm2-135m-instruct")
+    pairs = _pairs(tmp_path, n_users=4)
+    recipe = load_recipe(REPO / "recipes" / "tiny.yaml", [f"runs_dir={tmp_path}"])
+    out = dpo_stage(recipe, pairs, "smollm2-135m-instruct", tmp_path / "dpo")
+    info = read_stage_json(out)
+    assert info["steps"] == recipe.dpo.max_steps and info["generator_out"].endswith("merged")
+    rows = list(csv.DictReader(open(out / "train_log.csv")))
+    assert len(rows) == recipe.dpo.max_steps and abs(float(rows[0]["loss"]) - 0.6931) < 0.01
+    a, b = load_file(base / "model.safetensors"), load_file(out / "merged" / "model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a if "q_proj" in k)
+    model, tok = load_generator(out / "merged")
+    ids = tok.apply_chat_template([{"role": "user", "content": "Describe this user's taste in films."}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    text = tok.decode(model.generate(**ids, max_new_tokens=8, do_sample=False)[0, ids["input_ids"].shape[1]:])
+    assert text.strip()

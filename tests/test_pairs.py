@@ -1,0 +1,108 @@
+"""pairs stage: best/worst per user, ties and small margins dropped and counted, TRL + LLaMA-Factory output."""
+
+import json
+
+import polars as pl
+import pytest
+
+from rlrf.config import load_recipe
+from rlrf.pairs import dataset_name, pairs_stage, select_pairs
+from rlrf.store import read_artifact, read_stage_json
+from tests.loop_fixtures import profile_rows, score_rows, write_stage
+
+
+def _scores(rewards, empty=None):
+    return pl.DataFrame(score_rows(rewards, empty=empty))
+
+
+def test_best_and_worst_with_margins_worked_by_hand():
+    picked, dropped = select_pairs(_scores({1: [0.2, 0.9, 0.5, 0.1], 2: [0.4, 0.3]}))
+    assert picked["user_id"].to_list() == [1, 2]
+    assert picked["chosen_idx"].to_list() == [1, 0]
+    assert picked["rejected_idx"].to_list() == [3, 1]
+    assert picked["margin"].to_list() == pytest.approx([0.8, 0.1])
+    assert dict(dropped) == {}
+
+
+def test_ties_single_profiles_and_small_margins_dropped_by_reason():
+    rewards = {1: [0.5, 0.5, 0.5], 2: [0.3, 0.35], 3: [0.1, 0.9], 4: [0.7], 5: [0.2, 0.2, 0.6]}
+    picked, dropped = select_pairs(_scores(rewards), min_margin=0.05)
+    assert picked["user_id"].to_list() == [3, 5]
+    assert dict(dropped) == {"tie": 1, "single_profile": 1, "margin_below_min": 1}
+    # user 5: two profiles tie at the bottom; the lower sample_idx is the rejected one
+    assert picked.filter(pl.col("user_id") == 5)["rejected_idx"].item() == 0
+
+
+def test_margin_equal_to_min_margin_is_dropped():
+    picked, dropped = select_pairs(_scores({1: [0.25, 0.5]}), min_margin=0.25)
+    assert picked.is_empty() and dropped["margin_below_min"] == 1
+
+
+def test_empty_profiles_never_become_a_pair():
+    # user 1's worst reward belongs to an empty text: the pair uses the worst non-empty profile instead
+    picked, dropped = select_pairs(_scores({1: [0.9, 0.0, 0.4]}, empty={1: [1]}))
+    assert picked["rejected_idx"].to_list() == [2]
+    assert dropped["empty_profile"] == 1
+
+
+def _stage_inputs(tmp_path, rewards, texts=None, split="train"):
+    texts = texts or {u: [f"user {u} profile {i}: likes drama" for i in range(len(r))] for u, r in rewards.items()}
+    prof = write_stage(tmp_path / "sample", "sample", "profiles", profile_rows(texts, split))
+    sc = write_stage(tmp_path / "score", "score", "scores", score_rows(rewards, split))
+    return prof, sc
+
+
+def test_stage_writes_trl_rows_and_llamafactory_export(tmp_path):
+    recipe = load_recipe(None, ["pairs.min_margin=0.0"])
+    prof, sc = _stage_inputs(tmp_path, {1: [0.2, 0.9], 2: [0.4, 0.4], 3: [0.7, 0.1]})
+    out = pairs_stage(recipe, prof, sc, tmp_path / "pairs", round=2)
+    df = read_artifact(out, "pairs")
+    assert df["user_id"].to_list() == [1, 3] and set(df["round"].to_list()) == {2}
+    row = df.row(0, named=True)
+    assert row["prompt"] == [{"role": "user", "content": "Given a user 1 who watched films. Analyze user's preferences."}]
+    assert row["chosen"] == [{"role": "assistant", "content": "user 1 profile 1: likes drama"}]
+    assert row["rejected"] == [{"role": "assistant", "content": "user 1 profile 0: likes drama"}]
+    info = read_stage_json(out)
+    assert info["dropped"] == {"tie": 1} and info["rows"] == {"pairs": 2}
+
+    lf = out / "llamafactory"
+    entry = json.loads((lf / "dataset_info.json").read_text())[dataset_name(2)]
+    assert entry["ranking"] is True and entry["formatting"] == "sharegpt"
+    assert entry["columns"] == {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}
+    data = json.loads((lf / entry["file_name"]).read_text())
+    assert data[1] == {"conversations": [{"from": "human", "value": row["prompt"][0]["content"].replace("1", "3")}],
+                       "chosen": {"from": "gpt", "value": "user 3 profile 0: likes drama"},
+                       "rejected": {"from": "gpt", "value": "user 3 profile 1: likes drama"}}
+
+
+def test_only_the_configured_splits_become_pairs(tmp_path):
+    recipe = load_recipe(None)
+    prof, sc = _stage_inputs(tmp_path, {1: [0.2, 0.9]}, split="valid")
+    with pytest.raises(Exception, match="pairs.splits"):
+        pairs_stage(recipe, prof, sc, tmp_path / "pairs", round=1)
+
+
+def test_parquet_loads_with_datasets_and_dpo_trainer_tokenizes_it(tmp_path):
+    import datasets
+    from transformers import PreTrainedTokenizerFast
+    from trl import DPOConfig, DPOTrainer
+
+    from tests.test_dpo import tiny_model_dir
+
+    recipe = load_recipe(None)
+    prof, sc = _stage_inputs(tmp_path, {1: [0.2, 0.9], 3: [0.7, 0.1]})
+    out = pairs_stage(recipe, prof, sc, tmp_path / "pairs", round=1)
+    ds = datasets.load_dataset("parquet", data_files=sorted(str(p) for p in (out / "pairs").glob("*.parquet")),
+                               split="train")
+    assert ds.num_rows == 2 and ds[0]["prompt"][0]["role"] == "user"
+    model_dir = tiny_model_dir(tmp_path / "model")
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    trainer = DPOTrainer(model=model, args=DPOConfig(output_dir=str(tmp_path / "o"), report_to=[], max_steps=1,
+                                                     gradient_checkpointing=False, bf16=False, use_cpu=True),
+                         train_dataset=ds, processing_class=tok)
+    ex = trainer.train_dataset[0]
+    assert len(ex["prompt_ids"]) > 10 and len(ex["chosen_ids"]) > 3 and len(ex["rejected_ids"]) > 3
+    # the completion tokens are the profile text (plus the template's end-of-turn), not the prompt
+    assert "likes drama" in tok.decode(ex["chosen_ids"])
