@@ -267,28 +267,13 @@ def test_evaluate_refuses_results_of_another_config(fake_stages):
 
 
 @pytest.mark.integration
-def test_round1_then_evaluate_on_tiny_recipe(tmp_path, ml100k_dir):
-    """A real round 1 on the tiny recipe (prepare, sample, encode, reward reranker, score, pairs, dpo),
-    then evaluate: both tables, both figures, quality with a real perplexity."""
-    from rlrf.dpo import dpo_stage
-    from rlrf.encode import encode_stage
-    from rlrf.pairs import pairs_stage
-    from rlrf.prepare import prepare_stage
-    from rlrf.rerank import train_stage
-    from rlrf.reward import score_stage
-    from rlrf.sample import sample_stage
-
-    r = load_recipe(REPO / "recipes" / "tiny.yaml", [f"runs_dir={tmp_path / 'runs'}", f"data.path={ml100k_dir}",
+def test_round1_then_evaluate_on_tiny_recipe(tiny_round1):
+    """After a real round 1 on the tiny recipe (the session's `tiny_round1`: prepare, sample, encode,
+    reward reranker, score, pairs, dpo, check), evaluate: both tables, both figures, quality with a real
+    perplexity."""
+    r = load_recipe(REPO / "recipes" / "tiny.yaml", [f"runs_dir={tiny_round1.parent}",
+                                                     f"data.path={REPO / 'data' / 'raw' / 'ml-100k'}",
                                                      "evaluate.max_users=4"])
-    prepare_stage(r)
-    k = 1
-    prof = sample_stage(r, runs.stage_dir(r, "sample", k), runs.generator_for_round(r, k), k)
-    enc = encode_stage(r, prof, runs.stage_dir(r, "encode", k))
-    rer = train_stage(r, runs.reranker_dir(r, k), enc)
-    sc = score_stage(r, prof, enc, rer, runs.stage_dir(r, "score", k))
-    pairs = pairs_stage(r, prof, sc, runs.stage_dir(r, "pairs", k), k)
-    dpo_stage(r, pairs, runs.generator_for_round(r, k), runs.stage_dir(r, "dpo", k))
-
     out = evaluate_stage(r, recipe_path="recipes/tiny.yaml")
     res = json.loads((out / "results.json").read_text())
     assert [row["method"] for row in res["table1"]] == ["base", "KAR", "RLRF"]

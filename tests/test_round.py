@@ -1,0 +1,41 @@
+"""A whole RLRF round on the tiny recipe, through the stage scripts exactly as `make round1` runs them:
+real ML-100K, real SmolLM2, a real reranker, real DPO. Killed half way, it resumes and finishes
+(the `tiny_round1` fixture in conftest.py builds it once per session)."""
+
+import json
+import os
+
+import polars as pl
+import pytest
+
+from conftest import ROUND_STAGES, run_stage, stage_ok
+
+pytestmark = pytest.mark.integration
+
+
+def test_round1_leaves_a_generator_and_an_inspectable_preference_parquet(tiny_round1):
+    r1 = tiny_round1 / "round_1"
+    profiles = pl.read_parquet(r1 / "sample" / "profiles" / "*.parquet")
+    assert profiles.select(["user_id", "sample_idx"]).is_duplicated().sum() == 0, "resume duplicated rows"
+    assert profiles.height == profiles["user_id"].n_unique() * 2  # tiny recipe: n=2 per user
+    assert (profiles["text"].str.len_chars() > 0).mean() > 0.5
+    pairs = pl.read_parquet(r1 / "pairs" / "pairs" / "*.parquet")
+    assert pairs.height >= 1 and (pairs["chosen_reward"] > pairs["rejected_reward"]).all()
+    merged = r1 / "dpo" / "merged"
+    assert (merged / "config.json").is_file() and list(merged.glob("*.safetensors"))
+    assert "loss" in (r1 / "dpo" / "train_log.csv").read_text().splitlines()[0]
+    check = json.loads((r1 / "check" / "stage.json").read_text())
+    assert check["rows"]["users"] >= 1
+
+
+def test_rerunning_the_round_is_a_no_op(tiny_round1):
+    for name in ROUND_STAGES:
+        r = stage_ok(run_stage(name, tiny_round1.parent))
+        assert "up to date" in r.stdout + r.stderr, name
+
+
+def test_round2_samples_from_the_round1_generator(tiny_round1):
+    stage_ok(run_stage("sample", tiny_round1.parent, round_=2))
+    profiles = pl.read_parquet(tiny_round1 / "round_2" / "sample" / "profiles" / "*.parquet")
+    assert set(profiles["round"].unique()) == {2}
+    assert profiles["generator"][0].endswith(os.path.join("round_1", "dpo", "merged"))
