@@ -61,12 +61,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     cmd, rest = argv[0], argv[1:]
     if cmd == "config":
-        recipe, _ = stage_args("print the resolved recipe", rest, rounds=False)
-        defaults = {k: h for k, _, h in describe()}
+        keys = "--keys" in rest
+        recipe, _ = stage_args("print the resolved recipe (--keys: every key with its help)",
+                               [a for a in rest if a != "--keys"], rounds=False)
         import yaml
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
-        if "--keys" in rest:
-            for k, h in defaults.items():
+        if keys:
+            for k, _, h in describe():
                 print(f"{k:40s} {h}")
         return
     if cmd == "inspect":

@@ -69,3 +69,12 @@ def test_section_hash_tracks_only_named_sections():
     a, b = load_recipe(None), load_recipe(None, ["dpo.beta=0.5"])
     assert a.section_hash("data", "prepare") == b.section_hash("data", "prepare")
     assert a.section_hash("dpo") != b.section_hash("dpo")
+
+
+def test_rlrf_config_prints_the_resolved_recipe_and_every_key(capsys, repo):
+    from rlrf.cli import main
+
+    main(["config", "--recipe", str(repo / "recipes" / "tiny.yaml"), "sample.n=3", "--keys"])
+    out = capsys.readouterr().out
+    assert "run: tiny" in out and "  n: 3" in out
+    assert "sample.temperature" in out and "nucleus sampling mass" in out
