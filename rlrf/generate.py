@@ -18,7 +18,6 @@ Why the HF path is a hand-written loop rather than `model.generate(num_return_se
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,6 +25,7 @@ import torch
 
 from rlrf import shared_prefix
 from rlrf.llm import load_generator, pick_dtype, resolve_model
+from rlrf.threads import torch_threads
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ class HFBackend:
     def generate(self, prompts: list[list[int]], seeds: list[int], sp: Sampling,
                  progress: Callable[[int, int], None] | None = None) -> list[list[Completion]]:
         """N completions per tokenised prompt. `progress(prompts_done, tokens)` after each batch."""
-        with _torch_threads(self.threads):
+        with torch_threads(self.threads):
             return self._generate(prompts, seeds, sp, progress)
 
     def _generate(self, prompts, seeds, sp, progress):
@@ -248,16 +248,6 @@ def _strip_eos(ids: list[int], finish_reason: str, tok) -> list[int]:
     return ids
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int):
-    """torch.set_num_threads(n) for the block (0 = leave torch's default)."""
-    prev = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
 
 
 def open_backend(backend: str, model: str, dtype: str = "auto", batch_size: int = 64, threads: int = 0,

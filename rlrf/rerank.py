@@ -17,7 +17,6 @@ profile embeddings.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -34,19 +33,11 @@ from tqdm import tqdm
 from rlrf import runs
 from rlrf.config import Recipe, RerankerConfig
 from rlrf.store import Stage, StageError, atomic_path, read_artifact, write_json
+from rlrf.threads import torch_threads
 
 KS = (1, 3, 5, 7)
 
 
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """reranker.threads for the block: one thread suits this tiny model (see RerankerConfig.threads)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 # ----------------------------------------------------------------------------- models

@@ -156,7 +156,8 @@ def score_stage(recipe: Recipe, profiles_dir: str | Path, encode_dir: str | Path
                 out_dir: str | Path, *, force: bool = False) -> Path:
     """One reward per profile of `profiles_dir` (embeddings from `encode_dir`), judged by `reranker_dir`."""
     from rlrf.encode import load_knowledge
-    from rlrf.rerank import load_reranker, torch_threads
+    from rlrf.rerank import load_reranker
+    from rlrf.threads import torch_threads
 
     cfg = recipe.score
     prep = runs.prepare_dir(recipe)
