@@ -19,7 +19,7 @@ import polars as pl
 
 from rlrf import runs
 from rlrf.config import Recipe
-from rlrf.store import Stage, StageError, atomic_path, read_artifact, read_stage_json
+from rlrf.store import Stage, StageError, atomic_path, read_artifact, read_stage_json, write_parquet
 
 
 def paired_bootstrap(diff, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
@@ -148,8 +148,7 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
             dpo = read_stage_json(dpo_dir) if (dpo_dir / "stage.json").is_file() else None
             write_summary(out / "summary.md", k, ci, pairs, old_gen, new_gen, recipe.score.metric, dpo)
             plot(out / "check.png", pairs, ci, k)
-            with atomic_path(out / "per_user.parquet") as tmp:
-                pairs.write_parquet(tmp)
+            write_parquet(out / "per_user.parquet", pairs)
             info = st.finish(
                 extra={"round": k, "metric": recipe.score.metric, "reward_diff": ci, "verdict": verdict(ci),
                        "old_mean": float(pairs["old"].mean()), "new_mean": float(pairs["new"].mean()),

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from rlrf import runs, schema
 from rlrf.config import EncodeConfig, Recipe
-from rlrf.store import Stage, StageError, read_artifact, write_parquet
+from rlrf.store import Stage, StageError, read_artifact, write_json, write_parquet
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 
@@ -134,7 +134,7 @@ class EmbeddingCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         info = self.dir / "encoder.json"
         if not info.is_file():
-            info.write_text(json.dumps({"encoder_id": self.enc_id}) + "\n")
+            write_json(info, {"encoder_id": self.enc_id})
         vectors = np.asarray(vectors, dtype=np.float32)
         df = pl.DataFrame({"key": keys}).with_columns(
             pl.Series("embedding", vectors, dtype=pl.Array(pl.Float32, vectors.shape[1])))
