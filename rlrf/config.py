@@ -129,6 +129,10 @@ class RerankerConfig:
     lr: float = _f(1e-3, "AdamW learning rate")
     weight_decay: float = _f(1e-4, "AdamW weight decay")
     dropout: float = _f(0.0, "dropout on each candidate's input features; fights the id embeddings' overfitting")
+    history: int = _f(0, "user-history features: each candidate matched against the user's last N liked / not-liked "
+                         "prompt-history items (0 = off, KAR's item-only lists). Off for the reward reranker: one that "
+                         "knows the history needs the profile less, so a user's profiles score alike; evaluate.history "
+                         "turns it on for the evaluation rerankers")
     threads: int = _f(1, "torch threads for training and the reward forward: the model is tiny, so a second "
                          "thread mostly waits (measured 20x slower with 2 on a busy 2-core machine)")
     batch_size: int = _f(256, "lists per step")
@@ -144,6 +148,7 @@ class RerankerConfig:
         _check(len(self.seeds) >= 1, "reranker.seeds", "needs at least one seed")
         _check(0 <= self.dropout < 1, "reranker.dropout", "must be in [0, 1)")
         _check(self.threads >= 1, "reranker.threads", "must be >= 1")
+        _check(self.history >= 0, "reranker.history", "must be >= 0 (0 = no history features)")
 
 
 @dataclass
@@ -226,6 +231,8 @@ class EvaluateConfig:
     seeds: list = _f([1, 2, 3], "reranker seeds; tables show mean +- std")
     n: int = _f(1, "profiles per user per generator")
     max_users: int = _f(-1, "cap users per split for every generator (-1 = all users; small only for tests)")
+    history: int = _f(30, "reranker.history for the evaluation rerankers (base and knowledge alike): the user-history "
+                          "features lift base DLCM/PRM from popularity's level (0.636 -> 0.660 NDCG@5 on ML-100K)")
 
     def __post_init__(self):
         _check(len(self.rounds) >= 1 and all(isinstance(k, int) and k >= 1 for k in self.rounds), "evaluate.rounds",
@@ -234,6 +241,7 @@ class EvaluateConfig:
                f"choose from dlcm, prm; got {self.backbones}")
         _check(len(self.seeds) >= 1, "evaluate.seeds", "needs at least one seed")
         _check(self.n >= 1, "evaluate.n", "must be >= 1")
+        _check(self.history >= 0, "evaluate.history", "must be >= 0 (0 = no history features)")
 
 
 @dataclass

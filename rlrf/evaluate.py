@@ -236,7 +236,8 @@ def evaluate_stage(recipe: Recipe, *, force: bool = False, recipe_path: str = "<
         for b, c, s in tqdm(jobs, desc="evaluate: rerankers", unit="model"):
             tdir = out / "rerank" / b / ("base" if c == "base" else f"gen_{c}") / f"seed_{s}"
             know = None if c == "base" else encoded[c]
-            train_stage(recipe, tdir, know, backbone=b, knowledge=know is not None, seeds=[s])
+            train_stage(recipe, tdir, know, backbone=b, knowledge=know is not None, seeds=[s],
+                        history=recipe.evaluate.history)
             per_seed.setdefault(b, {}).setdefault(c, []).append(read_test_metrics(tdir, s))
         conditions = {b: {c: summarize(v) for c, v in conds.items()} for b, conds in per_seed.items()}
         tables = assemble_tables(conditions, last)
@@ -311,7 +312,9 @@ def results_markdown(res: dict, recipe: Recipe) -> str:
         f"Recipe `{res['recipe']}`; {hw['cpu']} ({hw['cores']} cores, {hw['torch_threads']} torch threads){gpu}.",
         f"Test users; every reranker early-stopped on valid users. Mean ± std (ddof=1) over seeds {ev.seeds}; "
         f"{ev.n} profile(s) per user per generator, same seeds and decoding for every generator. "
-        f"RLRF = generator of round {last}.",
+        f"RLRF = generator of round {last}. "
+        + (f"Every reranker (base and knowledge alike) also reads the user's last {ev.history} prompt-history "
+           f"items (evaluate.history)." if ev.history else "The rerankers see no user history (evaluate.history=0)."),
         "",
         "## Table I: reranking with and without LLM knowledge",
         "",

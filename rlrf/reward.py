@@ -40,8 +40,9 @@ def list_metric(scores: np.ndarray, labels: np.ndarray, name: str) -> np.ndarray
 
 @torch.no_grad()
 def score_lists(model, user_vecs: np.ndarray, owner: np.ndarray, item_ids: np.ndarray,
-                batch_profiles: int = 512, progress: bool = False) -> np.ndarray:
-    """Reranker scores (R, L) of list rows `item_ids`, row r scored with profile `owner[r]`'s embedding.
+                batch_profiles: int = 512, progress: bool = False, row_users: np.ndarray | None = None) -> np.ndarray:
+    """Reranker scores (R, L) of list rows `item_ids`, row r scored with profile `owner[r]`'s embedding
+    (and, for a reranker with history features, user `row_users[r]`'s history).
 
     `owner` must be sorted (rows grouped by profile); one forward per `batch_profiles` profiles.
     """
@@ -53,6 +54,7 @@ def score_lists(model, user_vecs: np.ndarray, owner: np.ndarray, item_ids: np.nd
     bounds = np.searchsorted(owner, np.arange(0, P + batch_profiles, batch_profiles).clip(max=P))
     out = np.zeros(item_ids.shape, dtype=np.float32)
     vecs = torch.from_numpy(np.ascontiguousarray(user_vecs, dtype=np.float32))
+    users = None if row_users is None else torch.from_numpy(np.asarray(row_users, dtype=np.int64))
     for b in tqdm(range(len(bounds) - 1), desc="reward forward", leave=False, disable=not progress):
         lo, hi = bounds[b], bounds[b + 1]
         if lo == hi:
@@ -60,7 +62,8 @@ def score_lists(model, user_vecs: np.ndarray, owner: np.ndarray, item_ids: np.nd
         p0 = b * batch_profiles
         p1 = min(p0 + batch_profiles, P)
         idx = torch.from_numpy(owner[lo:hi] - p0)
-        out[lo:hi] = model(torch.from_numpy(item_ids[lo:hi]), vecs[p0:p1], idx).float().numpy()
+        kw = {} if users is None else {"user_ids": users[lo:hi]}
+        out[lo:hi] = model(torch.from_numpy(item_ids[lo:hi]), vecs[p0:p1], idx, **kw).float().numpy()
     return out
 
 
@@ -116,7 +119,9 @@ def reward_profiles(model, user_vecs: np.ndarray, profile_users: np.ndarray, lis
     rows = prof.join(lists.select("list_id", "user_id", "item_ids", "labels"), on="user_id", how="inner").sort("p", "list_id")
     arr = lists_arrays(rows, "lists")
     owner = rows["p"].to_numpy()
-    scores = score_lists(model, user_vecs, owner, arr["item_ids"], batch_profiles, progress)
+    uses_history = getattr(getattr(model, "spec", None), "history", 0)
+    scores = score_lists(model, user_vecs, owner, arr["item_ids"], batch_profiles, progress,
+                         row_users=arr["user_id"] if uses_history else None)
     names = tuple(dict.fromkeys((metric, *METRICS, "margin")))
     return profile_rewards(scores, arr["labels"], owner, P, names)
 
@@ -124,14 +129,15 @@ def reward_profiles(model, user_vecs: np.ndarray, profile_users: np.ndarray, lis
 # ----------------------------------------------------------------------------- the stage
 
 
-def _expected_spec(recipe: Recipe, items: pl.DataFrame, lists: pl.DataFrame, know_dim: int, spec):
+def _expected_spec(recipe: Recipe, items: pl.DataFrame, lists: pl.DataFrame, know_dim: int, spec, n_users: int):
     from rlrf.encode import encoder_id
     from rlrf.rerank import RerankerSpec, item_tables
 
     attr = item_tables(items)
     sizes = lists["item_ids"].list.len().unique().to_list()
     return RerankerSpec(backbone=spec.backbone, knowledge=True, n_items=len(attr), n_attributes=int(attr.max()) + 1,
-                        list_size=max(sizes) if sizes else 0, know_dim=know_dim, encoder=encoder_id(recipe.encode))
+                        list_size=max(sizes) if sizes else 0, know_dim=know_dim, encoder=encoder_id(recipe.encode),
+                        history=spec.history, n_users=n_users if spec.history else 0)
 
 
 def spread_summary(scores: pl.DataFrame) -> dict:
@@ -177,8 +183,9 @@ def score_stage(recipe: Recipe, profiles_dir: str | Path, encode_dir: str | Path
                              f"so every profile would get the same reward. Train the reward reranker with "
                              f"reranker.knowledge=true.")
         from rlrf.rerank import RerankerSpec
+        n_users = int(read_artifact(prep, "users", "prepare")["user_id"].max() or 0) + 1
         expect = _expected_spec(recipe, items, lists, cache.vectors.shape[1] if len(cache) else 0,
-                                RerankerSpec.from_dict(spec))
+                                RerankerSpec.from_dict(spec), n_users)
         model, _ = load_reranker(reranker_dir, expect=expect)
         prof = (profiles.select("run", "round", "split", "user_id", "sample_idx", "text")
                 .join(ut.select("user_id", "sample_idx", "text_hash"), on=["user_id", "sample_idx"], how="left"))

@@ -82,7 +82,9 @@ def modules(work: WorkLog) -> dict[str, types.ModuleType]:
         rows = [{"user_id": u, "sample_idx": 0, "split": s, "text_hash": f"h{u}"} for u, s in USERS.items()]
         return _write(out_dir, "encode", {"encode": "fake"}, [profiles_dir], "user_texts", rows, work)
 
-    def train_stage(recipe, out_dir, knowledge_dir, *, backbone=None, knowledge=None, seeds=None, force=False):
+    def train_stage(recipe, out_dir, knowledge_dir, *, backbone=None, knowledge=None, seeds=None, history=None,
+                    force=False):
+        assert history == recipe.evaluate.history  # the evaluation rerankers get evaluate.history
         k = None if knowledge_dir is None else _gen_index(knowledge_dir)
         out_dir = Path(out_dir)
         # map@5 = 0.30 (+0.05 with knowledge, +0.02 per round) (+0.10 for PRM) + 0.01 * seed

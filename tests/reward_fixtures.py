@@ -58,8 +58,16 @@ def write_prepare(recipe, n_users: int = 40, n_items: int = 48, lists_per_user: 
         "year": [1990 + i % 10 for i in ids], "genres": [[GENRES[g]] for g in genre],
         "attribute_id": genre + 1, "text": [f"Movie {i} ({1990 + i % 10}) is a {GENRES[g]} film." for i, g in zip(ids, genre)],
     }, schema=SCHEMAS["items"])
-    rows, users = [], []
+    rows, users, inter = [], [], []
     for u in range(1, n_users + 1):
+        # the prompt history: 6 liked items of the user's taste, 4 not-liked others, oldest first
+        mine, other = ids[genre == taste(u)], ids[genre != taste(u)]
+        hist = [(int(i), 5.0, 1) for i in rng.choice(mine, 6, replace=False)] + \
+               [(int(i), 2.0, 0) for i in rng.choice(other, 4, replace=False)]
+        for pos, k in enumerate(rng.permutation(len(hist))):
+            it, rating, label = hist[k]
+            inter.append({"user_id": u, "item_id": it, "rating": rating, "timestamp": 1000 * u + pos, "label": label,
+                          "position": pos, "in_history": True})
         users.append({"user_id": u, "raw_user_id": str(u), "split": split_of(u, n_users), "gender": "M", "age": "30",
                       "occupation": "writer", "n_interactions": 20, "n_history": 10, "n_lists": lists_per_user})
         for j in range(lists_per_user):
@@ -70,7 +78,8 @@ def write_prepare(recipe, n_users: int = 40, n_items: int = 48, lists_per_user: 
     with Stage(d, "prepare", {"synthetic": True, "seed": seed}, quiet=True) as st:
         for i in st.todo(1):
             st.write_shard(i, {"items": items, "lists": pl.DataFrame(rows, schema=SCHEMAS["lists"]),
-                               "users": pl.DataFrame(users, schema=SCHEMAS["users"])})
+                               "users": pl.DataFrame(users, schema=SCHEMAS["users"]),
+                               "interactions": pl.DataFrame(inter, schema=SCHEMAS["interactions"])})
         st.finish()
     return d
 

@@ -77,13 +77,46 @@ def test_training_lowers_loss_changes_parameters_and_knowledge_helps(run):
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, init[k])]
     assert any(k.startswith("adaptor.") for k in changed) and any(k.startswith("backbone.") for k in changed)
     assert "item_emb.weight" in changed
-    # the synthetic positives are the user's taste, which only the profile says
+    # the synthetic positives are the user's taste, which (besides the history) only the profile says
     base_data = load_data(recipe, None)
     base, _ = fit(base_data.spec("dlcm", False), base_data, recipe.reranker, seed=7, progress=False)
     from rlrf.rerank import predict
     kar = ranking_metrics(predict(model, data, "valid"), data.lists["valid"]["labels"])["map@5"]
     plain = ranking_metrics(predict(base, base_data, "valid"), base_data.lists["valid"]["labels"])["map@5"]
     assert kar > plain + 0.2 and kar > 0.9
+
+
+def test_user_history_features_find_the_taste_without_a_profile(run):
+    recipe, _ = run
+    from rlrf.rerank import predict
+    data = load_data(recipe, None, history=30)
+    s = data.spec("dlcm", False)
+    assert s.history == 30 and s.n_users == 41 and data.hist_items.shape == (41, 30)
+    hist, _ = fit(s, data, recipe.reranker, seed=3, progress=False)
+    plain, _ = fit(data.spec("dlcm", False, history=False), data, recipe.reranker, seed=3, progress=False)
+    m = {name: ranking_metrics(predict(mod, data, "valid"), data.lists["valid"]["labels"])["map@5"]
+         for name, mod in (("hist", hist), ("plain", plain))}
+    # valid users' lists never train the model: only their history tells their taste
+    assert m["hist"] > m["plain"] + 0.2, m
+    with pytest.raises(ValueError, match="pass user_ids"):
+        hist(torch.from_numpy(data.lists["valid"]["item_ids"][:2]))
+
+
+def test_history_tables_and_cooccurrence_use_only_what_training_may_know():
+    from rlrf.rerank import cooccurrence_similarity, history_tables
+    inter = pl.DataFrame({
+        "user_id": [1, 1, 1, 1, 2, 2, 2], "item_id": [3, 4, 5, 6, 3, 6, 7], "position": [0, 1, 2, 3, 0, 1, 2],
+        "label": [1, 0, 1, 1, 1, 0, 1], "in_history": [True, True, True, False, True, True, False]})
+    items, liked = history_tables(inter.sample(fraction=1.0, shuffle=True, seed=0), n_users=3, width=2)
+    # the LAST 2 history items, in time order, left-aligned; user 0 has none
+    assert items.tolist() == [[0, 0], [4, 5], [3, 6]]
+    assert liked.tolist() == [[0, 0], [0, 1], [1, 0]]
+    users = pl.DataFrame({"user_id": [1, 2], "split": ["train", "test"]})
+    sim = cooccurrence_similarity(inter, users, n_items=8)
+    assert sim.shape == (8, 8) and np.allclose(sim, sim.T) and np.all(np.diag(sim) == 0)
+    assert sim[5, 6] > 0          # train user 1's list item 6 co-occurs with its history item 5
+    assert sim[3, 7] == 0         # test user 2's list item 7 is never seen
+    assert sim[3, 6] > 0          # test user 2's HISTORY is known
 
 
 def test_listwise_loss_trains_prm(run):
