@@ -58,14 +58,22 @@ def verdict(ci: dict) -> str:
 
 
 def _side(recipe: Recipe, root: Path, generator: str, k: int, reranker: Path) -> Path:
-    """Sample (same seeds: same round argument for both generators), encode and score one generator."""
+    """Sample (same seeds: same round argument for both generators), encode and score one generator.
+
+    The old generator's profiles are usually already in round k's sample stage (it samples generator k-1
+    with round k's seeds, valid users included): they are taken from there instead of sampled again."""
     from rlrf.encode import encode_stage
     from rlrf.reward import score_stage
-    from rlrf.sample import sample_stage
+    from rlrf.sample import reuse_profiles, sample_stage
 
     rc = recipe.rounds
-    prof = sample_stage(recipe, root / "sample", generator, k, splits=["valid"], n=rc.learning_check_n,
-                        max_users=rc.learning_check_users)
+    want = dict(splits=["valid"], n=rc.learning_check_n, max_users=rc.learning_check_users)
+    done = root / "sample" / "stage.json"
+    sampled_here = done.is_file() and "reused_from" not in json.loads(done.read_text()).get("config", {})
+    prof = None if sampled_here else reuse_profiles(recipe, runs.stage_dir(recipe, "sample", k), root / "sample",
+                                                    generator, k, **want)
+    if prof is None:
+        prof = sample_stage(recipe, root / "sample", generator, k, **want)
     enc = encode_stage(recipe, prof, root / "encode")
     return score_stage(recipe, prof, enc, reranker, root / "score")
 

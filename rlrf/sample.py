@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -119,6 +120,51 @@ def sample_stage(recipe: Recipe, out_dir: str | Path, generator: str, round: int
               f"{generator} | finish eos={s['finish_reason'].get('eos', 0)} length={s['finish_reason'].get('length', 0)} "
               f"empty={s['empty_text']} | history trimmed for {s['users_history_trimmed']} users "
               f"({s['history_lines_trimmed']} lines) | {info['wall_s']:.0f}s -> {out_dir}")
+    return out_dir
+
+
+# what only changes how a sample stage is cut into work, never which text a (user, sample_idx) gets
+_LAYOUT_KEYS = ("splits", "n", "max_users", "shards", "batch_size")
+
+
+def reuse_profiles(recipe: Recipe, src: str | Path, out_dir: str | Path, generator: str, round: int, *,
+                   splits: list[str], n: int, max_users: int) -> Path | None:
+    """Write into out_dir, as a finished sample stage, the profiles that sample_stage(recipe, out_dir, generator,
+    round, splits=..., n=..., max_users=...) would sample, taken from the finished sample stage `src` when
+    `src` has them all: same seed, round, generator weights and decoding, and every wanted user with at least
+    n profiles. A text's seed is (run seed, user, round, sample_idx), never the batch or the other users, so
+    the subset is what a fresh run samples. Returns None (and writes nothing) when `src` cannot serve.
+
+    The is-it-learning check uses it: its "old" side (generator k-1 on valid users, round k's seeds) is
+    a subset of round k's own sample stage, which saves sampling it a second time."""
+    src, out_dir = Path(src), Path(out_dir)
+    if not (src / "stage.json").is_file():
+        return None
+    have = json.loads((src / "stage.json").read_text()).get("config", {})
+    cfg = dataclasses.replace(recipe.sample, splits=list(splits), n=n, max_users=max_users)
+    want_sample = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "threads"}
+    want = {"seed": recipe.seed, "run": recipe.run, "round": round, "generator": str(generator),
+            "generator_hash": weights_hash(resolve_model(generator)), "sample": want_sample}
+    strip = lambda d: {k: v for k, v in d.items() if k not in _LAYOUT_KEYS}  # noqa: E731
+    same = (all(have.get(k) == want[k] for k in ("seed", "run", "round", "generator_hash"))
+            and strip(have.get("sample", {})) == strip(want_sample) and not cfg.item_knowledge
+            and int(have["sample"].get("n", 0)) >= n)
+    if not same:
+        return None
+    prep = runs.prepare_dir(recipe)
+    users = select_users(read_artifact(prep, "prompts", "prepare"), cfg.splits, cfg.max_users, recipe.seed)
+    profiles = (read_artifact(src, "profiles", "sample")
+                .filter(pl.col("user_id").is_in(users["user_id"].implode()) & (pl.col("sample_idx") < n))
+                .sort("user_id", "sample_idx"))
+    if profiles.height != users.height * n:
+        return None  # some wanted user was not sampled there (e.g. sample.max_users cut it)
+    with Stage(out_dir, "sample", {**want, "reused_from": str(src)}, inputs=[prep, src], quiet=True) as st:
+        if not st.done:
+            for i in st.todo(1):
+                st.write_shard(i, {"profiles": profiles})
+            st.finish(extra=_summary(out_dir, cfg))
+    print(f"sample round {round}: {profiles.height} profiles of {users.height} users from {generator}, "
+          f"taken from {src} (same seeds) -> {out_dir}")
     return out_dir
 
 

@@ -62,8 +62,8 @@ def write_prepare(recipe, n_users: int = 40, n_items: int = 48, lists_per_user: 
     for u in range(1, n_users + 1):
         # the prompt history: 6 liked items of the user's taste, 4 not-liked others, oldest first
         mine, other = ids[genre == taste(u)], ids[genre != taste(u)]
-        hist = [(int(i), 5.0, 1) for i in rng.choice(mine, 6, replace=False)] + \
-               [(int(i), 2.0, 0) for i in rng.choice(other, 4, replace=False)]
+        hist = [(int(i), 5.0, 1) for i in rng.choice(mine, min(6, len(mine)), replace=False)] + \
+               [(int(i), 2.0, 0) for i in rng.choice(other, min(4, len(other)), replace=False)]
         for pos, k in enumerate(rng.permutation(len(hist))):
             it, rating, label = hist[k]
             inter.append({"user_id": u, "item_id": it, "rating": rating, "timestamp": 1000 * u + pos, "label": label,

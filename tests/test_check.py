@@ -81,3 +81,50 @@ def test_check_stage_writes_figure_summary_and_interval(tmp_path, monkeypatch):
     calls.clear()
     check.check_stage(recipe, 1)  # finished: a no-op that still prints the figure
     assert calls == []
+
+
+def test_old_side_profiles_are_taken_from_the_rounds_sample_when_it_has_them(tmp_path, monkeypatch):
+    """The check's old side (generator k-1, valid users, round k's seeds) is a subset of round k's own sample
+    stage; it is copied from there when decoding, seeds and weights match, and sampled otherwise."""
+    import dataclasses
+
+    import polars as pl
+
+    from rlrf import runs, sample
+    from rlrf.config import load_recipe
+    from rlrf.schema import SCHEMAS
+    from rlrf.store import Stage, read_artifact
+
+    monkeypatch.setattr(sample, "weights_hash", lambda p: "w0")
+    monkeypatch.setattr(sample, "resolve_model", lambda g: g)
+    recipe = load_recipe(None, [f"runs_dir={tmp_path}", "run=r", "sample.n=4", "sample.max_users=-1"])
+    splits = {1: "train", 2: "valid", 3: "valid", 4: "test", 5: "valid"}
+    prompts = pl.DataFrame([{"user_id": u, "split": s, "domain": "movies", "prompt_head": "h", "history_lines": ["l"],
+                             "prompt_tail": "t", "prompt": "p"} for u, s in splits.items()], schema=SCHEMAS["prompts"])
+    with Stage(runs.prepare_dir(recipe), "prepare", {"x": 1}, quiet=True) as st:
+        for i in st.todo(1):
+            st.write_shard(i, {"prompts": prompts})
+        st.finish()
+    base = {c: v for c, v in dataclasses.asdict(recipe.sample).items() if c != "threads"}
+    src_config = {"seed": recipe.seed, "run": "r", "round": 1, "generator": "g0", "generator_hash": "w0", "sample": base}
+    rows = [{"run": "r", "round": 1, "split": s, "user_id": u, "sample_idx": i, "prompt": "p", "text": f"u{u} s{i}",
+             "n_tokens": 3, "finish_reason": "eos", "n_history_trimmed": 0, "generator": "g0", "generator_hash": "w0",
+             "temperature": 1.0, "top_p": 0.95, "max_new_tokens": 96, "seed": 7} for u, s in splits.items() for i in range(4)]
+    src = runs.stage_dir(recipe, "sample", 1)
+    with Stage(src, "sample", src_config, quiet=True) as st:
+        for i in st.todo(1):
+            st.write_shard(i, {"profiles": pl.DataFrame(rows, schema=SCHEMAS["profiles"])})
+        st.finish()
+
+    out = sample.reuse_profiles(recipe, src, tmp_path / "old" / "sample", "g0", 1, splits=["valid"], n=2, max_users=-1)
+    got = read_artifact(out, "profiles", "sample").sort("user_id", "sample_idx")
+    assert got["text"].to_list() == [f"u{u} s{i}" for u in (2, 3, 5) for i in (0, 1)]
+    assert json.loads((out / "stage.json").read_text())["config"]["reused_from"] == str(src)
+    # anything that changes the texts, or users / profiles the source lacks: sample instead
+    assert sample.reuse_profiles(recipe, src, tmp_path / "x1", "g0", 2, splits=["valid"], n=2, max_users=-1) is None
+    assert sample.reuse_profiles(recipe, src, tmp_path / "x2", "g0", 1, splits=["valid"], n=5, max_users=-1) is None
+    hot = load_recipe(None, [f"runs_dir={tmp_path}", "run=r", "sample.n=4", "sample.max_users=-1", "sample.temperature=0.7"])
+    assert sample.reuse_profiles(hot, src, tmp_path / "x3", "g0", 1, splits=["valid"], n=2, max_users=-1) is None
+    monkeypatch.setattr(sample, "weights_hash", lambda p: "w1")  # generator weights changed since
+    assert sample.reuse_profiles(recipe, src, tmp_path / "x4", "g0", 1, splits=["valid"], n=2, max_users=-1) is None
+    assert not any((tmp_path / x).exists() for x in ("x1", "x2", "x3", "x4"))
