@@ -102,6 +102,27 @@ def test_user_history_features_find_the_taste_without_a_profile(run):
         hist(torch.from_numpy(data.lists["valid"]["item_ids"][:2]))
 
 
+def test_reward_forward_of_a_history_reranker_matches_its_training_forward(run, tmp_path):
+    """reranker.history is off for the reward reranker by default, but one trained with it must score
+    profiles exactly as it scored the lists it was evaluated on."""
+    from rlrf.rerank import predict
+    from rlrf.reward import reward_profiles
+    recipe, enc = run
+    recipe.reranker.history = 10
+    out = train_stage(recipe, tmp_path / "hist", enc, seeds=[1])
+    model, sp = load_reranker(out)
+    assert sp.history == 10 and sp.n_users == 41 and sp.knowledge
+    data = load_data(recipe, enc)
+    valid = data.lists["valid"]
+    users = np.unique(valid["user_id"])
+    vecs = np.stack([data.user_know[int(u)] for u in users]).astype(np.float32)
+    values, n = reward_profiles(model, vecs, users, read_artifact(runs.prepare_dir(recipe), "lists"), "ndcg@5")
+    scores = predict(model, data, "valid")
+    per_list = np.array([ranking_metrics(scores[i:i + 1], valid["labels"][i:i + 1])["ndcg@5"] for i in range(len(scores))])
+    expect = [per_list[valid["user_id"] == u].mean() for u in users]
+    np.testing.assert_allclose(values["ndcg@5"], expect, atol=1e-9)
+
+
 def test_history_tables_and_cooccurrence_use_only_what_training_may_know():
     from rlrf.rerank import cooccurrence_similarity, history_tables
     inter = pl.DataFrame({
