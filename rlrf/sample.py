@@ -78,21 +78,30 @@ def fit_prompt(tokenizer, head: str, lines: list[str], tail: str, budget: int) -
     return text, chat_ids(tokenizer, text), lo
 
 
+def _sample_config(recipe: Recipe, splits=None, n=None, max_users=None):
+    """recipe.sample with the stage's per-call overrides (None keeps the recipe's value)."""
+    return dataclasses.replace(recipe.sample, **{k: v for k, v in
+                                                 {"splits": splits, "n": n, "max_users": max_users}.items()
+                                                 if v is not None})
+
+
+def _stage_config(recipe: Recipe, cfg, generator: str, round: int, ghash: str) -> dict:
+    """The sample stage's fingerprinted config: what decides which text each (user, sample_idx) gets, plus layout.
+    threads only changes speed, so it stays out (a rerun with other threads resumes)."""
+    return {"seed": recipe.seed, "run": recipe.run, "round": round, "generator": str(generator),
+            "generator_hash": ghash, "sample": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "threads"}}
+
+
 def sample_stage(recipe: Recipe, out_dir: str | Path, generator: str, round: int, *, splits=None, n=None,
                  max_users=None, force: bool = False, shard=None) -> Path:
     """Write the `profiles` artifact (N per user) for `generator` into out_dir; returns out_dir."""
-    cfg = dataclasses.replace(recipe.sample, **{k: v for k, v in
-                                                 {"splits": splits, "n": n, "max_users": max_users}.items()
-                                                 if v is not None})
+    cfg = _sample_config(recipe, splits, n, max_users)
     out_dir = Path(out_dir)
     shard = parse_shard(shard) if isinstance(shard, str) else shard
     prep = runs.prepare_dir(recipe)
     model_dir = resolve_model(generator)  # an unknown model fails here, before any work
     ghash = weights_hash(model_dir)
-    # threads only changes speed, so it stays out of the fingerprint (a rerun with other threads resumes)
-    sample_cfg = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "threads"}
-    config = {"seed": recipe.seed, "run": recipe.run, "round": round, "generator": str(generator),
-              "generator_hash": ghash, "sample": sample_cfg}
+    config = _stage_config(recipe, cfg, generator, round, ghash)
     with Stage(out_dir, "sample", config, inputs=[prep], force=force, shard=shard) as st:
         if st.done:
             return out_dir
@@ -141,13 +150,11 @@ def reuse_profiles(recipe: Recipe, src: str | Path, out_dir: str | Path, generat
     if not (src / "stage.json").is_file():
         return None
     have = json.loads((src / "stage.json").read_text()).get("config", {})
-    cfg = dataclasses.replace(recipe.sample, splits=list(splits), n=n, max_users=max_users)
-    want_sample = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "threads"}
-    want = {"seed": recipe.seed, "run": recipe.run, "round": round, "generator": str(generator),
-            "generator_hash": weights_hash(resolve_model(generator)), "sample": want_sample}
+    cfg = _sample_config(recipe, list(splits), n, max_users)
+    want = _stage_config(recipe, cfg, generator, round, weights_hash(resolve_model(generator)))
     strip = lambda d: {k: v for k, v in d.items() if k not in _LAYOUT_KEYS}  # noqa: E731
     same = (all(have.get(k) == want[k] for k in ("seed", "run", "round", "generator_hash"))
-            and strip(have.get("sample", {})) == strip(want_sample) and not cfg.item_knowledge
+            and strip(have.get("sample", {})) == strip(want["sample"]) and not cfg.item_knowledge
             and int(have["sample"].get("n", 0)) >= n)
     if not same:
         return None
