@@ -87,7 +87,7 @@ class SampleConfig:
     dtype: str = _f("auto", "auto (bf16 where the CPU has AMX/AVX512-bf16, else fp32) | bfloat16 | float32")
     threads: int = _f(0, "torch CPU threads for the hf backend; 0 = torch's default (all cores). 1 wins when "
                          "other jobs share the cores (measured 3-9x faster on a busy 2-core machine)")
-    shards: int = _f(8, "user shards; the unit of resume")
+    shards: int = _f(8, "at most this many user shards (the unit of resume), each of whole generate batches")
     item_knowledge: bool = _f(False, "also generate KAR item texts with the LLM (slow); off = metadata texts")
 
     def __post_init__(self):

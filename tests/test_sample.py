@@ -15,7 +15,7 @@ import pytest
 from rlrf import schema
 from rlrf.config import load_recipe
 from rlrf.llm import ModelError
-from rlrf.sample import fit_prompt, sample_stage, select_users, user_seed
+from rlrf.sample import fit_prompt, sample_stage, select_users, user_seed, user_shards
 from rlrf.store import StageError, read_artifact
 from tests.fixtures_llm import fake_prepare, smollm2_dir, tiny_model  # noqa: F401
 
@@ -238,6 +238,18 @@ def test_real_smollm2_stage_on_the_tiny_recipe(tmp_path, ml100k_dir):
     assert df.height == 3 * 2 * r.sample.n
     assert (df["text"].str.len_chars() > 10).mean() > 0.8
     assert set(df["generator"]) == {"smollm2-135m-instruct"} and df["generator_hash"].n_unique() == 1
+
+
+def test_user_shards_hold_whole_batches():
+    users = list(range(100, 389))  # the demo's 289 users, 16 per batch (64 rows / n=4), at most 16 shards
+    shards = user_shards(users, 16, 16)
+    assert [u for s in shards for u in s] == users  # contiguous, each user once, in order
+    assert len(shards) <= 16 and all(len(s) % 16 == 0 for s in shards[:-1])
+    assert len(shards) == 10 and len(shards[0]) == 32 and len(shards[-1]) == 1
+    # the is-it-learning check: 94 users, n=2 -> 3 full-ish batches instead of 16 shards of ~6 users
+    assert [len(s) for s in user_shards(list(range(94)), 32, 16)] == [32, 32, 30]
+    assert user_shards([], 16, 4) == [] and user_shards([7], 16, 4) == [[7]]
+    assert [len(s) for s in user_shards(list(range(10)), 1, 3)] == [4, 4, 2]  # batch of 1: at most 3 shards
 
 
 def test_item_knowledge_shard(setup, tiny_model):
