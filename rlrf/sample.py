@@ -29,7 +29,7 @@ from rlrf import prompts as kar, runs, schema
 from rlrf.config import Recipe
 from rlrf.generate import Sampling, open_backend
 from rlrf.llm import resolve_model, weights_hash
-from rlrf.store import Stage, StageError, parse_shard, read_artifact
+from rlrf.store import SHARDS, Stage, StageError, parse_shard, read_artifact
 
 
 def user_seed(seed: int, user_id: int, round: int, kind: str = "user") -> int:
@@ -90,11 +90,6 @@ def fit_prompt(tokenizer, head: str, lines: list[str], tail: str, budget: int) -
     return text, chat_ids(tokenizer, text), lo
 
 
-# how users map to shards; in the fingerprint, so a stage half-done under the old `user_id % shards` layout
-# is never resumed under this one (it asks for --force instead of mixing the two)
-SHARD_LAYOUT = "whole-batches"
-
-
 def _sample_config(recipe: Recipe, splits=None, n=None, max_users=None):
     """recipe.sample with the stage's per-call overrides (None keeps the recipe's value)."""
     return dataclasses.replace(recipe.sample, **{k: v for k, v in
@@ -106,8 +101,7 @@ def _stage_config(recipe: Recipe, cfg, generator: str, round: int, ghash: str) -
     """The sample stage's fingerprinted config: what decides which text each (user, sample_idx) gets, plus layout.
     threads only changes speed, so it stays out (a rerun with other threads resumes)."""
     return {"seed": recipe.seed, "run": recipe.run, "round": round, "generator": str(generator),
-            "generator_hash": ghash, "sample": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "threads"},
-            "layout": SHARD_LAYOUT}
+            "generator_hash": ghash, "sample": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "threads"}}
 
 
 def sample_stage(recipe: Recipe, out_dir: str | Path, generator: str, round: int, *, splits=None, n=None,
@@ -130,6 +124,7 @@ def sample_stage(recipe: Recipe, out_dir: str | Path, generator: str, round: int
                              f"check the prepare stage's output")
         chunks = user_shards(users["user_id"].to_list(), max(1, cfg.batch_size // cfg.n), cfg.shards)
         n_shards = len(chunks) + (1 if cfg.item_knowledge else 0)
+        _check_layout(out_dir, chunks, cfg.item_knowledge)
         todo = st.todo(n_shards)
         backend = open_backend(cfg.backend, str(model_dir), cfg.dtype, cfg.batch_size, cfg.threads,
                                pad_to=cfg.max_prompt_tokens) if todo else None
@@ -192,6 +187,24 @@ def reuse_profiles(recipe: Recipe, src: str | Path, out_dir: str | Path, generat
     print(f"sample round {round}: {profiles.height} profiles of {users.height} users from {generator}, "
           f"taken from {src} (same seeds) -> {out_dir}")
     return out_dir
+
+
+def _check_layout(out_dir: Path, chunks: list[list[int]], item_knowledge: bool) -> None:
+    """Refuse to resume shards written under another user -> shard layout (rlrf before whole-batch shards
+    cut users by `user_id % shards`): their parts would mix with this layout's into missing or doubled users.
+    A finished stage never gets here (it is up to date), so only half-done stages are checked."""
+    markers = sorted((out_dir / SHARDS).glob("*.json")) if (out_dir / SHARDS).is_dir() else []
+    for m in markers:
+        i = int(m.stem)
+        part = out_dir / "profiles" / f"part-{i:05d}.parquet"
+        if i < len(chunks):
+            ok = part.is_file() and sorted(pl.read_parquet(part, columns=["user_id"])["user_id"].unique()) == chunks[i]
+        else:
+            ok = item_knowledge and i == len(chunks) and (out_dir / "item_knowledge" / f"part-{i:05d}.parquet").is_file()
+        if not ok:
+            raise StageError(f"{out_dir} holds sample shards cut another way (shard {i} does not hold the users this "
+                             f"version puts there: an older rlrf cut users by user_id % shards). Rerun the stage with "
+                             f"--force to sample it again from scratch, or finish it with the rlrf that started it.")
 
 
 def _all_done(st: Stage, n_shards: int) -> bool:
