@@ -7,9 +7,10 @@ nothing else: a rerun, a resumed run, a `--shard i/n` slice, or another generato
 same round argument (the is-it-learning check) all use the same seeds.
 
 Users, in id order, are cut into at most sample.shards contiguous shards (the unit of resume) of whole
-generate batches (batch_size // n users each), so no shard ends in a small batch that decodes at a third of
-the speed; with sample.item_knowledge one more shard holds the LLM's KAR item texts (`item_knowledge` artifact). Empty and length-limited profiles are
-kept and marked (finish_reason eos | length); stage.json counts them, and the trimmed history lines.
+generate batches (batch_size // n users each), so no shard ends in a small batch that decodes at a third
+of the speed; with sample.item_knowledge one more shard holds the LLM's KAR item texts (`item_knowledge`
+artifact). Empty and length-limited profiles are kept and marked (finish_reason eos | length);
+stage.json counts them, and the trimmed history lines.
 """
 
 from __future__ import annotations
@@ -198,9 +199,11 @@ def _check_layout(out_dir: Path, chunks: list[list[int]], item_knowledge: bool) 
         i = int(m.stem)
         part = out_dir / "profiles" / f"part-{i:05d}.parquet"
         if i < len(chunks):
-            ok = part.is_file() and sorted(pl.read_parquet(part, columns=["user_id"])["user_id"].unique()) == chunks[i]
+            ok = part.is_file() and sorted(pl.read_parquet(part, columns=["user_id"])["user_id"].unique()) \
+                == chunks[i]
         else:
-            ok = item_knowledge and i == len(chunks) and (out_dir / "item_knowledge" / f"part-{i:05d}.parquet").is_file()
+            knowledge = out_dir / "item_knowledge" / f"part-{i:05d}.parquet"
+            ok = item_knowledge and i == len(chunks) and knowledge.is_file()
         if not ok:
             raise StageError(f"{out_dir} holds sample shards cut another way (shard {i} does not hold the users this "
                              f"version puts there: an older rlrf cut users by user_id % shards). Rerun the stage with "
