@@ -133,6 +133,9 @@ class RerankerConfig:
                          "prompt-history items (0 = off, KAR's item-only lists). Off for the reward reranker: one that "
                          "knows the history needs the profile less, so a user's profiles score alike; evaluate.history "
                          "turns it on for the evaluation rerankers")
+    without_profile: str = _f("drop", "train lists of users with no profile: drop (KAR needs every user's knowledge) "
+                                      "| zero (kept with a zero profile vector, so the item side learns from every "
+                                      "train list when the sample stage drew only some users)")
     threads: int = _f(1, "torch threads for training and the reward forward: the model is tiny, so a second "
                          "thread mostly waits (measured 20x slower with 2 on a busy 2-core machine)")
     batch_size: int = _f(256, "lists per step")
@@ -144,6 +147,8 @@ class RerankerConfig:
     def __post_init__(self):
         _check(self.backbone in ("dlcm", "prm"), "reranker.backbone", f"unknown backbone {self.backbone!r}; choose dlcm or prm")
         _check(self.loss in ("bce", "listwise"), "reranker.loss", "bce | listwise")
+        _check(self.without_profile in ("drop", "zero"), "reranker.without_profile",
+               f"drop | zero; got {self.without_profile!r}")
         _check(self.lr > 0, "reranker.lr", "must be > 0")
         _check(len(self.seeds) >= 1, "reranker.seeds", "needs at least one seed")
         _check(0 <= self.dropout < 1, "reranker.dropout", "must be in [0, 1)")

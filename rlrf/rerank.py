@@ -314,10 +314,14 @@ def cooccurrence_similarity(interactions: pl.DataFrame, users: pl.DataFrame, n_i
     return (c / norm[:, None] / norm[None, :]).astype(np.float32)
 
 
-def load_data(recipe: Recipe, knowledge_dir: str | Path | None, history: int | None = None) -> RerankData:
+def load_data(recipe: Recipe, knowledge_dir: str | Path | None, history: int | None = None,
+              without_profile: str | None = None) -> RerankData:
     """The run's lists as arrays, with knowledge from `knowledge_dir` (an encode stage) and the user-history
-    tables when `history` (default reranker.history) > 0."""
+    tables when `history` (default reranker.history) > 0. Lists of users without a profile are dropped, or
+    with without_profile="zero" (default reranker.without_profile) kept on the TRAIN side with a zero profile
+    vector; valid and test lists always need a profile, so early stopping and metrics judge real knowledge."""
     history = recipe.reranker.history if history is None else history
+    without_profile = recipe.reranker.without_profile if without_profile is None else without_profile
     prep = runs.prepare_dir(recipe)
     items = read_artifact(prep, "items", "prepare")
     lists = read_artifact(prep, "lists", "prepare").sort("list_id")
@@ -339,15 +343,23 @@ def load_data(recipe: Recipe, knowledge_dir: str | Path | None, history: int | N
         item_know[it["item_id"].to_numpy()] = vecs
         uv = cache.get(ut["text_hash"].to_list())
         user_know = dict(zip(ut["user_id"].to_list(), uv))
-        # KAR needs every user's knowledge; lists of users without a profile cannot be scored (counted)
+        # KAR needs every user's knowledge; lists of users without a profile cannot be scored (counted), except
+        # train lists under without_profile=zero
         has = lists["user_id"].is_in(list(user_know))
-        dropped = {"lists_without_profile": int((~has).sum())}
-        lists = lists.filter(has)
+        if without_profile == "zero":  # train lists stay; a zero vector stands in for the missing profile
+            keep = has | (lists["split"] == "train")
+            dropped = {"lists_without_profile": int((~keep).sum()),
+                       "train_lists_with_zero_profile": int((keep & ~has).sum())}
+        else:
+            keep = has
+            dropped = {"lists_without_profile": int((~has).sum())}
+        lists = lists.filter(keep)
     by_split = {s: lists_arrays(lists.filter(pl.col("split") == s), f"{prep}/lists") for s in ("train", "valid", "test")}
     if user_know:
         d = item_know.shape[1]
         for arr in by_split.values():  # one profile row per list, gathered once instead of every batch
-            arr["user_vecs"] = (np.stack([user_know[int(u)] for u in arr["user_id"]]).astype(np.float32)
+            zero = np.zeros(d, np.float32)
+            arr["user_vecs"] = (np.stack([user_know.get(int(u), zero) for u in arr["user_id"]]).astype(np.float32)
                                 if len(arr["user_id"]) else np.zeros((0, d), np.float32))
     return RerankData(attr, item_know, user_know, by_split, encoder, dropped, hist_items, hist_liked, item_sim)
 
@@ -531,15 +543,17 @@ def train_stage(recipe: Recipe, out_dir: str | Path, knowledge_dir: str | Path |
     knowledge_dir = knowledge_dir if cfg.knowledge else None
     out_dir = Path(out_dir)
     d = recipe.to_dict()
-    # threads changes speed, not results; retrain_each_round only picks where the stage lives
+    # threads changes speed, not results; retrain_each_round only picks where the stage lives; without_profile
+    # enters only when not the default, so rerankers trained before it existed stay up to date
     config = {"seed": recipe.seed,
-              "reranker": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("threads", "retrain_each_round")},
+              "reranker": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("threads", "retrain_each_round")
+                           and not (k == "without_profile" and v == "drop")},
               "encode": d["encode"] if cfg.knowledge else None}
     inputs = [runs.prepare_dir(recipe)] + ([knowledge_dir] if knowledge_dir else [])
     with Stage(out_dir, "train-reranker", config, inputs=inputs, force=force) as st, torch_threads(cfg.threads):
         if st.done:
             return out_dir
-        data = load_data(recipe, knowledge_dir, history=cfg.history)
+        data = load_data(recipe, knowledge_dir, history=cfg.history, without_profile=cfg.without_profile)
         st.counters.update(data.dropped)
         spec = data.spec(cfg.backbone, cfg.knowledge, cfg.dropout, history=cfg.history > 0)
         write_json(out_dir / "model.json", spec.to_dict())
