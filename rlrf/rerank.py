@@ -357,8 +357,8 @@ def load_data(recipe: Recipe, knowledge_dir: str | Path | None, history: int | N
     by_split = {s: lists_arrays(lists.filter(pl.col("split") == s), f"{prep}/lists") for s in ("train", "valid", "test")}
     if user_know:
         d = item_know.shape[1]
+        zero = np.zeros(d, np.float32)  # without_profile=zero: the train lists of users with no profile
         for arr in by_split.values():  # one profile row per list, gathered once instead of every batch
-            zero = np.zeros(d, np.float32)
             arr["user_vecs"] = (np.stack([user_know.get(int(u), zero) for u in arr["user_id"]]).astype(np.float32)
                                 if len(arr["user_id"]) else np.zeros((0, d), np.float32))
     return RerankData(attr, item_know, user_know, by_split, encoder, dropped, hist_items, hist_liked, item_sim)

@@ -30,7 +30,7 @@ from rlrf import prompts as kar, runs, schema
 from rlrf.config import Recipe
 from rlrf.generate import Sampling, open_backend
 from rlrf.llm import resolve_model, weights_hash
-from rlrf.store import SHARDS, Stage, StageError, parse_shard, read_artifact
+from rlrf.store import Stage, StageError, parse_shard, read_artifact
 
 
 def user_seed(seed: int, user_id: int, round: int, kind: str = "user") -> int:
@@ -125,7 +125,7 @@ def sample_stage(recipe: Recipe, out_dir: str | Path, generator: str, round: int
                              f"check the prepare stage's output")
         chunks = user_shards(users["user_id"].to_list(), max(1, cfg.batch_size // cfg.n), cfg.shards)
         n_shards = len(chunks) + (1 if cfg.item_knowledge else 0)
-        _check_layout(out_dir, chunks, cfg.item_knowledge)
+        _check_layout(st, chunks, cfg.item_knowledge)
         todo = st.todo(n_shards)
         backend = open_backend(cfg.backend, str(model_dir), cfg.dtype, cfg.batch_size, cfg.threads,
                                pad_to=cfg.max_prompt_tokens) if todo else None
@@ -190,22 +190,19 @@ def reuse_profiles(recipe: Recipe, src: str | Path, out_dir: str | Path, generat
     return out_dir
 
 
-def _check_layout(out_dir: Path, chunks: list[list[int]], item_knowledge: bool) -> None:
+def _check_layout(st: Stage, chunks: list[list[int]], item_knowledge: bool) -> None:
     """Refuse to resume shards written under another user -> shard layout (rlrf before whole-batch shards
     cut users by `user_id % shards`): their parts would mix with this layout's into missing or doubled users.
     A finished stage never gets here (it is up to date), so only half-done stages are checked."""
-    markers = sorted((out_dir / SHARDS).glob("*.json")) if (out_dir / SHARDS).is_dir() else []
-    for m in markers:
-        i = int(m.stem)
-        part = out_dir / "profiles" / f"part-{i:05d}.parquet"
+    for i in st.done_shards():
         if i < len(chunks):
+            part = st.part("profiles", i)
             ok = part.is_file() and sorted(pl.read_parquet(part, columns=["user_id"])["user_id"].unique()) \
                 == chunks[i]
         else:
-            knowledge = out_dir / "item_knowledge" / f"part-{i:05d}.parquet"
-            ok = item_knowledge and i == len(chunks) and knowledge.is_file()
+            ok = item_knowledge and i == len(chunks) and st.part("item_knowledge", i).is_file()
         if not ok:
-            raise StageError(f"{out_dir} holds sample shards cut another way (shard {i} does not hold the users this "
+            raise StageError(f"{st.dir} holds sample shards cut another way (shard {i} does not hold the users this "
                              f"version puts there: an older rlrf cut users by user_id % shards). Rerun the stage with "
                              f"--force to sample it again from scratch, or finish it with the rlrf that started it.")
 

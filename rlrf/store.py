@@ -206,6 +206,15 @@ class Stage:
     def shard_done(self, i: int) -> bool:
         return self._marker(i).is_file()
 
+    def done_shards(self) -> list[int]:
+        """Indices of every shard with a completion marker, whatever shard count wrote them."""
+        d = self.dir / SHARDS
+        return sorted(int(m.stem) for m in d.glob("*.json")) if d.is_dir() else []
+
+    def part(self, artifact: str, i: int) -> Path:
+        """Where shard i's part of `artifact` lives."""
+        return self.dir / artifact / f"part-{i:05d}.parquet"
+
     def todo(self, num_shards: int) -> list[int]:
         """Shards of this slice that have no completion marker yet."""
         si, sn = self.shard
@@ -220,7 +229,7 @@ class Stage:
         """Write one shard's artifacts (tmp + rename each), then its marker last."""
         rows = {}
         for artifact, df in frames.items():
-            write_parquet(self.dir / artifact / f"part-{i:05d}.parquet", df)
+            write_parquet(self.part(artifact, i), df)
             rows[artifact] = df.height
         write_json(self._marker(i), {"rows": rows, "dropped": dict(counters or {})})
         _maybe_die()
