@@ -1,23 +1,25 @@
 """python pipelines/train_reranker.py --recipe recipes/ml100k_smollm2.yaml --round 1
 
-The reward reranker (KAR: DLCM or PRM + hybrid-expert adaptor over profile and item-text
-embeddings), trained on train users' lists with BCE per item and early-stopped on valid MAP@5,
-one model per reranker.seeds. Knowledge: round k's profiles when reranker.retrain_each_round, else
-round 1's (sample_idx 0 of each user). reranker.knowledge=false trains the base model. Writes
-runs/<run>/reranker/: checkpoints/seed_<s>.safetensors, model.json, metrics.json (MAP/NDCG@1,3,5,7
-on valid and test, per seed and mean/std) and predictions/ (one row per list).
+The reward judge: KAR rerankers (DLCM or PRM + hybrid-expert adaptor over profile and item-text
+embeddings) cross-fitted over the users with a profile (reranker.folds), so no profile is ever judged by a
+model that trained on its user. Judge a (score.judges seeds x folds, averaged) is the reranker reward;
+judge b, as many other seeds and fold splits, measures its reliability. Each member trains on the other
+folds' users (BCE per item) and early-stops on a held-out share of them (reranker.stop_share). Knowledge:
+round k's profiles when reranker.retrain_each_round, else round 1's (sample_idx 0 of each user). Writes
+runs/<run>/reranker/: checkpoints/<member>.safetensors, model.json, members.json (who each member saw
+and judges), metrics.json (held-out NDCG/MAP@5 of the members next to item popularity on the same lists).
 """
 
 from rlrf import runs
 from rlrf.cli import run_main, stage_args
-from rlrf.rerank import train_stage
+from rlrf.judge import train_judges_stage
 
 
 def main() -> None:
     recipe, args = stage_args(__doc__)
     k = args.round
-    knowledge = runs.stage_dir(recipe, "encode", runs.reranker_knowledge_round(recipe, k)) if recipe.reranker.knowledge else None
-    train_stage(recipe, runs.reranker_dir(recipe, k), knowledge, force=args.force)
+    knowledge = runs.stage_dir(recipe, "encode", runs.reranker_knowledge_round(recipe, k))
+    train_judges_stage(recipe, runs.reranker_dir(recipe, k), knowledge, force=args.force)
 
 
 if __name__ == "__main__":

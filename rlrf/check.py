@@ -1,6 +1,10 @@
 """Is it learning? Generator k-1 and generator k write profiles for the same VALID users with the same
-seeds; round k's reward reranker scores both; the figure is the paired difference of mean reward per
-user (new - old) with a bootstrap 95% interval.
+seeds; every judge of round k scores both; the figure is the paired difference of mean reward per user
+(new - old) with a bootstrap 95% interval, first under the judge INDEPENDENT of the one that picked the
+pairs (score.reward=retrieval: the cross-fitted reranker judges a and b averaged; score.reward=reranker:
+the retrieval reward), then under the pair-picking reward itself. Profile quality of both generators
+(length, distinct-2, names-history share, perplexity under the base model) sits beside it, so a gain bought
+with gibberish shows.
 
     runs/<run>/round_<k>/check/{old,new}/{sample,encode,score}/   both generators' profiles and rewards
     runs/<run>/round_<k>/check/stage.json, summary.md, check.png  the figure
@@ -35,18 +39,35 @@ def paired_bootstrap(diff, resamples: int = 2000, seed: int = 0, level: float = 
             "level": level, "resamples": resamples}
 
 
-def per_user_means(scores: pl.DataFrame) -> pl.DataFrame:
-    """Mean reward per user over its profiles (profiles scored on no list carry NaN and are left out)."""
-    return (scores.filter(pl.col("reward").is_not_nan())
-            .group_by("user_id").agg(pl.col("reward").mean().alias("reward"), pl.len().alias("n"))
+def per_user_means(scores: pl.DataFrame, col: str = "reward") -> pl.DataFrame:
+    """Mean of `col` per user over its profiles (profiles with nothing to be judged on carry NaN, left out)."""
+    return (scores.filter(pl.col(col).is_not_nan())
+            .group_by("user_id").agg(pl.col(col).mean().alias("reward"), pl.len().alias("n"))
             .sort("user_id"))
 
 
-def paired(old: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
+def paired(old: pl.DataFrame, new: pl.DataFrame, col: str = "reward") -> pl.DataFrame:
     """user_id, old, new, diff for users scored under both generators."""
-    return (per_user_means(old).select("user_id", pl.col("reward").alias("old"))
-            .join(per_user_means(new).select("user_id", pl.col("reward").alias("new")), on="user_id")
+    return (per_user_means(old, col).select("user_id", pl.col("reward").alias("old"))
+            .join(per_user_means(new, col).select("user_id", pl.col("reward").alias("new")), on="user_id")
             .with_columns((pl.col("new") - pl.col("old")).alias("diff")).sort("user_id"))
+
+
+def judges(recipe: Recipe, columns) -> dict[str, str]:
+    """name -> scores column of every judge present, the one independent of the pair-picking reward first."""
+    if recipe.score.reward == "retrieval":
+        out = {"reranker judges a+b (cross-fitted)": "judge_ab", "retrieval (picked the pairs)": "retrieval"}
+    else:
+        out = {"retrieval": "retrieval", "reranker judge b (independent seeds/folds)": "judge_b",
+               "reranker judge a (picked the pairs)": "judge_a"}
+    found = {k: v for k, v in out.items() if v in columns}
+    return found or {"the round's reward": "reward"}
+
+
+def with_judge_ab(scores: pl.DataFrame) -> pl.DataFrame:
+    if {"judge_a", "judge_b"} <= set(scores.columns):
+        return scores.with_columns(((pl.col("judge_a") + pl.col("judge_b")) / 2).alias("judge_ab"))
+    return scores
 
 
 def verdict(ci: dict) -> str:
@@ -78,29 +99,33 @@ def _side(recipe: Recipe, root: Path, generator: str, k: int, reranker: Path) ->
     return score_stage(recipe, prof, enc, reranker, root / "score")
 
 
-def write_summary(path: Path, k: int, ci: dict, pairs: pl.DataFrame, old_gen: str, new_gen: str,
-                  metric: str, dpo: dict | None) -> None:
-    improved = float((pairs["diff"] > 0).mean()) if pairs.height else 0.0
-    lines = [
-        f"# Round {k}: is it learning?",
-        "",
-        f"Valid users, same seeds; reward = {metric} of round {k}'s reward reranker over each user's lists, "
-        f"averaged over the user's profiles.",
-        "",
-        "| generator | mean reward |",
-        "| --- | --- |",
-        f"| old (generator {k - 1}: `{old_gen}`) | {pairs['old'].mean():.4f} |",
-        f"| new (generator {k}: `{new_gen}`) | {pairs['new'].mean():.4f} |",
-        "",
-        f"**Paired difference (new - old): {ci['mean']:+.4f}, 95% bootstrap interval "
-        f"[{ci['low']:+.4f}, {ci['high']:+.4f}]** over {ci['n']} users ({ci['resamples']} resamples): "
-        f"{verdict(ci)}. The new generator scores higher for {improved:.0%} of users.",
-    ]
+def write_summary(path: Path, k: int, figures: dict, old_gen: str, new_gen: str, dpo: dict | None,
+                  quality: dict) -> None:
+    lines = [f"# Round {k}: is it learning?", "",
+             f"Valid users (never trained on by DPO), same seeds for both generators; each judge's reward averaged "
+             f"over a user's profiles, paired by user. Old = generator {k - 1} (`{old_gen}`), new = generator {k} "
+             f"(`{new_gen}`). The first judge is independent of the reward that picked the pairs.", "",
+             "| judge | old | new | new - old (95% bootstrap interval) | users | improved | verdict |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, f in figures.items():
+        ci = f["diff"]
+        lines.append(f"| {name} | {f['old_mean']:.4f} | {f['new_mean']:.4f} | {ci['mean']:+.4f} [{ci['low']:+.4f}, "
+                     f"{ci['high']:+.4f}] | {ci['n']} | {f['improved_share']:.0%} | {verdict(ci)} |")
+    if quality:
+        keys = [q for q in ("mean_tokens", "distinct_2", "names_history", "share_truncated", "perplexity")
+                if q in quality.get("old", {})]
+        lines += ["", "| profiles | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
+        for side in ("old", "new"):
+            lines.append(f"| {side} | " + " | ".join(f"{quality[side][q]:.4f}" for q in keys) + " |")
     if dpo:
         fin = dpo.get("final") or {}
         lines += ["", f"DPO (round {k}): {dpo.get('steps')} steps on {dpo.get('pairs_used')} pairs; last logged "
                   f"loss {fin.get('loss')}, reward margin {fin.get('rewards/margins')}, "
                   f"accuracy {fin.get('rewards/accuracies')}."]
+        held = dpo.get("heldout")
+        if held:
+            lines.append(f"Implicit-reward accuracy on {held['pairs']} held-out (valid users') pairs: "
+                         f"{held['accuracy']:.3f} [{held['low']:.3f}, {held['high']:.3f}] (chance 0.5).")
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
 
@@ -148,25 +173,57 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
         if st.done:
             info = read_stage_json(out)
         else:
-            old = read_artifact(_side(recipe, out / "old", old_gen, k, reranker), "scores", "score")
-            new = read_artifact(_side(recipe, out / "new", new_gen, k, reranker), "scores", "score")
-            pairs = paired(old, new)
-            ci = paired_bootstrap(pairs["diff"].to_numpy(), recipe.rounds.bootstrap, seed=recipe.seed + k)
+            sides = {side: _side(recipe, out / side, gen, k, reranker) for side, gen in (("old", old_gen), ("new", new_gen))}
+            old = with_judge_ab(read_artifact(sides["old"], "scores", "score"))
+            new = with_judge_ab(read_artifact(sides["new"], "scores", "score"))
+            figures = {}
+            for name, col in judges(recipe, old.columns).items():
+                pairs = paired(old, new, col)
+                if pairs.height == 0:
+                    continue
+                ci = paired_bootstrap(pairs["diff"].to_numpy(), recipe.rounds.bootstrap, seed=recipe.seed + k)
+                figures[name] = {"column": col, "diff": ci, "old_mean": float(pairs["old"].mean()),
+                                 "new_mean": float(pairs["new"].mean()),
+                                 "improved_share": float((pairs["diff"] > 0).mean())}
+                if len(figures) == 1:  # the independent judge's per-user figures and plot
+                    write_parquet(out / "per_user.parquet", pairs)
+                    plot(out / "check.png", pairs, ci, k)
+            if not figures:
+                raise StageError(f"check: no valid user was scored under both generators ({out}); see the sides' "
+                                 f"score stages (a user needs held-out positives or lists)")
+            quality = _quality(recipe, sides)
             dpo_dir = runs.stage_dir(recipe, "dpo", k)
             dpo = read_stage_json(dpo_dir) if (dpo_dir / "stage.json").is_file() else None
-            write_summary(out / "summary.md", k, ci, pairs, old_gen, new_gen, recipe.score.metric, dpo)
-            plot(out / "check.png", pairs, ci, k)
-            write_parquet(out / "per_user.parquet", pairs)
+            write_summary(out / "summary.md", k, figures, old_gen, new_gen, dpo, quality)
+            first = next(iter(figures))
+            ci = figures[first]["diff"]
             info = st.finish(
-                extra={"round": k, "metric": recipe.score.metric, "reward_diff": ci, "verdict": verdict(ci),
-                       "old_mean": float(pairs["old"].mean()), "new_mean": float(pairs["new"].mean()),
-                       "improved_share": float((pairs["diff"] > 0).mean()),
+                extra={"round": k, "metric": first, "judge": first, "reward_diff": ci, "verdict": verdict(ci),
+                       "old_mean": figures[first]["old_mean"], "new_mean": figures[first]["new_mean"],
+                       "improved_share": figures[first]["improved_share"], "judges": figures, "quality": quality,
+                       "dpo_heldout": (dpo or {}).get("heldout"),
                        "old_generator": old_gen, "new_generator": new_gen},
-                rows={"users": pairs.height})
-    ci = info["reward_diff"]
-    print(f"check: round {k} reward {info['metric']} new - old = {ci['mean']:+.4f} "
-          f"[{ci['low']:+.4f}, {ci['high']:+.4f}] over {ci['n']} valid users -> {info['verdict']} ({out / 'summary.md'})")
+                rows={"users": ci["n"]})
+    for name, f in info.get("judges", {info["metric"]: {"diff": info["reward_diff"]}}).items():
+        ci = f["diff"]
+        print(f"check: round {k} {name}: new - old = {ci['mean']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}] over "
+              f"{ci['n']} valid users -> {verdict(ci)}")
+    print(f"check: {out / 'summary.md'}")
     return out
+
+
+def _quality(recipe: Recipe, sides: dict) -> dict:
+    """Profile quality of both generators' check profiles (perplexity under the base model)."""
+    from rlrf.llm import load_generator
+    from rlrf.quality import profile_quality
+
+    if not all((Path(d).parent / "sample" / "stage.json").is_file() for d in sides.values()):
+        return {}
+    prep = runs.prepare_dir(recipe)
+    items, inter = read_artifact(prep, "items", "prepare"), read_artifact(prep, "interactions", "prepare")
+    model = load_generator(recipe.sample.model)
+    return {side: profile_quality(read_artifact(Path(d).parent / "sample", "profiles", "sample"), items, inter,
+                                  ppl_model=model, ppl_split=None) for side, d in sides.items()}
 
 
 def summary_line(check_dir: Path) -> str:

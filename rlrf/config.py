@@ -89,6 +89,9 @@ class SampleConfig:
                          "other jobs share the cores (measured 3-9x faster on a busy 2-core machine)")
     shards: int = _f(8, "at most this many user shards (the unit of resume), each of whole generate batches")
     item_knowledge: bool = _f(False, "also generate KAR item texts with the LLM (slow); off = metadata texts")
+    trim: str = _f("none", "a profile cut by max_new_tokens: none (kept mid-sentence) | sentence (cut back to its last "
+                           "sentence end, finish_reason 'sentence'), so DPO compares profiles that end instead of two "
+                           "cut-off texts that both learn to stop mid-word")
 
     def __post_init__(self):
         _check(self.backend in ("hf", "vllm"), "sample.backend", f"unknown backend {self.backend!r}; choose hf or vllm")
@@ -104,6 +107,7 @@ class SampleConfig:
         _check(self.batch_size >= 1, "sample.batch_size", "must be >= 1")
         _check(0 <= self.min_new_tokens <= self.max_new_tokens, "sample.min_new_tokens", "must be in [0, max_new_tokens]")
         _check(self.max_prompt_tokens >= 16, "sample.max_prompt_tokens", "must be >= 16")
+        _check(self.trim in ("none", "sentence"), "sample.trim", f"none | sentence; got {self.trim!r}")
 
 
 @dataclass
@@ -143,6 +147,11 @@ class RerankerConfig:
     patience: int = _f(3, "epochs without valid MAP@5 improvement before stopping")
     seeds: list = _f([1234], "training seeds; metrics are reported as mean +- std over them")
     retrain_each_round: bool = _f(False, "retrain the reward reranker on each round's knowledge (paper: once, round 1)")
+    folds: int = _f(2, "the reward judge is cross-fitted: users with a profile are cut into this many folds and each "
+                       "fold is judged by members trained on the other folds (never in-sample); more folds train each "
+                       "member on more users and cost one training each")
+    stop_share: float = _f(0.15, "share of a judge member's training users held out for its early stopping (neither "
+                                 "trained on nor judged by that member)")
 
     def __post_init__(self):
         _check(self.backbone in ("dlcm", "prm"), "reranker.backbone", f"unknown backbone {self.backbone!r}; choose dlcm or prm")
@@ -154,11 +163,22 @@ class RerankerConfig:
         _check(0 <= self.dropout < 1, "reranker.dropout", "must be in [0, 1)")
         _check(self.threads >= 1, "reranker.threads", "must be >= 1")
         _check(self.history >= 0, "reranker.history", "must be >= 0 (0 = no history features)")
+        _check(self.folds >= 2, "reranker.folds", "must be >= 2 (cross-fitting needs a fold to judge and one to train on)")
+        _check(0 < self.stop_share < 1, "reranker.stop_share", "must be in (0, 1)")
 
 
 @dataclass
 class ScoreConfig:
-    metric: str = _f("ndcg@5", "reward = this metric averaged over the user's lists: ndcg@k | map@k")
+    reward: str = _f("reranker", "what rewards a profile (and picks the pairs): reranker (KAR: the cross-fitted reranker "
+                                 "judge's score.metric over the user's lists) | retrieval (LangPTune: NDCG of the user's "
+                                 "held-out positives ranked by cosine(profile, item text); no training)")
+    judges: int = _f(1, "seeds in the reranker judge's ensemble (each cross-fitted over reranker.folds, averaged): more "
+                        "is less noise, one reranker training per seed and fold; an independent twin of as many "
+                        "seeds measures the judge's reliability")
+    retrieval_candidates: str = _f("catalogue", "retrieval reward's candidates: catalogue (every item but the user's "
+                                                "prompt history: more evidence per user) | lists (the user's rerank lists)")
+    retrieval_k: int = _f(10, "retrieval reward = NDCG@retrieval_k; larger counts deeper hits (smoother, less top-heavy)")
+    metric: str = _f("ndcg@5", "reranker reward = this metric averaged over the user's lists: ndcg@k | map@k")
     batch_size: int = _f(512, "profiles per reward forward")
     shards: int = _f(4, "user shards; the unit of resume")
     tie_break: float = _f(1e-6, "reward = metric + tie_break * tanh(margin): the reranker's continuous positive-vs-"
@@ -171,18 +191,27 @@ class ScoreConfig:
                f"expected ndcg@k or map@k, got {self.metric!r}")
         _check(self.batch_size >= 1, "score.batch_size", "must be >= 1")
         _check(self.shards >= 1, "score.shards", "must be >= 1")
+        _check(self.reward in ("reranker", "retrieval"), "score.reward", f"reranker | retrieval; got {self.reward!r}")
+        _check(self.judges >= 1, "score.judges", "must be >= 1")
+        _check(self.retrieval_candidates in ("catalogue", "lists"), "score.retrieval_candidates",
+               f"catalogue | lists; got {self.retrieval_candidates!r}")
+        _check(self.retrieval_k >= 1, "score.retrieval_k", "must be >= 1")
 
 
 @dataclass
 class PairsConfig:
     min_margin: float = _f(0.0, "drop users whose best-worst reward gap is <= this (ties always dropped)")
     splits: list = _f(["train"], "user splits that become pairs (valid users judge the is-it-learning check, test users the evaluation)")
+    heldout_splits: list = _f(["valid"], "user splits whose pairs are written apart (`heldout_pairs`) and never trained "
+                                         "on: DPO reports its implicit-reward accuracy on them; [] = none")
     llamafactory_export: bool = _f(True, "also write a LLaMA-Factory sharegpt ranking dataset + dataset_info.json")
 
     def __post_init__(self):
         _check(self.min_margin >= 0, "pairs.min_margin", "must be >= 0 (ties are always dropped)")
         _check(set(self.splits) <= {"train", "valid", "test"} and self.splits, "pairs.splits",
                f"must be a non-empty subset of train, valid, test; got {self.splits}")
+        _check(set(self.heldout_splits) <= {"train", "valid", "test"} and not set(self.heldout_splits) & set(self.splits),
+               "pairs.heldout_splits", f"must be splits not in pairs.splits (held out from DPO); got {self.heldout_splits}")
 
 
 @dataclass
@@ -208,6 +237,8 @@ class DPOConfig:
     logging_steps: int = _f(1, "log loss / reward margins / accuracies every this many steps")
     template: str = _f("auto", "LLaMA-Factory chat template name (auto: from the model name)")
     llamafactory_cli: str = _f("auto", "llamafactory-cli to run (auto: on PATH, else .venv-llamafactory/bin/)")
+    heldout_max_pairs: int = _f(64, "held-out pairs (pairs.heldout_splits) scored after training for the implicit-reward "
+                                    "accuracy; each costs a policy and a reference forward; 0 = skip")
 
     def __post_init__(self):
         _check(self.backend in ("trl", "llamafactory"), "dpo.backend", f"unknown backend {self.backend!r}; choose trl or llamafactory")

@@ -82,14 +82,36 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def load_pairs_dataset(pairs_dir: Path, cache_dir: Path):
+def load_pairs_dataset(pairs_dir: Path, cache_dir: Path, artifact: str = "pairs", limit: int | None = None):
     """The pairs parquet as a datasets.Dataset with only TRL's columns (prompt, chosen, rejected)."""
     import datasets
 
-    read_artifact(pairs_dir, "pairs", "pairs")  # schema check and a clear error when unfinished
-    files = sorted(str(p) for p in (Path(pairs_dir) / "pairs").glob("part-*.parquet"))
+    df = read_artifact(pairs_dir, artifact, "pairs")  # schema check and a clear error when unfinished
+    if artifact != "pairs":  # small: no need for the on-disk dataset cache
+        df = df.sort("user_id").head(limit) if limit is not None else df
+        return datasets.Dataset.from_polars(df.select("prompt", "chosen", "rejected"))
+    files = sorted(str(p) for p in (Path(pairs_dir) / artifact).glob("part-*.parquet"))
     ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(cache_dir))
     return ds.select_columns(["prompt", "chosen", "rejected"])
+
+
+def heldout_accuracy(trainer, pairs_dir: Path, limit: int) -> dict | None:
+    """DPO's implicit-reward accuracy (beta * log-ratio of chosen > rejected) on the held-out users' pairs
+    (pairs.heldout_splits: never trained on), with a Wilson 95% interval; None when there are none."""
+    import math
+
+    if limit <= 0 or not (Path(pairs_dir) / "heldout_pairs").is_dir():
+        return None
+    ds = load_pairs_dataset(pairs_dir, Path(pairs_dir), "heldout_pairs", limit)
+    if ds.num_rows == 0:
+        return None
+    m = trainer.evaluate(eval_dataset=ds, metric_key_prefix="heldout")
+    acc, n = float(m["heldout_rewards/accuracies"]), ds.num_rows
+    z = 1.96
+    centre = (acc + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(acc * (1 - acc) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return {"accuracy": acc, "low": centre - half, "high": centre + half, "pairs": n,
+            "loss": float(m["heldout_loss"]), "margin": float(m["heldout_rewards/margins"])}
 
 
 def load_policy(model_dir: Path, bf16: bool):
@@ -212,12 +234,16 @@ def train_trl(recipe: Recipe, pairs_dir: Path, model_dir: Path, out_dir: Path, l
     with atomic_path(adapter) as tmp:
         trainer.model.save_pretrained(tmp)
     rows = write_log(trainer.state.log_history, out_dir)
+    held = heldout_accuracy(trainer, pairs_dir, cfg.heldout_max_pairs)
+    if held:
+        log(f"dpo: held-out pairs ({held['pairs']}, users never trained on): implicit-reward accuracy "
+            f"{held['accuracy']:.3f} [{held['low']:.3f}, {held['high']:.3f}], margin {held['margin']:+.4f}")
     del trainer, model
     merge(model_dir, adapter, out_dir / "merged")
     last = rows[-1] if rows else {}
     return {"backend": "trl", "bf16": bf16, "steps": int(result.global_step), "pairs_used": ds.num_rows,
             "train_loss": float(result.training_loss), "final": last, "resumed_from": resume,
-            "generator_out": str(out_dir / "merged")}
+            "heldout": held, "generator_out": str(out_dir / "merged")}
 
 
 # ----------------------------------------------------------------------------- LLaMA-Factory

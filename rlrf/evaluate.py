@@ -245,7 +245,8 @@ def evaluate_stage(recipe: Recipe, *, force: bool = False, recipe_path: str = "<
 
         scores = {}
         for k in sorted({0, last}):
-            sdir = score_stage(recipe, profiles[k], encoded[k], reward_reranker, out / "reward" / f"gen_{k}")
+            sdir = score_stage(recipe, profiles[k], encoded[k], reward_reranker, out / "reward" / f"gen_{k}",
+                               splits=["test"])
             scores[k] = read_artifact(sdir, "scores", "score")
         paired = paired_rewards(scores[0], scores[last])
         reward = {"reranker": str(reward_reranker), "metric": recipe.score.metric,

@@ -126,12 +126,17 @@ def pairs_stage(recipe: Recipe, profiles_dir, scores_dir, out_dir, round: int, *
         if pairs.height < picked.height:
             raise StageError(f"{scores_dir} scores profiles that {profiles_dir} does not hold "
                              f"({picked.height - pairs.height} users); rerun the score stage with --force")
+        # the held-out users' pairs: never trained on; DPO reports its implicit-reward accuracy on them
+        held_scores = read_artifact(scores_dir, "scores", "score").filter(pl.col("split").is_in(cfg.heldout_splits))
+        held = to_trl(select_pairs(held_scores, cfg.min_margin)[0],
+                      profiles.filter(pl.col("split").is_in(cfg.heldout_splits)), round)
         for todo in st.todo(1):
             if cfg.llamafactory_export:
                 write_llamafactory(pairs, out_dir, round)
-            st.write_shard(todo, {"pairs": pairs}, counters=dict(dropped))
+            st.write_shard(todo, {"pairs": pairs, "heldout_pairs": held}, counters=dict(dropped))
         users = scores["user_id"].n_unique()
         info = st.finish(extra={"users": users, "mean_margin": float(pairs["margin"].mean() or 0.0),
+                                "heldout_pairs": held.height, "heldout_splits": cfg.heldout_splits,
                                 "llamafactory_dataset": dataset_name(round) if cfg.llamafactory_export else None})
         if info is not None and pairs.is_empty():
             st.log(f"pairs: warning: every user was dropped ({json.dumps(dict(dropped))}); DPO has nothing to learn. "

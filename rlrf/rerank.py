@@ -475,13 +475,15 @@ def fit(spec: RerankerSpec, data: RerankData, cfg: RerankerConfig, seed: int, pr
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(model: Reranker, out_dir: Path, seed: int) -> Path:
+def save_checkpoint(model: Reranker, out_dir: Path, seed: int | str) -> Path:
+    """checkpoints/seed_<seed>.safetensors, or checkpoints/<name>.safetensors for a named judge member."""
     from safetensors.torch import save_file
 
-    path = Path(out_dir) / "checkpoints" / f"seed_{seed}.safetensors"
+    name = f"seed_{seed}" if isinstance(seed, int) else seed
+    path = Path(out_dir) / "checkpoints" / f"{name}.safetensors"
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
-                  metadata={"seed": str(seed)})
+                  metadata={"name": name})
     return path
 
 
@@ -498,27 +500,35 @@ def check_spec(saved: RerankerSpec, expected: RerankerSpec, where: str) -> None:
 def load_reranker(reranker_dir: str | Path, seed: int | None = None,
                   expect: RerankerSpec | None = None) -> tuple[Reranker, RerankerSpec]:
     """A trained reranker (first seed unless `seed`), checked against `expect` when given."""
-    from safetensors.torch import load_file
-
     from rlrf.store import read_stage_json
 
     reranker_dir = Path(reranker_dir)
     info = read_stage_json(reranker_dir, "train-reranker")
     spec = RerankerSpec.from_dict(json.loads((reranker_dir / "model.json").read_text()))
+    seed = info["seeds"][0] if seed is None else seed
+    if not (reranker_dir / "checkpoints" / f"seed_{seed}.safetensors").is_file():
+        raise StageError(f"{reranker_dir / 'checkpoints'}/seed_{seed}.safetensors not found (seeds trained: {info['seeds']})")
+    return load_checkpoint(reranker_dir, f"seed_{seed}", expect), spec
+
+
+def load_checkpoint(reranker_dir: str | Path, name: str, expect: RerankerSpec | None = None) -> Reranker:
+    """checkpoints/<name>.safetensors of a reranker stage as a model of its model.json (checked against `expect`)."""
+    from safetensors.torch import load_file
+
+    reranker_dir = Path(reranker_dir)
+    spec = RerankerSpec.from_dict(json.loads((reranker_dir / "model.json").read_text()))
     if expect is not None:
         check_spec(spec, expect, str(reranker_dir / "model.json"))
-    seed = info["seeds"][0] if seed is None else seed
-    path = reranker_dir / "checkpoints" / f"seed_{seed}.safetensors"
+    path = reranker_dir / "checkpoints" / f"{name}.safetensors"
     if not path.is_file():
-        raise StageError(f"{path} not found (seeds trained: {info['seeds']})")
+        raise StageError(f"{path} not found: rerun the train-reranker stage that writes {reranker_dir}")
     model = Reranker(spec)
-    state = load_file(str(path))
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(load_file(str(path)))
     except RuntimeError as e:
         raise StageError(f"{path} does not fit {reranker_dir / 'model.json'}: {str(e).splitlines()[0]}") from None
     model.eval()
-    return model, spec
+    return model
 
 
 # ----------------------------------------------------------------------------- the stage

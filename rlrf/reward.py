@@ -1,6 +1,16 @@
-"""The reward of a profile, and the score stage that gives one to every sampled profile.
+"""The reward of a profile: one interface, two implementations, and the score stage that calls them.
 
-reward(profile) = the reward reranker's ranking quality (score.metric, NDCG@5 by default) averaged
+The interface: `ProfileReward(texts, user_ids) -> {"reward": (P,), <metric>: (P,), ...}` embeds the profile
+texts with the run's encoder (through the embedding cache) and scores them; `as_reward_func()` wraps it as
+TRL's reward function `f(prompts, completions, user_id, **kwargs) -> list[float]` for GRPO/RLOO trainers.
+Underneath, a scorer maps profile embeddings to rewards, `score_vectors(vecs, user_ids) -> {"reward": ...}`:
+
+- `retrieval` (rlrf.retrieval.RetrievalReward): NDCG of the user's held-out positives ranked by cosine
+  similarity; nothing trained, nothing in-sample.
+- `reranker` (rlrf.judge.RerankerJudge): KAR rerankers cross-fitted over users; each profile is scored only
+  by members that never saw its user, by what follows.
+
+The reranker reward of a profile = the reranker's ranking quality (score.metric, NDCG@5 by default) averaged
 over the profile's user's own lists (the lists of its split), with the profile's embedding as the
 user vector, plus score.tie_break * tanh(margin), margin = the mean score of the positives minus that of
 the negatives. NDCG@k is a step function of the scores: with SmolLM2-135M round-1 profiles, 28% of
@@ -24,7 +34,7 @@ from tqdm import tqdm
 
 from rlrf import runs
 from rlrf.config import Recipe
-from rlrf.store import Stage, StageError, read_artifact
+from rlrf.store import Stage, StageError, read_artifact, read_stage_json
 
 METRICS = tuple(f"{m}@{k}" for m in ("ndcg", "map") for k in (1, 3, 5, 7))
 
@@ -126,6 +136,100 @@ def reward_profiles(model, user_vecs: np.ndarray, profile_users: np.ndarray, lis
     return profile_rewards(scores, arr["labels"], owner, P, names)
 
 
+# ----------------------------------------------------------------------------- the interface
+
+
+class ProfileReward:
+    """reward(profile_texts, user_ids) -> {"reward": (P,), ...}: texts embedded by the run's encoder, then scored.
+
+    NaN where the user has nothing to be judged on (no held-out positive, no list)."""
+
+    def __init__(self, scorer, embed, name: str | None = None):
+        self.scorer, self.embed = scorer, embed
+        self.name = name or scorer.name
+
+    def __call__(self, texts, user_ids) -> dict[str, np.ndarray]:
+        texts = ["" if t is None else str(t) for t in texts]
+        user_ids = np.asarray(user_ids, dtype=np.int64)
+        if len(texts) != len(user_ids):
+            raise ValueError(f"reward: {len(texts)} profile texts but {len(user_ids)} user ids")
+        if not texts:
+            return {"reward": np.zeros(0)}
+        return self.scorer.score_vectors(self.embed(texts), user_ids)
+
+    def as_reward_func(self, nan_as: float = 0.0):
+        """TRL's reward function: `f(prompts, completions, user_id, **kwargs) -> list[float]` (GRPOTrainer's
+        `reward_funcs`); `user_id` is the dataset column of that name, a completion is a string or a
+        conversational list whose last message is the profile. A user with nothing to judge gets `nan_as`."""
+        def reward_func(prompts=None, completions=None, user_id=None, **kwargs) -> list[float]:
+            if user_id is None:
+                raise ValueError("rlrf reward: the dataset needs a `user_id` column (TRL passes it as a keyword)")
+            texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+            r = self(texts, user_id)["reward"]
+            return [nan_as if np.isnan(v) else float(v) for v in r]
+
+        reward_func.__name__ = f"rlrf_{self.name}"
+        return reward_func
+
+
+def text_embedder(recipe: Recipe):
+    """texts -> embeddings with the recipe's encoder, through the run's embedding cache (no text encoded twice)."""
+    from rlrf.encode import encode_texts, load_encoder, open_cache
+
+    def embed(texts: list[str]) -> np.ndarray:
+        cache = open_cache(recipe)
+        keys, _ = encode_texts(load_encoder(recipe.encode), cache, list(texts), recipe.encode.batch_size, progress=False)
+        return cache.get(keys)
+
+    return embed
+
+
+def retrieval_scorer(recipe: Recipe, item_vecs: np.ndarray | None = None):
+    """The retrieval reward of a run (item embeddings from the cache when not given)."""
+    from rlrf.retrieval import RetrievalReward
+
+    prep = runs.prepare_dir(recipe)
+    items = read_artifact(prep, "items", "prepare").sort("item_id")
+    if item_vecs is None:
+        embed = text_embedder(recipe)
+        vecs = embed(items["text"].to_list())
+        item_vecs = np.zeros((int(items["item_id"].max()) + 1, vecs.shape[1]), np.float32)
+        item_vecs[items["item_id"].to_numpy()] = vecs
+    return RetrievalReward.from_artifacts(item_vecs, read_artifact(prep, "lists", "prepare"),
+                                          read_artifact(prep, "interactions", "prepare"), items,
+                                          recipe.score.retrieval_candidates, recipe.score.retrieval_k)
+
+
+def judge_scorer(recipe: Recipe, reranker_dir: str | Path, judge: str = "a", know_dim: int | None = None):
+    """Judge `judge` (a: the reward, b: its independent twin) of a cross-fitted train-reranker stage."""
+    from rlrf.judge import RerankerJudge
+    from rlrf.rerank import RerankerSpec
+
+    prep = runs.prepare_dir(recipe)
+    lists = read_artifact(prep, "lists", "prepare")
+    spec_path = Path(reranker_dir) / "model.json"
+    if not spec_path.is_file():
+        raise StageError(f"{reranker_dir} holds no trained judge (model.json missing): run "
+                         f"`python pipelines/train_reranker.py --recipe <recipe> --round <k>` first")
+    spec = RerankerSpec.from_dict(json.loads(spec_path.read_text()))
+    if not spec.knowledge:
+        raise StageError(f"{reranker_dir} is a base reranker (reranker.knowledge=false): it ignores the profile, "
+                         f"so every profile would get the same reward. Train the reward reranker with "
+                         f"reranker.knowledge=true.")
+    n_users = int(read_artifact(prep, "users", "prepare")["user_id"].max() or 0) + 1
+    expect = _expected_spec(recipe, read_artifact(prep, "items", "prepare"), lists,
+                            spec.know_dim if know_dim is None else know_dim, spec, n_users)
+    return RerankerJudge.load(reranker_dir, judge, lists, recipe.score.metric, recipe.score.tie_break,
+                              recipe.score.batch_size, expect=expect)
+
+
+def load_reward(recipe: Recipe, round: int = 1, kind: str | None = None) -> ProfileReward:
+    """The reward of round `round` as a plain function of profile texts and user ids (score.reward by default)."""
+    kind = kind or recipe.score.reward
+    scorer = retrieval_scorer(recipe) if kind == "retrieval" else judge_scorer(recipe, runs.reranker_dir(recipe, round))
+    return ProfileReward(scorer, text_embedder(recipe), kind)
+
+
 # ----------------------------------------------------------------------------- the stage
 
 
@@ -158,62 +262,104 @@ def spread_summary(scores: pl.DataFrame) -> dict:
     }
 
 
-def score_stage(recipe: Recipe, profiles_dir: str | Path, encode_dir: str | Path, reranker_dir: str | Path,
-                out_dir: str | Path, *, force: bool = False) -> Path:
-    """One reward per profile of `profiles_dir` (embeddings from `encode_dir`), judged by `reranker_dir`."""
+# judge columns of the scores artifact: name -> (judge a's column, judge b's column)
+JUDGE_COLUMNS = {"retrieval": ("retrieval_a", "retrieval_b"), "reranker": ("judge_a", "judge_b")}
+
+
+def score_profiles(vecs: np.ndarray, user_ids: np.ndarray, retrieval, judges: dict) -> dict[str, np.ndarray]:
+    """Every judge's reward of P profile embeddings: retrieval (+ its halves a, b) and the reranker judges a, b
+    (with judge a's per-metric values); a judge that is None is skipped."""
+    out: dict[str, np.ndarray] = {}
+    if retrieval is not None:
+        out["retrieval"] = retrieval.ndcg(vecs, user_ids)
+        out["retrieval_a"] = retrieval.ndcg(vecs, user_ids, "a")
+        out["retrieval_b"] = retrieval.ndcg(vecs, user_ids, "b")
+    for j, judge in judges.items():
+        if judge is None:
+            continue
+        r = judge.score_vectors(vecs, user_ids)
+        out[f"judge_{j}"] = r["reward"]
+        if j == "a":
+            out.update({m: r[m] for m in (*METRICS, "margin")})
+            out["n_lists"] = r["n_lists"]
+    return out
+
+
+def score_stage(recipe: Recipe, profiles_dir: str | Path, encode_dir: str | Path, reranker_dir: str | Path | None,
+                out_dir: str | Path, *, force: bool = False, splits: list[str] | None = None) -> Path:
+    """One reward per profile of `profiles_dir` (embeddings from `encode_dir`): score.reward picks the `reward`
+    column; the retrieval reward and both reranker judges (`reranker_dir`, when given) are written beside it,
+    and the stage's summary holds their reliability. `splits` limits which users are scored."""
     from rlrf.encode import load_knowledge
-    from rlrf.rerank import load_reranker
+    from rlrf.reliability import describe, reliability
     from rlrf.threads import torch_threads
 
     cfg = recipe.score
     prep = runs.prepare_dir(recipe)
     out_dir = Path(out_dir)
-    config = {"seed": recipe.seed, "score": recipe.to_dict()["score"]}
-    with (Stage(out_dir, "score", config, inputs=[profiles_dir, encode_dir, reranker_dir, prep], force=force) as st,
-          torch_threads(recipe.reranker.threads)):
+    if cfg.reward == "reranker" and reranker_dir is None:
+        raise StageError("score.reward=reranker needs a trained judge (train-reranker stage); or set score.reward=retrieval")
+    config = {"seed": recipe.seed, "score": recipe.to_dict()["score"], "splits": splits}
+    inputs = [profiles_dir, encode_dir, prep] + ([reranker_dir] if reranker_dir is not None else [])
+    with (Stage(out_dir, "score", config, inputs=inputs, force=force) as st, torch_threads(recipe.reranker.threads)):
         if st.done:
-            return out_dir
-        profiles = read_artifact(profiles_dir, "profiles", "sample")
-        ut, _, cache = load_knowledge(recipe, encode_dir, sample_idx=None)
-        lists = read_artifact(prep, "lists", "prepare")
-        items = read_artifact(prep, "items", "prepare")
-        spec = json.loads((Path(reranker_dir) / "model.json").read_text()) if (Path(reranker_dir) / "model.json").is_file() else {}
-        if not spec.get("knowledge", False):
-            raise StageError(f"{reranker_dir} is a base reranker (reranker.knowledge=false): it ignores the profile, "
-                             f"so every profile would get the same reward. Train the reward reranker with "
-                             f"reranker.knowledge=true.")
-        from rlrf.rerank import RerankerSpec
-        n_users = int(read_artifact(prep, "users", "prepare")["user_id"].max() or 0) + 1
-        expect = _expected_spec(recipe, items, lists, cache.vectors.shape[1] if len(cache) else 0,
-                                RerankerSpec.from_dict(spec), n_users)
-        model, _ = load_reranker(reranker_dir, expect=expect)
-        prof = (profiles.select("run", "round", "split", "user_id", "sample_idx", "text")
-                .join(ut.select("user_id", "sample_idx", "text_hash"), on=["user_id", "sample_idx"], how="left"))
-        missing = prof.filter(pl.col("text_hash").is_null())
-        if missing.height:
-            raise StageError(f"{missing.height} profiles of {profiles_dir} have no embedding in {encode_dir} "
-                             f"(e.g. user {missing['user_id'][0]}); rerun the encode stage on these profiles")
-        for i in tqdm(st.todo(cfg.shards), desc="score shards", disable=st.quiet):
-            part = prof.filter((pl.col("user_id") % cfg.shards) == i).sort("user_id", "sample_idx")
-            vecs = cache.get(part["text_hash"].to_list()) if part.height else np.zeros((0, 1), np.float32)
-            values, n = reward_profiles(model, vecs, part["user_id"].to_numpy(), lists, cfg.metric, cfg.batch_size)
-            reward = with_tie_break(values[cfg.metric], values["margin"], cfg.tie_break)
-            df = part.select("run", "round", "split", "user_id", "sample_idx").with_columns(
-                pl.Series("reward", reward, dtype=pl.Float64),
-                pl.Series("n_lists", n, dtype=pl.Int32),
-                (part["text"].fill_null("").str.strip_chars().str.len_chars() == 0).alias("empty_text"),
-                *[pl.Series(m, values[m], dtype=pl.Float64) for m in (*METRICS, "margin")],
-            )
-            st.write_shard(i, {"scores": df}, counters={"profiles_without_lists": int((n == 0).sum())})
-        scores = pl.concat([pl.read_parquet(p) for p in sorted((out_dir / "scores").glob("part-*.parquet"))])
-        summary = {"metric": cfg.metric, "tie_break": cfg.tie_break, **spread_summary(scores),
-                   # the same without the tie break: how often the metric alone cannot tell a user's profiles apart
-                   "metric_all_tie_share": spread_summary(scores.with_columns(pl.col(cfg.metric).alias("reward")))["all_tie_share"]}
-        st.finish({"summary": summary})
-    s = summary
-    tie = "n/a" if s["all_tie_share"] is None else (f"{s['all_tie_share']:.1%} ({s['metric_all_tie_share']:.1%} before "
-                                                     f"the margin tie break)")
+            info = read_stage_json(out_dir)
+        else:
+            profiles = read_artifact(profiles_dir, "profiles", "sample")
+            if splits is not None:
+                profiles = profiles.filter(pl.col("split").is_in(splits))
+            ut, it, cache = load_knowledge(recipe, encode_dir, sample_idx=None)
+            items = read_artifact(prep, "items", "prepare")
+            item_vecs = np.zeros((int(items["item_id"].max()) + 1, cache.vectors.shape[1]), np.float32)
+            item_vecs[it["item_id"].to_numpy()] = cache.get(it["text_hash"].to_list())
+            retrieval = retrieval_scorer(recipe, item_vecs)
+            judges = ({j: judge_scorer(recipe, reranker_dir, j, item_vecs.shape[1]) for j in ("a", "b")}
+                      if reranker_dir is not None else {})
+            prof = (profiles.select("run", "round", "split", "user_id", "sample_idx", "text")
+                    .join(ut.select("user_id", "sample_idx", "text_hash"), on=["user_id", "sample_idx"], how="left"))
+            missing = prof.filter(pl.col("text_hash").is_null())
+            if missing.height:
+                raise StageError(f"{missing.height} profiles of {profiles_dir} have no embedding in {encode_dir} "
+                                 f"(e.g. user {missing['user_id'][0]}); rerun the encode stage on these profiles")
+            for i in tqdm(st.todo(cfg.shards), desc="score shards", disable=st.quiet):
+                part = prof.filter((pl.col("user_id") % cfg.shards) == i).sort("user_id", "sample_idx")
+                vecs = cache.get(part["text_hash"].to_list()) if part.height else np.zeros((0, 1), np.float32)
+                cols = score_profiles(vecs, part["user_id"].to_numpy(), retrieval, judges)
+                if cfg.reward == "retrieval":
+                    reward = cols["retrieval"]
+                else:
+                    reward = cols["judge_a"]
+                n_lists = cols.get("n_lists", np.zeros(part.height, np.int64))
+                df = part.select("run", "round", "split", "user_id", "sample_idx").with_columns(
+                    pl.Series("reward", reward, dtype=pl.Float64),
+                    pl.Series("n_lists", n_lists, dtype=pl.Int32),
+                    (part["text"].fill_null("").str.strip_chars().str.len_chars() == 0).alias("empty_text"),
+                    *[pl.Series(c, v, dtype=pl.Float64) for c, v in cols.items() if c != "n_lists"],
+                )
+                st.write_shard(i, {"scores": df},
+                               counters={"profiles_without_heldout": int(np.isnan(reward).sum())})
+            scores = pl.concat([pl.read_parquet(p) for p in sorted((out_dir / "scores").glob("part-*.parquet"))])
+            summary = {"reward": cfg.reward, "metric": cfg.metric if cfg.reward == "reranker" else
+                       f"retrieval ndcg@{cfg.retrieval_k} ({cfg.retrieval_candidates})",
+                       "tie_break": cfg.tie_break, **spread_summary(scores)}
+            if "ndcg@5" in scores.columns and cfg.reward == "reranker":
+                # the same without the tie break: how often the metric alone cannot tell a user's profiles apart
+                summary["metric_all_tie_share"] = spread_summary(
+                    scores.with_columns(pl.col(cfg.metric).alias("reward")))["all_tie_share"]
+            rel = reliability(scores, JUDGE_COLUMNS, trained_on="judge_a" if "judge_a" in scores.columns else None,
+                              resamples=recipe.rounds.bootstrap, seed=recipe.seed)
+            if {"retrieval", "judge_a"} <= set(scores.columns):
+                from rlrf.reliability import agreement
+
+                # do the two kinds of judge pick the same pairs? (the chosen reward's pairs, the other's verdict)
+                a, b = ("retrieval", "judge_a") if cfg.reward == "retrieval" else ("judge_a", "retrieval")
+                rel["across"] = {"agreement": agreement(scores, a, b, recipe.rounds.bootstrap, recipe.seed),
+                                 "within_range": None}
+            info = st.finish({"summary": summary, "reliability": rel, "reliability_line": describe(rel)})
+    s = info["summary"]
     spread = "n/a" if s["within_user_range_mean"] is None else f"{s['within_user_range_mean']:.4f}"
-    print(f"score: {scores.height} profiles, reward ({cfg.metric}) mean {s['reward_mean']:.4f}, within-user range "
-          f"{spread}, all-tie users {tie}, empty texts {s['empty_text']} -> {out_dir}")
+    print(f"score: {info['rows'].get('scores', 0)} profiles, reward {s['metric']} mean "
+          f"{(s['reward_mean'] or float('nan')):.4f}, within-user range {spread}, all-tie users "
+          f"{'n/a' if s['all_tie_share'] is None else format(s['all_tie_share'], '.1%')} | {info['reliability_line']} "
+          f"-> {out_dir}")
     return out_dir

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -70,6 +71,18 @@ def chat_ids(tokenizer, text: str) -> list[int]:
     return list(ids)
 
 
+_SENTENCE_END = re.compile(r"[.!?](?:[\"')\]*]*)(?=\s|$)|\n")
+
+
+def trim_to_sentence(text: str) -> str | None:
+    """`text` cut back to the end of its last complete sentence (., !, ? or a line break); None when it holds
+    no sentence end, or the cut would keep less than half of it (one long run-on sentence: kept as it is)."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    if not ends or ends[-1] < len(text) // 2:
+        return None
+    return text[:ends[-1]].rstrip()
+
+
 def fit_prompt(tokenizer, head: str, lines: list[str], tail: str, budget: int) -> tuple[str, list[int], int]:
     """(prompt, chat token ids, lines dropped): drop the oldest history lines until it fits `budget`.
 
@@ -101,8 +114,10 @@ def _sample_config(recipe: Recipe, splits=None, n=None, max_users=None):
 def _stage_config(recipe: Recipe, cfg, generator: str, round: int, ghash: str) -> dict:
     """The sample stage's fingerprinted config: what decides which text each (user, sample_idx) gets, plus layout.
     threads only changes speed, so it stays out (a rerun with other threads resumes)."""
+    # trim enters only when on, so stages sampled before it existed stay up to date
     return {"seed": recipe.seed, "run": recipe.run, "round": round, "generator": str(generator),
-            "generator_hash": ghash, "sample": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "threads"}}
+            "generator_hash": ghash, "sample": {k: v for k, v in dataclasses.asdict(cfg).items()
+                                                if k != "threads" and not (k == "trim" and v == "none")}}
 
 
 def sample_stage(recipe: Recipe, out_dir: str | Path, generator: str, round: int, *, splits=None, n=None,
@@ -224,8 +239,13 @@ def _profiles(backend, part: pl.DataFrame, cfg, seed: int, meta: dict, desc: str
     for r, (text, ids, trimmed), base, cs in zip(part.iter_rows(named=True), fitted, seeds, comps):
         over = len(ids) > cfg.max_prompt_tokens
         for j, c in enumerate(cs):
-            rows.append(dict(meta, split=r["split"], user_id=r["user_id"], sample_idx=j, prompt=text, text=c.text,
-                             n_tokens=c.n_tokens, finish_reason=c.finish_reason, n_history_trimmed=trimmed,
+            out, finish = c.text, c.finish_reason
+            if cfg.trim == "sentence" and finish == "length":
+                cut = trim_to_sentence(out)
+                if cut is not None:
+                    out, finish = cut, "sentence"
+            rows.append(dict(meta, split=r["split"], user_id=r["user_id"], sample_idx=j, prompt=text, text=out,
+                             n_tokens=c.n_tokens, finish_reason=finish, n_history_trimmed=trimmed,
                              prompt_over_budget=over, temperature=cfg.temperature, top_p=cfg.top_p,
                              max_new_tokens=cfg.max_new_tokens, seed=base + j))
     cols = {**schema.SCHEMAS["profiles"], "prompt_over_budget": pl.Boolean}

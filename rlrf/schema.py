@@ -42,7 +42,7 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
     # ---- sample
     "profiles": {
         "run": Str, "round": I32, "split": Str, "user_id": I64, "sample_idx": I32,
-        "prompt": Str, "text": Str, "n_tokens": I32, "finish_reason": Str,  # eos | length
+        "prompt": Str, "text": Str, "n_tokens": I32, "finish_reason": Str,  # eos | length | sentence (cut at the length, trimmed to a sentence end)
         "n_history_trimmed": I32, "generator": Str, "generator_hash": Str,
         "temperature": F64, "top_p": F64, "max_new_tokens": I32, "seed": I64,
     },
@@ -74,12 +74,14 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
         "chosen_idx": I32, "rejected_idx": I32,
     },
 }
+# the held-out users' pairs (pairs.heldout_splits): same format, never trained on
+SCHEMAS["heldout_pairs"] = SCHEMAS["pairs"]
 
 # producer stage of each artifact, for error messages
 PRODUCED_BY = {
     "users": "prepare", "items": "prepare", "interactions": "prepare", "lists": "prepare", "prompts": "prepare",
     "profiles": "sample", "item_knowledge": "sample", "user_texts": "encode", "item_texts": "encode", "scores": "score", "predictions": "train-reranker",
-    "pairs": "pairs",
+    "pairs": "pairs", "heldout_pairs": "pairs",
 }
 
 

@@ -103,10 +103,11 @@ def modules(work: WorkLog) -> dict[str, types.ModuleType]:
                 st.finish()
         return out_dir
 
-    def score_stage(recipe, profiles_dir, encode_dir, reranker_dir, out_dir, *, force=False):
+    def score_stage(recipe, profiles_dir, encode_dir, reranker_dir, out_dir, *, force=False, splits=None):
         k = _gen_index(profiles_dir)
         rows = [{"run": recipe.run, "round": 0, "split": s, "user_id": u, "sample_idx": 0,
-                 "reward": 0.40 + 0.01 * u + 0.10 * k, "n_lists": 2, "empty_text": False} for u, s in USERS.items()]
+                 "reward": 0.40 + 0.01 * u + 0.10 * k, "n_lists": 2, "empty_text": False} for u, s in USERS.items()
+                if splits is None or s in splits]
         return _write(out_dir, "score", {"score": "fake"}, [profiles_dir, encode_dir, reranker_dir], "scores", rows,
                       work)
 

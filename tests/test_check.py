@@ -76,7 +76,7 @@ def test_check_stage_writes_figure_summary_and_interval(tmp_path, monkeypatch):
     assert ci["mean"] == pytest.approx(0.05) and ci["low"] == pytest.approx(0.05) and ci["n"] == 40
     assert info["improved_share"] == 1.0 and info["verdict"].startswith("improved")
     md = (out / "summary.md").read_text()
-    assert "+0.0500" in md and "40 users" in md
+    assert "+0.0500" in md and "| 40 |" in md
     assert (out / "check.png").stat().st_size > 1000
     calls.clear()
     check.check_stage(recipe, 1)  # finished: a no-op that still prints the figure
@@ -105,7 +105,7 @@ def test_old_side_profiles_are_taken_from_the_rounds_sample_when_it_has_them(tmp
         for i in st.todo(1):
             st.write_shard(i, {"prompts": prompts})
         st.finish()
-    base = {c: v for c, v in dataclasses.asdict(recipe.sample).items() if c != "threads"}
+    base = {c: v for c, v in dataclasses.asdict(recipe.sample).items() if c not in ("threads", "trim")}
     src_config = {"seed": recipe.seed, "run": "r", "round": 1, "generator": "g0", "generator_hash": "w0", "sample": base}
     rows = [{"run": "r", "round": 1, "split": s, "user_id": u, "sample_idx": i, "prompt": "p", "text": f"u{u} s{i}",
              "n_tokens": 3, "finish_reason": "eos", "n_history_trimmed": 0, "generator": "g0", "generator_hash": "w0",

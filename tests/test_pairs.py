@@ -63,7 +63,7 @@ def test_stage_writes_trl_rows_and_llamafactory_export(tmp_path):
     assert row["chosen"] == [{"role": "assistant", "content": "user 1 profile 1: likes drama"}]
     assert row["rejected"] == [{"role": "assistant", "content": "user 1 profile 0: likes drama"}]
     info = read_stage_json(out)
-    assert info["dropped"] == {"tie": 1} and info["rows"] == {"pairs": 2}
+    assert info["dropped"] == {"tie": 1} and info["rows"] == {"pairs": 2, "heldout_pairs": 0}
 
     lf = out / "llamafactory"
     entry = json.loads((lf / "dataset_info.json").read_text())[dataset_name(2)]

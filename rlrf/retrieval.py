@@ -1,0 +1,133 @@
+"""The retrieval reward (LangPTune's design): a profile is good when its embedding retrieves the user's
+held-out positives.
+
+reward(profile) = NDCG@k of the user's held-out positive items (label 1 in the user's rerank lists, never
+the prompt history) ranked by cosine(profile embedding, item text embedding), either among the candidates
+of each of the user's lists (`lists`: the reranker's task, averaged over lists) or among the whole
+catalogue minus the items of the user's prompt history (`catalogue`). Nothing is trained, so nothing is
+judged in-sample, and the same profile always gets the same reward. A user with no held-out positive gets
+NaN (counted by the caller).
+
+Two independent versions of the reward for its reliability: half "a" judges with the positives of the
+user's even-numbered lists, half "b" with the odd-numbered ones (in the catalogue ranking, the other half's
+positives leave the candidates, so they count neither for nor against).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from rlrf.metrics import ndcg_at_k
+
+CANDIDATES = ("catalogue", "lists")
+HALVES = (None, "a", "b")
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def catalogue_ndcg(scores: np.ndarray, relevant: list[np.ndarray], excluded: list[np.ndarray],
+                   k: int) -> np.ndarray:
+    """NDCG@k per row of `scores` (P, n_items) with binary relevance `relevant[p]` (item ids), items
+    `excluded[p]` removed from the candidates; NaN for a row with no relevant item. Ties rank pessimistically
+    (a relevant item shares the worst rank of its tie), so a constant scorer earns nothing."""
+    out = np.full(len(scores), np.nan)
+    disc = 1.0 / np.log2(np.arange(2, k + 2))
+    for p, (s, rel, exc) in enumerate(zip(scores, relevant, excluded)):
+        if len(rel) == 0:
+            continue
+        s = s.astype(np.float64, copy=True)
+        s[exc] = -np.inf
+        # rank of each relevant item = how many candidates score at least as high, itself excluded
+        rank = (s[None, :] >= s[rel][:, None]).sum(1) - 1
+        dcg = disc[rank[rank < k]].sum()
+        idcg = disc[:min(k, len(rel))].sum()
+        out[p] = dcg / idcg
+    return out
+
+
+class RetrievalReward:
+    """Training-free reward over profile embeddings; `score_vectors(vecs, user_ids)` -> {name: (P,)}.
+
+    Built from a run's prepare artifacts (`from_artifacts`) or from plain arrays (tests)."""
+
+    name = "retrieval"
+    trained_users: frozenset = frozenset()  # it learns nothing from anyone
+
+    def __init__(self, item_vecs: np.ndarray, lists: pl.DataFrame, history: dict[int, np.ndarray],
+                 candidates: str = "catalogue", k: int = 10, valid_items: np.ndarray | None = None):
+        if candidates not in CANDIDATES:
+            raise ValueError(f"retrieval candidates must be one of {CANDIDATES}, got {candidates!r}")
+        self.items = unit(item_vecs)
+        self.candidates, self.k = candidates, int(k)
+        n_items = len(item_vecs)
+        # ids with no item (e.g. 0 when ids start at 1) are never candidates
+        self.no_item = (np.setdiff1d(np.arange(n_items), valid_items) if valid_items is not None
+                        else np.zeros(0, np.int64))
+        self.history = history
+        self.lists: dict[int, dict] = {}
+        for (u,), g in lists.sort("list_id").group_by("user_id", maintain_order=True):
+            ids = np.asarray(g["item_ids"].to_list(), dtype=np.int64)
+            lab = np.asarray(g["labels"].to_list(), dtype=np.int8)
+            half = np.arange(len(ids)) % 2  # 0 -> half a, 1 -> half b
+            pos = [np.unique(ids[half == h][lab[half == h] > 0]) for h in (0, 1)]
+            self.lists[int(u)] = {"ids": ids, "labels": lab, "half": half, "pos": pos,
+                                  "all_pos": np.unique(np.concatenate(pos))}
+
+    @classmethod
+    def from_artifacts(cls, item_vecs: np.ndarray, lists: pl.DataFrame, interactions: pl.DataFrame,
+                       items: pl.DataFrame, candidates: str, k: int) -> "RetrievalReward":
+        hist = (interactions.filter(pl.col("in_history")).group_by("user_id")
+                .agg(pl.col("item_id")))
+        history = {int(u): np.asarray(i, dtype=np.int64) for u, i in zip(hist["user_id"], hist["item_id"])}
+        return cls(item_vecs, lists, history, candidates, k, valid_items=items["item_id"].to_numpy())
+
+    def has_positives(self, user_id: int) -> bool:
+        u = self.lists.get(int(user_id))
+        return u is not None and len(u["all_pos"]) > 0
+
+    def score_vectors(self, vecs: np.ndarray, user_ids) -> dict[str, np.ndarray]:
+        """{"reward": (P,)} (= NDCG@k) for profile embeddings (P, d) of `user_ids`: the reward interface."""
+        r = self.ndcg(vecs, user_ids)
+        return {"reward": r, f"retrieval_ndcg@{self.k}": r}
+
+    def ndcg(self, vecs: np.ndarray, user_ids, half: str | None = None) -> np.ndarray:
+        """NDCG@k of each profile embedding (P, d) for its user; `half` in (None, "a", "b")."""
+        if half not in HALVES:
+            raise ValueError(f"half must be None, 'a' or 'b', got {half!r}")
+        user_ids = np.asarray(user_ids, dtype=np.int64)
+        if len(user_ids) == 0:
+            return np.zeros(0)
+        sims = unit(vecs) @ self.items.T  # (P, n_items)
+        h = {None: None, "a": 0, "b": 1}[half]
+        if self.candidates == "lists":
+            return self._lists(sims, user_ids, h)
+        rel, exc = [], []
+        empty = np.zeros(0, np.int64)
+        for u in user_ids.tolist():
+            info = self.lists.get(u)
+            hist = self.history.get(u, empty)
+            if info is None:
+                rel.append(empty)
+                exc.append(hist)
+                continue
+            rel.append(info["all_pos"] if h is None else info["pos"][h])
+            other = empty if h is None else np.setdiff1d(info["pos"][1 - h], info["pos"][h])
+            exc.append(np.concatenate([hist, other, self.no_item]))
+        return catalogue_ndcg(sims, rel, exc, self.k)
+
+    def _lists(self, sims: np.ndarray, user_ids: np.ndarray, h: int | None) -> np.ndarray:
+        out = np.full(len(user_ids), np.nan)
+        for p, u in enumerate(user_ids.tolist()):
+            info = self.lists.get(u)
+            if info is None:
+                continue
+            keep = np.ones(len(info["ids"]), bool) if h is None else info["half"] == h
+            ids, lab = info["ids"][keep], info["labels"][keep]
+            if not (lab > 0).any():
+                continue
+            out[p] = ndcg_at_k(sims[p][ids], lab, self.k).mean()
+        return out
