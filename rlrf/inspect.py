@@ -142,6 +142,27 @@ def show_profiles(run_dir: Path, round: int | None, user: int | None, limit: int
     return "\n".join(out)
 
 
+def _findings(info: dict) -> list[str]:
+    """The figures a person checks first: a score stage's judge reliability, a judge's held-out accuracy,
+    DPO's held-out pair accuracy, the check's verdict."""
+    out = []
+    if info.get("reliability_line"):
+        out.append(f"reliability: {info['reliability_line']}")
+    j = info.get("judges")
+    if isinstance(j, dict) and "heldout_ndcg@5" in j:
+        out.append(f"judge: held-out NDCG@5 {j['heldout_ndcg@5']['mean']:.4f} +- {j['heldout_ndcg@5']['std']:.4f} vs "
+                   f"item popularity {j['popularity_ndcg@5']['mean']:.4f} on the same lists ({j['members']} members)")
+    h = info.get("heldout")
+    if isinstance(h, dict) and "accuracy" in h:
+        out.append(f"held-out pairs: implicit-reward accuracy {h['accuracy']:.3f} [{h['low']:.3f}, {h['high']:.3f}] "
+                   f"over {h['pairs']} pairs (chance 0.5)")
+    if info.get("stage") == "check" and "reward_diff" in info:
+        ci = info["reward_diff"]
+        out.append(f"is it learning ({info.get('judge', info.get('metric'))}): {ci['mean']:+.4f} "
+                   f"[{ci['low']:+.4f}, {ci['high']:+.4f}] over {ci['n']} valid users: {info.get('verdict')}")
+    return out
+
+
 def show_summary(run_dir: Path) -> str:
     """Every stage under the run: rows, drop counters, wall time; unfinished ones with their shard count."""
     lines = [f"{run_dir}:"]
@@ -159,6 +180,8 @@ def show_summary(run_dir: Path) -> str:
             lines.append(head)
             lines += textwrap.wrap(f"rows: {rows}", w - 6, initial_indent="      ", subsequent_indent="        ")
             lines += textwrap.wrap(f"dropped: {drops}", w - 6, initial_indent="      ", subsequent_indent="        ")
+            for note in _findings(info):
+                lines += textwrap.wrap(note, w - 6, initial_indent="      ", subsequent_indent="        ")
         else:
             shards = len(list((d / SHARDS).glob("*.json")))
             lines.append(f"  {rel:<34} {'UNFINISHED':<15} {shards} shard(s) done; rerun its stage to resume")

@@ -108,8 +108,10 @@ def train_judges_stage(recipe: Recipe, out_dir: str | Path, knowledge_dir: str |
             raise StageError(f"train-reranker: {len(profiled)} users have a profile in {knowledge_dir}, fewer than "
                              f"reranker.folds={cfg.folds}: a fold would be left without users. Sample more users "
                              f"(sample.max_users) or lower reranker.folds.")
-        pool = {k: np.concatenate([data.lists[s][k] for s in ("train", "valid", "test")])
-                for k in data.lists["train"]}
+        # every list of a user with a profile (any split) plus zero-profile train lists; an empty split's arrays
+        # have no list width, so they stay out
+        parts = [data.lists[s] for s in ("train", "valid", "test") if len(data.lists[s]["list_id"])]
+        pool = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         unprofiled = set(np.unique(pool["user_id"]).tolist()) - set(profiled)  # zero-profile train users
         inter = read_artifact(prep, "interactions", "prepare")
         spec = data.spec(cfg.backbone, True, cfg.dropout, history=cfg.history > 0)

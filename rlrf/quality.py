@@ -115,7 +115,9 @@ def profile_quality(profiles: pl.DataFrame, items: pl.DataFrame, interactions: p
         "mean_words": float(np.mean([len(words(t)) for t in texts])) if texts else 0.0,
         "distinct_2": distinct_n(texts, 2),
         "names_history": float(history_mentions(profiles, items, interactions).mean()) if texts else 0.0,
+        # cut mid-sentence at max_new_tokens; "sentence" = cut there too, then trimmed back to a sentence end
         "share_truncated": float((profiles["finish_reason"] == "length").mean()) if texts else 0.0,
+        "share_at_limit": float(profiles["finish_reason"].is_in(["length", "sentence"]).mean()) if texts else 0.0,
     }
     if ppl_model is not None:
         sub = profiles if ppl_split is None else profiles.filter(pl.col("split") == ppl_split)

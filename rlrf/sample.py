@@ -157,6 +157,7 @@ def sample_stage(recipe: Recipe, out_dir: str | Path, generator: str, round: int
         s = _summary(out_dir, cfg)
         print(f"sample round {round}: {info['rows'].get('profiles', 0)} profiles of {s['users']} users from "
               f"{generator} | finish eos={s['finish_reason'].get('eos', 0)} length={s['finish_reason'].get('length', 0)} "
+              f"sentence={s['finish_reason'].get('sentence', 0)} "
               f"empty={s['empty_text']} | history trimmed for {s['users_history_trimmed']} users "
               f"({s['history_lines_trimmed']} lines) | {info['wall_s']:.0f}s -> {out_dir}")
     return out_dir

@@ -1,0 +1,222 @@
+"""The retrieval reward (rlrf/retrieval.py) on hand-made embeddings whose answers are known by hand."""
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+
+from rlrf.retrieval import RetrievalReward, catalogue_ndcg
+
+E = np.zeros(0, np.int64)
+
+
+def d(rank: int) -> float:
+    """The NDCG discount of 0-based rank `rank`."""
+    return 1.0 / math.log2(rank + 2)
+
+
+# ----------------------------------------------------------------------------- catalogue_ndcg
+
+
+def test_catalogue_ndcg_rank_two_and_exclusion():
+    # 5 items; item 1 scores highest, item 2 (the relevant one) second
+    scores = np.array([[0.1, 0.9, 0.8, 0.3, 0.2]])
+    got = catalogue_ndcg(scores, [np.array([2])], [E], k=3)
+    assert got[0] == pytest.approx(1 / math.log2(3))
+    # excluding the item ranked above it makes item 2 rank first
+    got = catalogue_ndcg(scores, [np.array([2])], [np.array([1])], k=3)
+    assert got[0] == pytest.approx(1.0)
+    # excluding items ranked below changes nothing
+    got = catalogue_ndcg(scores, [np.array([2])], [np.array([0, 3, 4])], k=3)
+    assert got[0] == pytest.approx(1 / math.log2(3))
+
+
+def test_catalogue_ndcg_cutoff_two_relevant_and_rows():
+    scores = np.array([[0.1, 0.9, 0.8, 0.3, 0.2],
+                       [0.1, 0.9, 0.8, 0.3, 0.2],
+                       [0.5, 0.4, 0.3, 0.2, 0.1]])
+    rel = [np.array([4]), np.array([1, 3]), E]
+    got = catalogue_ndcg(scores, rel, [E, E, E], k=3)
+    assert got[0] == 0.0                       # item 4 ranks 5th: outside the top 3
+    # items 1 (rank 0) and 3 (rank 2): (1 + 1/log2(4)) / (1 + 1/log2(3))
+    assert got[1] == pytest.approx((1 + d(2)) / (1 + d(1)))
+    assert np.isnan(got[2])                    # no relevant item -> NaN
+    assert got.shape == (3,)
+
+
+def test_catalogue_ndcg_constant_scorer_ties_are_pessimistic():
+    scores = np.full((1, 5), 0.5)
+    # the relevant item shares the worst rank of a 5-way tie (rank 4): outside k=3 -> 0
+    assert catalogue_ndcg(scores, [np.array([2])], [E], k=3)[0] == 0.0
+    # with k=5 it earns the discount of rank 4, not of rank 0
+    assert catalogue_ndcg(scores, [np.array([2])], [E], k=5)[0] == pytest.approx(d(4))
+    # excluding two tied items moves it up to rank 2
+    assert catalogue_ndcg(scores, [np.array([2])], [np.array([0, 1])], k=3)[0] == pytest.approx(d(2))
+
+
+# ----------------------------------------------------------------------------- RetrievalReward
+
+# items 1..8 are one-hot vectors e_1..e_8 (id 0 has no item); item_vecs is indexed by item id
+N_ITEMS = 9
+ITEMS = np.eye(N_ITEMS, dtype=np.float32)
+VALID = np.arange(1, N_ITEMS)
+
+
+def lists_frame(rows):
+    return pl.DataFrame(rows, schema={"list_id": pl.Int64, "user_id": pl.Int64, "item_ids": pl.List(pl.Int64),
+                                      "labels": pl.List(pl.Int64)}, orient="row")
+
+
+# user 1: list 10 (half a, its first list by list_id) has positive item 1; list 11 (half b) has positive 6.
+# The rows are given out of list_id order on purpose. History: item 3 (never a candidate in the catalogue).
+# user 2: lists without any positive. user 3: one list only (half a), positive item 7.
+LISTS = lists_frame([
+    (11, 1, [5, 6, 7, 8], [0, 1, 0, 0]),
+    (10, 1, [2, 1, 4, 5], [0, 1, 0, 0]),
+    (20, 2, [1, 2, 3, 4], [0, 0, 0, 0]),
+    (21, 2, [5, 6, 7, 8], [0, 0, 0, 0]),
+    (30, 3, [2, 4, 7, 8], [0, 0, 1, 0]),
+])
+HISTORY = {1: np.array([3]), 2: np.array([1]), 3: np.array([5])}
+
+
+def reward(candidates="catalogue", k=10):
+    return RetrievalReward(ITEMS, LISTS, HISTORY, candidates=candidates, k=k, valid_items=VALID)
+
+
+def at(*weights: tuple[int, float]) -> np.ndarray:
+    """A profile vector with the given weight on each item's direction."""
+    v = np.zeros(N_ITEMS, np.float32)
+    for i, w in weights:
+        v[i] = w
+    return v
+
+
+@pytest.mark.parametrize("candidates", ["catalogue", "lists"])
+def test_profile_at_the_positives_beats_one_elsewhere(candidates):
+    r = reward(candidates)
+    good = at((1, 1.0), (6, 0.9))    # the user's two positives first
+    bad = at((8, 1.0), (2, 0.9))     # two negatives first
+    got = r.ndcg(np.stack([good, bad]), [1, 1])
+    assert got[0] == pytest.approx(1.0)
+    assert got[1] < got[0]
+    out = r.score_vectors(np.stack([good, bad]), [1, 1])
+    assert "reward" in out and out["reward"].shape == (2,)
+    np.testing.assert_allclose(out["reward"], got)
+    assert f"retrieval_ndcg@{r.k}" in out
+
+
+def test_catalogue_ndcg_by_hand():
+    r = reward("catalogue")
+    # profile ranks 8 > 2 > 1 > 6 > the rest (all 0): candidates = 1..8 minus history 3
+    v = at((8, 0.4), (2, 0.3), (1, 0.2), (6, 0.1))
+    assert r.ndcg(v[None], [1])[0] == pytest.approx((d(2) + d(3)) / (1 + d(1)))
+
+
+def test_lists_ndcg_by_hand():
+    r = reward("lists", k=3)
+    # list 10: [2, 1, 4, 5], profile ranks 2 > 1 > ... -> positive 1 at rank 1: 1/log2(3)
+    # list 11: [5, 6, 7, 8], profile ranks 6 first -> 1.0; the reward is the mean over the lists
+    v = at((2, 0.4), (1, 0.3), (6, 0.5))
+    assert r.ndcg(v[None], [1])[0] == pytest.approx((d(1) + 1.0) / 2)
+
+
+def test_history_items_are_never_candidates():
+    r = reward("catalogue")
+    plain = at((1, 0.5), (6, 0.1))
+    near_history = at((3, 1.0), (1, 0.5), (6, 0.1))  # the history item 3 is the nearest item
+    got = r.ndcg(np.stack([plain, near_history]), [1, 1])
+    assert got[0] == pytest.approx(1.0)
+    assert got[1] == pytest.approx(got[0])  # item 3 is out of the ranking: it pushes nothing down
+    # the same lists without a history: item 3 is a candidate again and ranks above both positives
+    r2 = RetrievalReward(ITEMS, LISTS, {1: E}, candidates="catalogue", k=10, valid_items=VALID)
+    without_hist = r2.ndcg(near_history[None], [1])[0]
+    assert without_hist == pytest.approx((d(1) + d(2)) / (1 + d(1)))
+
+
+def test_id_without_item_is_never_a_candidate():
+    # item id 0 has no item: even a profile pointing at it does not push the positive down
+    v = at((0, 1.0), (1, 0.5))
+    r = RetrievalReward(ITEMS, LISTS, HISTORY, candidates="catalogue", k=10, valid_items=VALID)
+    assert r.ndcg(v[None], [1], half="a")[0] == pytest.approx(1.0)
+    r_all = RetrievalReward(ITEMS, LISTS, HISTORY, candidates="catalogue", k=10, valid_items=None)
+    assert r_all.ndcg(v[None], [1], half="a")[0] == pytest.approx(d(1))
+
+
+@pytest.mark.parametrize("candidates", ["catalogue", "lists"])
+def test_halves_use_even_and_odd_lists_in_list_id_order(candidates):
+    r = reward(candidates)
+    at_x = at((1, 1.0))  # item 1: the positive of list 10 (half a)
+    at_y = at((6, 1.0))  # item 6: the positive of list 11 (half b)
+    vecs = np.stack([at_x, at_y])
+    a = r.ndcg(vecs, [1, 1], half="a")
+    b = r.ndcg(vecs, [1, 1], half="b")
+    assert a[0] == pytest.approx(1.0) and b[0] < 1.0
+    assert b[1] == pytest.approx(1.0) and a[1] < 1.0
+    assert r.has_positives(1) and not r.has_positives(2) and not r.has_positives(99)
+
+
+def test_catalogue_half_removes_the_other_halfs_positives():
+    r = reward("catalogue")
+    # profile ranks 6 (half b's positive) first, then 1 (half a's): for half a, item 6 leaves the candidates,
+    # so item 1 ranks first; for half b, item 1 leaves and 6 ranks first
+    v = at((6, 1.0), (1, 0.5))
+    assert r.ndcg(v[None], [1], half="a")[0] == pytest.approx(1.0)
+    assert r.ndcg(v[None], [1], half="b")[0] == pytest.approx(1.0)
+    # without halves both count: 6 at rank 0, 1 at rank 1 -> 1.0 as well; a third item in front lowers it
+    w = at((8, 2.0), (6, 1.0), (1, 0.5))
+    assert r.ndcg(w[None], [1])[0] == pytest.approx((d(1) + d(2)) / (1 + d(1)))
+    assert r.ndcg(w[None], [1], half="a")[0] == pytest.approx(d(1))  # 8, (6 gone), 1
+
+
+@pytest.mark.parametrize("candidates", ["catalogue", "lists"])
+def test_users_without_heldout_positives_get_nan(candidates):
+    r = reward(candidates)
+    v = np.stack([at((1, 1.0), (6, 0.9))] * 3)
+    got = r.ndcg(v, [2, 99, 1])
+    assert np.isnan(got[0]) and np.isnan(got[1]) and got[2] == pytest.approx(1.0)
+    # user 3 has a single list (half a): half b has nothing to judge with
+    v3 = at((7, 1.0))[None]
+    assert r.ndcg(v3, [3], half="a")[0] == pytest.approx(1.0)
+    assert np.isnan(r.ndcg(v3, [3], half="b")[0])
+    assert np.isnan(r.score_vectors(v[:1], [2])["reward"][0])
+
+
+def test_empty_and_invalid_arguments():
+    r = reward()
+    assert r.ndcg(np.zeros((0, N_ITEMS), np.float32), []).shape == (0,)
+    with pytest.raises(ValueError, match="half"):
+        r.ndcg(at((1, 1.0))[None], [1], half="c")
+    with pytest.raises(ValueError, match="candidates"):
+        RetrievalReward(ITEMS, LISTS, HISTORY, candidates="everything")
+
+
+def test_same_profile_same_reward_and_scale_invariance():
+    r = reward()
+    v = at((8, 0.4), (2, 0.3), (1, 0.2), (6, 0.1))
+    once = r.ndcg(np.stack([v, 7 * v]), [1, 1])
+    assert once[0] == once[1] and np.array_equal(once, r.ndcg(np.stack([v, 7 * v]), [1, 1]))
+
+
+def test_from_artifacts_takes_history_from_interactions():
+    inter = pl.DataFrame({"user_id": [1, 1, 1], "item_id": [3, 2, 8], "in_history": [True, True, False]})
+    items = pl.DataFrame({"item_id": VALID})
+    r = RetrievalReward.from_artifacts(ITEMS, LISTS, inter, items, "catalogue", 10)
+    assert sorted(r.history[1].tolist()) == [2, 3]
+    # items 3 and 2 are history: a profile nearest them still ranks positive 1 first
+    v = at((3, 1.0), (2, 0.9), (1, 0.5), (6, 0.4))
+    assert r.ndcg(v[None], [1])[0] == pytest.approx(1.0)
+
+
+def test_halves_alternate_over_three_lists():
+    # lists 40 and 42 (1st and 3rd by list_id) are half a, 41 half b; rows given in reverse order
+    lists = lists_frame([(42, 4, [5, 6, 7, 8], [0, 0, 1, 0]),
+                         (41, 4, [1, 2, 4, 5], [0, 1, 0, 0]),
+                         (40, 4, [1, 2, 4, 8], [0, 0, 1, 0])])
+    r = RetrievalReward(ITEMS, lists, {}, candidates="catalogue", k=10, valid_items=VALID)
+    assert r.lists[4]["pos"][0].tolist() == [4, 7] and r.lists[4]["pos"][1].tolist() == [2]
+    v = at((4, 1.0), (7, 0.9))
+    assert r.ndcg(v[None], [4], half="a")[0] == pytest.approx(1.0)
+    assert r.ndcg(v[None], [4], half="b")[0] < 1.0
+    assert r.ndcg(at((2, 1.0))[None], [4], half="b")[0] == pytest.approx(1.0)
