@@ -47,7 +47,7 @@ def cpu_flags() -> str:
 def row(name: str, scores: pl.DataFrame, a: str, b: str, seed: int, seconds: float, best_col: str | None = None) -> dict:
     ag = agreement(scores, a, b, 2000, seed)
     bs = best_share(scores, best_col or a, 0)
-    wr = within_user_range(scores, a)
+    wr = within_user_range(scores, best_col or a)
     print(f"{name:28s} agreement {ag['mean']:.3f} [{ag['low']:.3f}, {ag['high']:.3f}] n={ag['n']:3d} | "
           f"best=s0 {bs['share']:.3f} (chance {bs['chance']:.3f}) | range {wr['within_range']:.4f} vs across-user "
           f"std {wr['across_std']:.4f} | {seconds:.0f} s")

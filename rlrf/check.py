@@ -54,13 +54,12 @@ def paired(old: pl.DataFrame, new: pl.DataFrame, col: str = "reward") -> pl.Data
 
 
 def judges(recipe: Recipe, columns) -> dict[str, str]:
-    """name -> scores column of every judge present, the one independent of the pair-picking reward first."""
-    if recipe.score.reward == "retrieval":
-        out = {"reranker judges a+b (cross-fitted)": "judge_ab", "retrieval (picked the pairs)": "retrieval"}
-    else:
-        out = {"retrieval": "retrieval", "reranker judge b (independent seeds/folds)": "judge_b",
-               "reranker judge a (picked the pairs)": "judge_a"}
-    found = {k: v for k, v in out.items() if v in columns}
+    """name -> scores column of every judge present: first those independent of the pair-picking reward."""
+    names = {"retrieval": "retrieval (encoder cosine)", "lexical": "lexical (TF-IDF cosine)",
+             "judge_ab": "reranker judges a+b (cross-fitted)"}
+    picked = {"retrieval": "retrieval", "lexical": "lexical", "reranker": "judge_ab"}[recipe.score.reward]
+    order = [c for c in ("retrieval", "lexical", "judge_ab") if c != picked] + [picked]
+    found = {names[c] + (" - picked the pairs" if c == picked else ""): c for c in order if c in columns}
     return found or {"the round's reward": "reward"}
 
 

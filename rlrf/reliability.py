@@ -59,7 +59,8 @@ def best_share(scores: pl.DataFrame, col: str, sample_idx: int = 0) -> dict:
         if g.height < 2:
             continue
         v = g[col].to_numpy()
-        wins.append(float(g["sample_idx"][int(np.argmax(v))] == sample_idx))
+        top = g["sample_idx"].to_numpy()[v == v.max()]  # a tie for best shares the win
+        wins.append(float(sample_idx in top) / len(top))
         chance.append(1.0 / g.height)
     return {"share": float(np.mean(wins)) if wins else None, "chance": float(np.mean(chance)) if chance else None,
             "users": len(wins), "sample_idx": sample_idx}

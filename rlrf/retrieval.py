@@ -8,6 +8,10 @@ catalogue minus the items of the user's prompt history (`catalogue`). Nothing is
 judged in-sample, and the same profile always gets the same reward. A user with no held-out positive gets
 NaN (counted by the caller).
 
+The profile and item vectors come from the encode stage's text encoder (`retrieval`: dense, MiniLM by
+default) or from a word TF-IDF fitted on the item texts (`lexical`: a profile is close to the items whose
+titles and genres it names). The two make different mistakes, so each is the other's independent judge.
+
 Two independent versions of the reward for its reliability: half "a" judges with the positives of the
 user's even-numbered lists, half "b" with the odd-numbered ones (in the catalogue ranking, the other half's
 positives leave the candidates, so they count neither for nor against).
@@ -131,3 +135,15 @@ class RetrievalReward:
                 continue
             out[p] = ndcg_at_k(sims[p][ids], lab, self.k).mean()
         return out
+
+
+class Lexical:
+    """Word TF-IDF (sublinear tf, English stop words) fitted on the item texts: texts -> dense unit vectors."""
+
+    def __init__(self, item_texts: list[str]):
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        self.vectorizer = TfidfVectorizer(sublinear_tf=True, stop_words="english").fit(item_texts)
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        return self.vectorizer.transform(["" if t is None else t for t in texts]).toarray().astype(np.float32)

@@ -184,20 +184,27 @@ def text_embedder(recipe: Recipe):
     return embed
 
 
-def retrieval_scorer(recipe: Recipe, item_vecs: np.ndarray | None = None):
-    """The retrieval reward of a run (item embeddings from the cache when not given)."""
+def retrieval_scorer(recipe: Recipe, item_vecs: np.ndarray | None = None, embed=None):
+    """The retrieval reward of a run: items embedded by `embed` (default: the recipe's encoder through the cache)
+    unless their vectors are given."""
     from rlrf.retrieval import RetrievalReward
 
     prep = runs.prepare_dir(recipe)
     items = read_artifact(prep, "items", "prepare").sort("item_id")
     if item_vecs is None:
-        embed = text_embedder(recipe)
-        vecs = embed(items["text"].to_list())
+        vecs = (embed or text_embedder(recipe))(items["text"].to_list())
         item_vecs = np.zeros((int(items["item_id"].max()) + 1, vecs.shape[1]), np.float32)
         item_vecs[items["item_id"].to_numpy()] = vecs
     return RetrievalReward.from_artifacts(item_vecs, read_artifact(prep, "lists", "prepare"),
                                           read_artifact(prep, "interactions", "prepare"), items,
                                           recipe.score.retrieval_candidates, recipe.score.retrieval_k)
+
+
+def lexical_embedder(recipe: Recipe):
+    """texts -> word TF-IDF vectors fitted on the run's item texts (rlrf.retrieval.Lexical)."""
+    from rlrf.retrieval import Lexical
+
+    return Lexical(read_artifact(runs.prepare_dir(recipe), "items", "prepare").sort("item_id")["text"].to_list())
 
 
 def judge_scorer(recipe: Recipe, reranker_dir: str | Path, judge: str = "a", know_dim: int | None = None):
@@ -226,6 +233,11 @@ def judge_scorer(recipe: Recipe, reranker_dir: str | Path, judge: str = "a", kno
 def load_reward(recipe: Recipe, round: int = 1, kind: str | None = None) -> ProfileReward:
     """The reward of round `round` as a plain function of profile texts and user ids (score.reward by default)."""
     kind = kind or recipe.score.reward
+    if kind == "lexical":
+        embed = lexical_embedder(recipe)
+        scorer = retrieval_scorer(recipe, embed=embed)
+        scorer.name = "lexical"
+        return ProfileReward(scorer, embed, kind)
     scorer = retrieval_scorer(recipe) if kind == "retrieval" else judge_scorer(recipe, runs.reranker_dir(recipe, round))
     return ProfileReward(scorer, text_embedder(recipe), kind)
 
@@ -263,17 +275,27 @@ def spread_summary(scores: pl.DataFrame) -> dict:
 
 
 # judge columns of the scores artifact: name -> (judge a's column, judge b's column)
-JUDGE_COLUMNS = {"retrieval": ("retrieval_a", "retrieval_b"), "reranker": ("judge_a", "judge_b")}
+JUDGE_COLUMNS = {"retrieval": ("retrieval_a", "retrieval_b"), "lexical": ("lexical_a", "lexical_b"),
+                 "reranker": ("judge_a", "judge_b")}
+# the column of each score.reward
+REWARD_COLUMN = {"retrieval": "retrieval", "lexical": "lexical", "reranker": "judge_a"}
 
 
-def score_profiles(vecs: np.ndarray, user_ids: np.ndarray, retrieval, judges: dict) -> dict[str, np.ndarray]:
-    """Every judge's reward of P profile embeddings: retrieval (+ its halves a, b) and the reranker judges a, b
-    (with judge a's per-metric values); a judge that is None is skipped."""
+def score_profiles(vecs: np.ndarray, user_ids: np.ndarray, retrieval, judges: dict, texts: list[str] | None = None,
+                   lexical=None) -> dict[str, np.ndarray]:
+    """Every judge's reward of P profiles (embeddings `vecs`, `texts`): retrieval and lexical (+ their halves a, b)
+    and the reranker judges a, b (with judge a's per-metric values); a judge that is None is skipped.
+    `lexical` = (its RetrievalReward, its text vectorizer)."""
     out: dict[str, np.ndarray] = {}
-    if retrieval is not None:
-        out["retrieval"] = retrieval.ndcg(vecs, user_ids)
-        out["retrieval_a"] = retrieval.ndcg(vecs, user_ids, "a")
-        out["retrieval_b"] = retrieval.ndcg(vecs, user_ids, "b")
+    sides = [("retrieval", retrieval, vecs)]
+    if lexical is not None and texts is not None:
+        sides.append(("lexical", lexical[0], lexical[1](texts) if len(texts) else np.zeros((0, 1), np.float32)))
+    for name, ret, v in sides:
+        if ret is None:
+            continue
+        out[name] = ret.ndcg(v, user_ids)
+        out[f"{name}_a"] = ret.ndcg(v, user_ids, "a")
+        out[f"{name}_b"] = ret.ndcg(v, user_ids, "b")
     for j, judge in judges.items():
         if judge is None:
             continue
@@ -313,6 +335,8 @@ def score_stage(recipe: Recipe, profiles_dir: str | Path, encode_dir: str | Path
             item_vecs = np.zeros((int(items["item_id"].max()) + 1, cache.vectors.shape[1]), np.float32)
             item_vecs[it["item_id"].to_numpy()] = cache.get(it["text_hash"].to_list())
             retrieval = retrieval_scorer(recipe, item_vecs)
+            lex_embed = lexical_embedder(recipe)
+            lexical = (retrieval_scorer(recipe, embed=lex_embed), lex_embed)
             judges = ({j: judge_scorer(recipe, reranker_dir, j, item_vecs.shape[1]) for j in ("a", "b")}
                       if reranker_dir is not None else {})
             prof = (profiles.select("run", "round", "split", "user_id", "sample_idx", "text")
@@ -324,11 +348,9 @@ def score_stage(recipe: Recipe, profiles_dir: str | Path, encode_dir: str | Path
             for i in tqdm(st.todo(cfg.shards), desc="score shards", disable=st.quiet):
                 part = prof.filter((pl.col("user_id") % cfg.shards) == i).sort("user_id", "sample_idx")
                 vecs = cache.get(part["text_hash"].to_list()) if part.height else np.zeros((0, 1), np.float32)
-                cols = score_profiles(vecs, part["user_id"].to_numpy(), retrieval, judges)
-                if cfg.reward == "retrieval":
-                    reward = cols["retrieval"]
-                else:
-                    reward = cols["judge_a"]
+                cols = score_profiles(vecs, part["user_id"].to_numpy(), retrieval, judges,
+                                      part["text"].fill_null("").to_list(), lexical)
+                reward = cols[REWARD_COLUMN[cfg.reward]]
                 n_lists = cols.get("n_lists", np.zeros(part.height, np.int64))
                 df = part.select("run", "round", "split", "user_id", "sample_idx").with_columns(
                     pl.Series("reward", reward, dtype=pl.Float64),
@@ -340,7 +362,7 @@ def score_stage(recipe: Recipe, profiles_dir: str | Path, encode_dir: str | Path
                                counters={"profiles_without_heldout": int(np.isnan(reward).sum())})
             scores = pl.concat([pl.read_parquet(p) for p in sorted((out_dir / "scores").glob("part-*.parquet"))])
             summary = {"reward": cfg.reward, "metric": cfg.metric if cfg.reward == "reranker" else
-                       f"retrieval ndcg@{cfg.retrieval_k} ({cfg.retrieval_candidates})",
+                       f"{cfg.reward} ndcg@{cfg.retrieval_k} ({cfg.retrieval_candidates})",
                        "tie_break": cfg.tie_break, **spread_summary(scores)}
             if "ndcg@5" in scores.columns and cfg.reward == "reranker":
                 # the same without the tie break: how often the metric alone cannot tell a user's profiles apart
@@ -348,13 +370,14 @@ def score_stage(recipe: Recipe, profiles_dir: str | Path, encode_dir: str | Path
                     scores.with_columns(pl.col(cfg.metric).alias("reward")))["all_tie_share"]
             rel = reliability(scores, JUDGE_COLUMNS, trained_on="judge_a" if "judge_a" in scores.columns else None,
                               resamples=recipe.rounds.bootstrap, seed=recipe.seed)
-            if {"retrieval", "judge_a"} <= set(scores.columns):
-                from rlrf.reliability import agreement
+            from rlrf.reliability import agreement
 
-                # do the two kinds of judge pick the same pairs? (the chosen reward's pairs, the other's verdict)
-                a, b = ("retrieval", "judge_a") if cfg.reward == "retrieval" else ("judge_a", "retrieval")
-                rel["across"] = {"agreement": agreement(scores, a, b, recipe.rounds.bootstrap, recipe.seed),
-                                 "within_range": None}
+            # do the other judges confirm the pairs the reward picks? (the reward's pairs, each other judge's verdict)
+            mine = REWARD_COLUMN[cfg.reward]
+            for other in ("retrieval", "lexical", "judge_a"):
+                if other != mine and {mine, other} <= set(scores.columns):
+                    rel[f"{mine} pairs under {other}"] = {
+                        "agreement": agreement(scores, mine, other, recipe.rounds.bootstrap, recipe.seed)}
             info = st.finish({"summary": summary, "reliability": rel, "reliability_line": describe(rel)})
     s = info["summary"]
     spread = "n/a" if s["within_user_range_mean"] is None else f"{s['within_user_range_mean']:.4f}"

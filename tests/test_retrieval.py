@@ -220,3 +220,21 @@ def test_halves_alternate_over_three_lists():
     assert r.ndcg(v[None], [4], half="a")[0] == pytest.approx(1.0)
     assert r.ndcg(v[None], [4], half="b")[0] < 1.0
     assert r.ndcg(at((2, 1.0))[None], [4], half="b")[0] == pytest.approx(1.0)
+
+
+def test_lexical_reward_prefers_the_profile_naming_the_users_genre(tmp_path):
+    """score.reward=lexical through the reward interface: word TF-IDF fitted on the item texts; a profile naming
+    the genre of the user's held-out positives outranks one naming another genre, for every user."""
+    from rlrf.reward import load_reward
+    from tests.reward_fixtures import GENRES, make_recipe, taste, write_prepare
+
+    recipe = make_recipe(tmp_path, "score.reward=lexical", "score.retrieval_k=10")
+    write_prepare(recipe)
+    reward = load_reward(recipe)
+    users = list(range(1, 41))
+    good = reward([f"This user loves {GENRES[taste(u)]} films." for u in users], users)["reward"]
+    bad = reward([f"This user loves {GENRES[(taste(u) + 1) % 4]} films." for u in users], users)["reward"]
+    assert reward.name == "lexical" and (good > bad).all()
+    f = reward.as_reward_func()
+    assert f(prompts=["p"], completions=[[{"role": "assistant", "content": "loves Drama"}]], user_id=[4]) == \
+        [float(reward(["loves Drama"], [4])["reward"][0])]

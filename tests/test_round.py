@@ -26,6 +26,21 @@ def test_round1_leaves_a_generator_and_an_inspectable_preference_parquet(tiny_ro
     assert "loss" in (r1 / "dpo" / "train_log.csv").read_text().splitlines()[0]
     check = json.loads((r1 / "check" / "stage.json").read_text())
     assert check["rows"]["users"] >= 1
+    # every judge scored both generators, the independent one first; profile quality of both sides
+    assert list(check["judges"])[0].startswith("retrieval") and {"old", "new"} <= set(check["quality"])
+    assert check["quality"]["new"]["perplexity"] > 1
+    # the score stage reports its judges' reliability; DPO its accuracy on the held-out users' pairs
+    score = json.loads((r1 / "score" / "stage.json").read_text())
+    assert {"retrieval", "lexical", "reranker", "best_is_trained_on"} <= set(score["reliability"])
+    scores = pl.read_parquet(r1 / "score" / "scores" / "*.parquet")
+    assert {"retrieval", "retrieval_a", "retrieval_b", "lexical", "judge_a", "judge_b"} <= set(scores.columns)
+    members = json.loads((tiny_round1 / "reranker" / "members.json").read_text())
+    assert all(not set(m["judged_users"]) & set(m["seen_users"]) for m in members)
+    dpo = json.loads((r1 / "dpo" / "stage.json").read_text())
+    held = pl.read_parquet(r1 / "pairs" / "heldout_pairs" / "*.parquet")
+    assert (dpo["heldout"] is None) == (held.height == 0)
+    if held.height:
+        assert 0 <= dpo["heldout"]["accuracy"] <= 1 and dpo["heldout"]["pairs"] == min(held.height, 64)
     # the check's old side (generator 0, valid users, round 1's seeds) came from round 1's own sample stage
     old = json.loads((r1 / "check" / "old" / "sample" / "stage.json").read_text())
     assert old["config"]["reused_from"].endswith("round_1/sample")
