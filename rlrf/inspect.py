@@ -176,7 +176,9 @@ def show_summary(run_dir: Path) -> str:
             info = json.loads((d / STAGE_JSON).read_text())
             rows = ", ".join(f"{k}={v}" for k, v in sorted(info.get("rows", {}).items())) or "-"
             drops = ", ".join(f"{k}={v}" for k, v in sorted(info.get("dropped", {}).items()) if v) or "none"
-            head = f"  {rel:<34} {info.get('stage', '?'):<15} {info.get('wall_s', 0):>9.1f}s  {info.get('finished_at', '')}"
+            rss = f"  peak {info['peak_rss_mb'] / 1024:.1f} GB" if info.get("peak_rss_mb") else ""
+            head = (f"  {rel:<34} {info.get('stage', '?'):<15} {info.get('wall_s', 0):>9.1f}s  "
+                    f"{info.get('finished_at', '')}{rss}")
             lines.append(head)
             lines += textwrap.wrap(f"rows: {rows}", w - 6, initial_indent="      ", subsequent_indent="        ")
             lines += textwrap.wrap(f"dropped: {drops}", w - 6, initial_indent="      ", subsequent_indent="        ")

@@ -261,6 +261,8 @@ class Stage:
             "rows": dict(total_rows),
             "dropped": dict(dropped),
             "wall_s": round(time.time() - self._t0, 2),
+            # the process's peak resident memory so far (a stage run by its own script: the stage's own peak)
+            "peak_rss_mb": _peak_rss_mb(),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **(extra or {}),
         }
@@ -270,6 +272,12 @@ class Stage:
         self.log(f"{self.name}: done in {info['wall_s']:.1f}s -> {self.dir} | rows "
                  + ", ".join(f"{k}={v}" for k, v in sorted(total_rows.items())) + f" | dropped: {drops}")
         return info
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
 
 def _maybe_die() -> None:
