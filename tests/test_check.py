@@ -128,3 +128,16 @@ def test_old_side_profiles_are_taken_from_the_rounds_sample_when_it_has_them(tmp
     monkeypatch.setattr(sample, "weights_hash", lambda p: "w1")  # generator weights changed since
     assert sample.reuse_profiles(recipe, src, tmp_path / "x4", "g0", 1, splits=["valid"], n=2, max_users=-1) is None
     assert not any((tmp_path / x).exists() for x in ("x1", "x2", "x3", "x4"))
+
+
+def test_the_check_leads_with_the_judges_independent_of_the_pair_picker():
+    from rlrf.check import judges
+    from rlrf.config import load_recipe
+
+    cols = ["reward", "retrieval", "lexical", "judge_a", "judge_b", "judge_ab"]
+    for picked, col in (("retrieval", "retrieval"), ("lexical", "lexical"), ("reranker", "judge_ab")):
+        got = judges(load_recipe(None, [f"score.reward={picked}"]), cols)
+        assert list(got.values())[-1] == col and list(got)[-1].endswith("picked the pairs")
+        assert sorted(got.values()) == ["judge_ab", "lexical", "retrieval"]
+    # scores without judge columns (an older score stage): the round's reward alone
+    assert judges(load_recipe(None, []), ["reward"]) == {"the round's reward": "reward"}

@@ -278,3 +278,36 @@ def test_item_knowledge_shard(setup, tiny_model):
     assert items["prompt"][0].startswith('Introduce movie Toy Story (1990) and describe its attributes')
     assert (items["n_tokens"] <= 6).all() and set(items["finish_reason"]) <= {"eos", "length"}
     assert _rows(out)["split"].unique().to_list() == ["test"]
+
+
+def test_trim_to_sentence_cuts_a_length_limited_profile_back_to_its_last_sentence_end():
+    from rlrf.sample import trim_to_sentence
+
+    assert trim_to_sentence('Likes drama. Enjoys "Big" (1988). And the so') == 'Likes drama. Enjoys "Big" (1988).'
+    assert trim_to_sentence("Genres:\n- drama\n- come") == "Genres:\n- drama"
+    assert trim_to_sentence("a run-on sentence that never ends") is None      # nothing to cut back to
+    assert trim_to_sentence("Hi. " + "word " * 30) is None                      # the cut would keep too little
+    assert trim_to_sentence("Rated 3.5 stars overall and then") is None          # a decimal point is no sentence end
+
+
+def test_sample_trim_sentence_cuts_length_limited_profiles_and_stays_out_of_the_default_fingerprint(
+        setup, tiny_model, monkeypatch, tmp_path):
+    import rlrf.sample as sample_mod
+    from rlrf.generate import Completion
+
+    texts = {"eos": "Likes drama.", "length": "Likes drama. Enjoys wes"}
+
+    def fake_run(backend, prompt_ids, seeds, sp, desc, unit):
+        return [[Completion(texts[f], [1] * 6, f) for f in ("eos", "length")][:sp.n] for _ in prompt_ids]
+
+    monkeypatch.setattr(sample_mod, "_run", fake_run)
+    r = load_recipe(None, [f"runs_dir={setup.runs_dir}", "run=t", f"sample.model={tiny_model}", "sample.n=2",
+                           "sample.max_users=-1", "sample.max_prompt_tokens=160", "sample.trim=sentence"])
+    out = sample_stage(r, r.run_dir / "trimmed", str(tiny_model), 1)
+    df = _rows(out)
+    assert set(df.filter(pl.col("sample_idx") == 1)["text"]) == {"Likes drama."}
+    assert set(df["finish_reason"]) == {"eos", "sentence"}
+    assert json.loads((out / "stage.json").read_text())["config"]["sample"]["trim"] == "sentence"
+    plain = sample_stage(setup, setup.run_dir / "plain", str(tiny_model), 1)
+    assert "trim" not in json.loads((plain / "stage.json").read_text())["config"]["sample"]  # old runs stay up to date
+    assert set(_rows(plain).filter(pl.col("sample_idx") == 1)["text"]) == {"Likes drama. Enjoys wes"}
