@@ -106,6 +106,12 @@ def heldout_accuracy(trainer, pairs_dir: Path, limit: int) -> dict | None:
     if ds.num_rows == 0:
         return None
     m = trainer.evaluate(eval_dataset=ds, metric_key_prefix="heldout")
+    # TRL logs its DPO metrics (eval_rewards/...) into the log history, not into evaluate()'s return value
+    logged = next((h for h in reversed(trainer.state.log_history) if "eval_rewards/accuracies" in h), None)
+    if logged is None:
+        raise StageError("dpo: TRL's evaluation logged no eval_rewards/accuracies; set dpo.heldout_max_pairs=0 to "
+                         "skip the held-out accuracy with this TRL version")
+    m = {**m, **{k.replace("eval_", "heldout_", 1): v for k, v in logged.items() if k.startswith("eval_")}}
     acc, n = float(m["heldout_rewards/accuracies"]), ds.num_rows
     z = 1.96
     centre = (acc + z * z / (2 * n)) / (1 + z * z / n)

@@ -1,4 +1,4 @@
-"""The reward of a profile: one interface, two implementations, and the score stage that calls them.
+"""The reward of a profile: one interface, three judges behind it, and the score stage that calls them.
 
 The interface: `ProfileReward(texts, user_ids) -> {"reward": (P,), <metric>: (P,), ...}` embeds the profile
 texts with the run's encoder (through the embedding cache) and scores them; `as_reward_func()` wraps it as
@@ -6,7 +6,8 @@ TRL's reward function `f(prompts, completions, user_id, **kwargs) -> list[float]
 Underneath, a scorer maps profile embeddings to rewards, `score_vectors(vecs, user_ids) -> {"reward": ...}`:
 
 - `retrieval` (rlrf.retrieval.RetrievalReward): NDCG of the user's held-out positives ranked by cosine
-  similarity; nothing trained, nothing in-sample.
+  similarity in the encoder's space; nothing trained, nothing in-sample.
+- `lexical`: the same in a word TF-IDF space fitted on the item texts (rlrf.retrieval.Lexical).
 - `reranker` (rlrf.judge.RerankerJudge): KAR rerankers cross-fitted over users; each profile is scored only
   by members that never saw its user, by what follows.
 
@@ -176,10 +177,14 @@ def text_embedder(recipe: Recipe):
     """texts -> embeddings with the recipe's encoder, through the run's embedding cache (no text encoded twice)."""
     from rlrf.encode import encode_texts, load_encoder, open_cache
 
+    cache = []  # opened on first use, then kept: reading every cache part again per call would dominate a trainer's loop
+
     def embed(texts: list[str]) -> np.ndarray:
-        cache = open_cache(recipe)
-        keys, _ = encode_texts(load_encoder(recipe.encode), cache, list(texts), recipe.encode.batch_size, progress=False)
-        return cache.get(keys)
+        if not cache:
+            cache.append(open_cache(recipe))
+        keys, _ = encode_texts(load_encoder(recipe.encode), cache[0], list(texts), recipe.encode.batch_size,
+                               progress=False)
+        return cache[0].get(keys)
 
     return embed
 

@@ -55,8 +55,13 @@ def _pairs(tmp_path: Path, n_users: int = 8) -> Path:
     texts = {u: [f"this user likes drama and old films {u}", f"this user dislikes comedy {u % 10} fast plots"]
              for u in range(1, n_users + 1)}
     rewards = {u: [0.8, 0.3] for u in texts}
-    prof = write_stage(tmp_path / "sample", "sample", "profiles", profile_rows(texts))
-    sc = write_stage(tmp_path / "score", "score", "scores", score_rows(rewards))
+    # 4 valid users with the same preference: the held-out pairs DPO never trains on
+    held = {u: [f"this user likes drama and old films {u}", f"this user dislikes comedy {u % 10} fast plots"]
+            for u in range(101, 105)}
+    prof = write_stage(tmp_path / "sample", "sample", "profiles",
+                       profile_rows(texts) + profile_rows(held, split="valid"))
+    sc = write_stage(tmp_path / "score", "score", "scores",
+                     score_rows(rewards) + score_rows({u: [0.8, 0.3] for u in held}, split="valid"))
     return pairs_stage(load_recipe(None), prof, sc, tmp_path / "pairs", round=1)
 
 
@@ -94,6 +99,9 @@ def test_lora_parameters_change_and_loss_is_logged(trained):
     assert (out / "loss.png").stat().st_size > 1000
     info = read_stage_json(out)
     assert info["steps"] == 4 and info["rows"] == {"pairs": 8}
+    # the implicit-reward accuracy on the valid users' pairs, never trained on: same preference, so it generalises
+    held = info["heldout"]
+    assert held["pairs"] == 4 and held["accuracy"] > 0.5 and held["low"] < held["accuracy"] <= held["high"] <= 1
 
 
 def test_merged_model_differs_from_base_loads_and_generates(trained):
