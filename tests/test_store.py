@@ -189,3 +189,18 @@ def test_a_run_that_failed_before_writing_anything_does_not_need_force(tmp_path)
         assert not st.done
         st.finish(rows={})
     assert read_stage_json(out)["config"] == {"path": "fixed"}
+
+
+def test_atomic_path_replaces_a_directory_left_by_an_interrupted_run(tmp_path):
+    """A stage stopped after writing a directory (e.g. the DPO adapter) and resumed writes it again: the new one
+    replaces the old whole, and nothing else is left beside it."""
+    from rlrf.store import atomic_path
+
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "old.bin").write_text("old")
+    with atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "new.bin").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.bin"]
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
