@@ -200,12 +200,14 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
             info = st.finish(
                 extra={"round": k, "metric": first, "judge": first, "reward_diff": ci, "verdict": verdict(ci),
                        "old_mean": figures[first]["old_mean"], "new_mean": figures[first]["new_mean"],
-                       "improved_share": figures[first]["improved_share"], "judges": figures, "quality": quality,
+                       "improved_share": figures[first]["improved_share"], "judges": figures,
+                       "judge_order": list(figures), "quality": quality,
                        "dpo_heldout": (dpo or {}).get("heldout"),
                        "old_generator": old_gen, "new_generator": new_gen},
                 rows={"users": ci["n"]})
-    for name, f in info.get("judges", {info["metric"]: {"diff": info["reward_diff"]}}).items():
-        ci = f["diff"]
+    figs = info.get("judges", {info["metric"]: {"diff": info["reward_diff"]}})
+    for name in info.get("judge_order", list(figs)):  # stage.json sorts its keys: the order is kept apart
+        ci = figs[name]["diff"]
         print(f"check: round {k} {name}: new - old = {ci['mean']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}] over "
               f"{ci['n']} valid users -> {verdict(ci)}")
     print(f"check: {out / 'summary.md'}")

@@ -27,7 +27,7 @@ def test_round1_leaves_a_generator_and_an_inspectable_preference_parquet(tiny_ro
     check = json.loads((r1 / "check" / "stage.json").read_text())
     assert check["rows"]["users"] >= 1
     # every judge scored both generators, the independent one first; profile quality of both sides
-    assert list(check["judges"])[0].startswith("retrieval") and {"old", "new"} <= set(check["quality"])
+    assert check["judge"].startswith("retrieval") and len(check["judges"]) == 3 and {"old", "new"} <= set(check["quality"])
     assert check["quality"]["new"]["perplexity"] > 1
     # the score stage reports its judges' reliability; DPO its accuracy on the held-out users' pairs
     score = json.loads((r1 / "score" / "stage.json").read_text())
