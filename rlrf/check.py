@@ -1,8 +1,8 @@
 """Is it learning? Generator k-1 and generator k write profiles for the same VALID users with the same
 seeds; every judge of round k scores both; the figure is the paired difference of mean reward per user
-(new - old) with a bootstrap 95% interval, first under the judge INDEPENDENT of the one that picked the
-pairs (score.reward=retrieval: the cross-fitted reranker judges a and b averaged; score.reward=reranker:
-the retrieval reward), then under the pair-picking reward itself. Profile quality of both generators
+(new - old) with a bootstrap 95% interval, first under the judges INDEPENDENT of the one that picked the
+pairs (of retrieval, lexical and the cross-fitted reranker judges a and b averaged, the two that score.reward
+did not name), then under the pair-picking reward itself. Profile quality of both generators
 (length, distinct-2, names-history share, perplexity under the base model) sits beside it, so a gain bought
 with gibberish shows.
 

@@ -27,14 +27,14 @@ def _per_user(scores: pl.DataFrame, cols: list[str]) -> list[np.ndarray]:
 
 
 def bootstrap_mean(x: np.ndarray, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
-    """Mean of x with a percentile bootstrap interval (x resampled with replacement)."""
+    """Mean of x with its percentile bootstrap interval (rlrf.check.paired_bootstrap); None figures when empty."""
+    from rlrf.check import paired_bootstrap
+
     x = np.asarray(x, dtype=np.float64)
     if x.size == 0:
         return {"mean": None, "low": None, "high": None, "n": 0}
-    means = x[np.random.default_rng(seed).integers(0, x.size, size=(resamples, x.size))].mean(1)
-    a = (1 - level) / 2
-    low, high = np.quantile(means, [a, 1 - a])
-    return {"mean": float(x.mean()), "low": float(low), "high": float(high), "n": int(x.size)}
+    ci = paired_bootstrap(x, resamples, seed, level)
+    return {k: ci[k] for k in ("mean", "low", "high", "n")}
 
 
 def agreement(scores: pl.DataFrame, a: str, b: str, resamples: int = 2000, seed: int = 0) -> dict:
