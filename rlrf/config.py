@@ -235,6 +235,8 @@ class DPOConfig:
     gradient_checkpointing: bool = _f(False, "saves memory, costs ~30% time; off suits a 135M model on CPU")
     precompute_ref_log_probs: bool = _f(False, "reference log-probs for ALL pairs in one pass up front instead of a no-grad forward per step: pays only over several epochs (a demo run with max_steps below one epoch computes more than it trains on)")
     precompute_ref_batch_size: int = _f(16, "pairs per no-grad reference forward when precomputing (larger is faster up to memory)")
+    share_prompt: bool = _f(True, "encode each pair's prompt once ([prompt | chosen | rejected] in one row with a 4D mask) "
+                                  "instead of TRL's two rows: same log-probs, P+C+R tokens instead of 2(P+C) (rlrf/dpo_packed.py)")
     group_by_length: bool = _f(True, "batch pairs of similar token length together (less padding per step; order stays seeded)")
     save_steps: int = _f(10, "checkpoint every this many steps (the unit of resume)")
     logging_steps: int = _f(1, "log loss / reward margins / accuracies every this many steps")

@@ -132,6 +132,19 @@ def load_policy(model_dir: Path, bf16: bool):
     return model, tok
 
 
+def share_prompt(trainer) -> None:
+    """Each pair's prompt through the model once (rlrf/dpo_packed.py) under TRL's own DPO loss and metrics."""
+    from peft import PeftModel
+
+    from rlrf import dpo_packed
+
+    if trainer.use_weighting or trainer.aux_loss_enabled or trainer.ref_model is not None:
+        raise StageError("dpo.share_prompt: needs a LoRA policy whose reference is the adapter disabled, without "
+                         "WPO weighting or MoE aux loss; set dpo.share_prompt=false")
+    model = trainer.model
+    dpo_packed.install(model.get_base_model() if isinstance(model, PeftModel) else model)
+
+
 def group_by_length(dataset, batch_size: int, seed: int, megabatch: int = 50):
     """The tokenized pairs reordered so each batch holds pairs of similar length (less padding).
 
@@ -233,6 +246,8 @@ def train_trl(recipe: Recipe, pairs_dir: Path, model_dir: Path, out_dir: Path, l
     ckpt_dir = out_dir / "checkpoints"
     trainer = DPOTrainer(model=model, args=trl_args(cfg, ckpt_dir, recipe.seed, bf16), train_dataset=ds,
                          processing_class=tok, peft_config=lora_config(cfg), callbacks=[_checkpoint_callback()])
+    if cfg.share_prompt:
+        share_prompt(trainer)
     if cfg.group_by_length:
         trainer.train_dataset = group_by_length(trainer.train_dataset, cfg.per_device_train_batch_size, recipe.seed)
     resume = last_checkpoint(ckpt_dir)

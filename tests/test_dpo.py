@@ -239,3 +239,61 @@ def test_real_smollm2_dpo_round_trip(tmp_path):
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)
     text = tok.decode(model.generate(**ids, max_new_tokens=8, do_sample=False)[0, ids["input_ids"].shape[1]:])
     assert text.strip()
+
+
+def test_shared_prompt_forward_gives_trl_log_probs_and_gradients(tmp_path, monkeypatch):
+    """dpo.share_prompt packs [prompt | chosen | rejected] into one row: TRL's per-token log-probs, entropy and
+    top-1 (its metrics) and the LoRA gradients of the DPO loss match TRL's own two-row forward."""
+    from peft import get_peft_model
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+    from trl.trainer.utils import add_fused_lm_head
+    from transformers import AutoModelForCausalLM
+
+    from rlrf import dpo_packed
+    from rlrf.dpo import lora_config
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(tmp_path / "model"), dtype=torch.float32)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    model = get_peft_model(model, lora_config(load_recipe(None, TINY).dpo))
+    with torch.no_grad():  # a trained adapter (B starts at zero, which would hide a wrong gradient path)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    g = torch.Generator().manual_seed(0)
+    ex = [{"prompt_ids": torch.randint(4, 40, (p,), generator=g).tolist(),
+           "chosen_ids": torch.randint(4, 40, (c,), generator=g).tolist(),
+           "rejected_ids": torch.randint(4, 40, (r,), generator=g).tolist()}
+          for p, c, r in [(9, 5, 7), (4, 8, 1), (12, 3, 3)]]
+    batch = DataCollatorForPreference(pad_token_id=2)(ex)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels, fused_lm_head=True)
+
+    def run():
+        model.zero_grad()
+        out = model(**kw)
+        lp = out.log_probs.sum(1)
+        delta = (lp[:3] - lp[3:])  # a DPO-shaped loss through both halves
+        torch.nn.functional.logsigmoid(delta).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out, grads
+
+    ref, ref_grads = run()
+    dpo_packed.install(model.get_base_model())
+    calls = []
+    real = dpo_packed.token_outputs
+    monkeypatch.setattr(dpo_packed, "token_outputs", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    got, got_grads = run()
+    assert calls == [int(ref.label_mask.sum())]  # the packed path ran, scoring exactly TRL's labelled tokens
+    assert torch.equal(got.label_mask, ref.label_mask)
+    torch.testing.assert_close(got.log_probs, ref.log_probs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.entropy, ref.entropy, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.mean_logits, ref.mean_logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got.is_top1, ref.is_top1)
+    assert ref_grads.keys() == got_grads.keys() and len(ref_grads) > 0
+    for n in ref_grads:
+        torch.testing.assert_close(got_grads[n], ref_grads[n], atol=1e-4, rtol=1e-3)
+    # generation and a batch whose halves do not share prompts take the original forward
+    other = dict(kw, input_ids=kw["input_ids"].clone())
+    other["input_ids"][3, 0] += 1
+    assert dpo_packed.pack_pairs(other["input_ids"], other["attention_mask"], labels) is None
+    torch.testing.assert_close(model(**other).log_probs[:3], ref.log_probs[:3], atol=1e-4, rtol=1e-4)

@@ -1,0 +1,136 @@
+"""DPO forward with the prompt encoded once per pair (`dpo.share_prompt`).
+
+TRL's DPOTrainer feeds a batch of B pairs as 2B rows, [prompt + chosen] then [prompt + rejected], so the
+prompt (here ~75% of the tokens) goes through the model twice, in the policy forward, its backward and the
+reference forward. The two completions of a pair need the same prompt keys/values, so one row per pair
+
+    [prompt | chosen | rejected]      positions 0..P-1 | P..P+C-1 | P..P+R-1
+
+with a 4D attention mask (prompt causal; chosen sees prompt + earlier chosen; rejected sees prompt + earlier
+rejected, never chosen) computes exactly the same log-probabilities from P + C + R tokens instead of
+2 (P + max(C, R)). The first rejected token is predicted from the prompt's last hidden state, not from
+chosen's last one; the gather below picks the right hidden state for every scored token.
+
+It plugs in under TRL rather than beside it: TRL's `_compute_loss` calls
+`model(input_ids, attention_mask, labels, fused_lm_head=True)` and reads per-token `log_probs` (and entropy,
+mean logits, top-1 for its metrics) laid out as its (2B, L-1) rows. `install` wraps the base model's forward
+(the one TRL's `add_fused_lm_head` patched) so that call is answered from the packed rows, scattered back
+into TRL's layout; the loss, the reference pass (adapter disabled: the same forward), precomputed reference
+log-probs, metrics and logging are TRL's own. Any other call (generation, a batch whose two halves do not
+share prompts) goes to the original forward.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+
+
+def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+    """TRL's [chosen rows; rejected rows] batch -> one row per pair, or None when the halves' prompts differ.
+
+    Returns (ids, position_ids, mask4d, src): src[r, t] is, for TRL's row r and shifted position t (the hidden
+    state that predicts token t+1), the flat index into the packed hidden states (B * Lp).
+    """
+    rows, length = input_ids.shape
+    if rows % 2:
+        return None
+    b = rows // 2
+    lab = labels != -100
+    lens = attention_mask.sum(1)
+    has = lab.any(1)
+    first = torch.where(has, lab.int().argmax(1), lens)  # prompt length P (completions start there)
+    comp = lab.sum(1)
+    p_c, p_r = first[:b], first[b:]
+    if not torch.equal(p_c, p_r):
+        return None
+    c_len, r_len = comp[:b], comp[b:]
+    # the completions must sit right after the prompt, contiguous (TRL's collator, right padding)
+    if not torch.equal(lens, first + comp):
+        return None
+    ar = torch.arange(length, device=input_ids.device)
+    prompt_cols = ar[None, :] < p_c[:, None]
+    if not torch.equal(input_ids[:b][prompt_cols], input_ids[b:][prompt_cols]):
+        return None
+
+    total = p_c + c_len + r_len
+    lp = int(total.max())
+    dev = input_ids.device
+    ids = torch.zeros(b, lp, dtype=input_ids.dtype, device=dev)
+    pos = torch.zeros(b, lp, dtype=torch.long, device=dev)
+    seg = torch.full((b, lp), 3, dtype=torch.long, device=dev)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
+    for i in range(b):
+        p, c, r = int(p_c[i]), int(c_len[i]), int(r_len[i])
+        ids[i, :p + c] = input_ids[i, :p + c]
+        ids[i, p + c:p + c + r] = input_ids[b + i, p:p + r]
+        pos[i, :p + c] = torch.arange(p + c, device=dev)
+        pos[i, p + c:p + c + r] = torch.arange(p, p + r, device=dev)
+        seg[i, :p] = 0
+        seg[i, p:p + c] = 1
+        seg[i, p + c:p + c + r] = 2
+    q, k = seg[:, :, None], seg[:, None, :]
+    causal = torch.ones(lp, lp, dtype=torch.bool, device=dev).tril()
+    mask = causal[None] & ((k == 0) | (q == k)) & (q != 3) & (k != 3)
+    mask |= torch.eye(lp, dtype=torch.bool, device=dev)[None] & (q == 3)  # padding rows see themselves (no NaN)
+
+    # where TRL's row r, shifted position t lives in the packed rows
+    t = ar[: length - 1][None, :].expand(rows, -1)
+    pair = torch.arange(rows, device=dev) % b
+    rejected = (torch.arange(rows, device=dev) >= b)[:, None]
+    shift = torch.where(rejected & (t >= first[:, None]), c_len[pair][:, None], torch.zeros_like(t))
+    src = pair[:, None] * lp + (t + shift).clamp(max=lp - 1)
+    return ids, pos, mask[:, None], src
+
+
+def token_outputs(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor, chunk: int = 1024):
+    """Per scored token: log p(target), entropy, mean logit, target is top-1 (rows of `hidden`), in chunks."""
+    outs = ([], [], [], [])
+    for s in range(0, hidden.shape[0], chunk):
+        logits = torch.nn.functional.linear(hidden[s:s + chunk], weight, bias).float()
+        logp = logits.log_softmax(-1)
+        tgt = targets[s:s + chunk]
+        outs[0].append(logp.gather(1, tgt[:, None])[:, 0])
+        with torch.no_grad():
+            outs[1].append(-(logp.exp() * logp).sum(-1))
+            outs[2].append(logits.mean(-1))
+            outs[3].append(logits.argmax(-1) == tgt)
+    return [torch.cat(o) for o in outs]
+
+
+def install(model) -> None:
+    """Answer TRL's fused-head DPO call on `model` (the base model TRL patched) from prompt-shared rows."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    fused_forward = model.forward
+
+    def forward(self, *args, fused_lm_head=False, labels=None, **kwargs):
+        input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        plain = (not fused_lm_head or args or labels is None or input_ids is None or attention_mask is None
+                 or attention_mask.ndim != 2 or kwargs.get("shift_labels") is not None
+                 or kwargs.get("output_router_logits"))
+        packed = None if plain else pack_pairs(input_ids, attention_mask, labels)
+        if packed is None:
+            return fused_forward(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
+        ids, pos, mask, src = packed
+        rest = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "position_ids",
+                                                           "use_cache", "num_items_in_batch")}
+        hidden = self.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                                 **rest).last_hidden_state
+        targets = labels[:, 1:]
+        scored = targets != -100
+        lm_head = self.get_output_embeddings()
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        sel = flat.index_select(0, src[scored])
+        logp, ent, mean, top1 = token_outputs(sel, lm_head.weight, lm_head.bias, targets[scored])
+
+        def place(x):
+            return x.new_zeros(scored.shape).masked_scatter(scored, x)
+
+        log_probs = place(logp)
+        return FusedCausalLMOutput(loss=-log_probs.sum() / scored.sum().clamp(min=1), log_probs=log_probs,
+                                   entropy=place(ent), mean_logits=place(mean), is_top1=place(top1),
+                                   label_mask=scored)
+
+    model.forward = types.MethodType(forward, model)
