@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from collections import Counter
 from importlib import metadata
@@ -272,6 +273,7 @@ class Stage:
             "wall_s": round(time.time() - self._t0, 2),
             # the process's peak resident memory so far (a stage run by its own script: the stage's own peak)
             "peak_rss_mb": _peak_rss_mb(),
+            "machine": machine(),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **(extra or {}),
         }
@@ -281,6 +283,29 @@ class Stage:
         self.log(f"{self.name}: done in {info['wall_s']:.1f}s -> {self.dir} | rows "
                  + ", ".join(f"{k}={v}" for k, v in sorted(total_rows.items())) + f" | dropped: {drops}")
         return info
+
+
+def machine() -> dict:
+    """What a stage's time depends on: CPU model and the flags that pick the dtype (avx2 fp32, AVX512-bf16,
+    AMX), cores, torch's threads, and the GPU when there is one (stage.json `machine`)."""
+    import platform
+
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())  # the first CPU's
+    except OSError:
+        pass
+    flags, model = set(fields.get("flags", "").split()), fields.get("model name") or platform.processor()
+    info = {"cpu": model, "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}),
+            "cores": os.cpu_count()}
+    if "torch" in sys.modules:  # only where the stage already paid for torch
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return info
 
 
 def _peak_rss_mb() -> float:

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -50,6 +51,9 @@ def test_clean_run_writes_shards_markers_and_summary(tmp_path):
     assert info["dropped"] == {"too_short": 5}
     assert info["stage"] == "toy" and len(info["fingerprint"]) == 16
     assert "polars" in info["packages"] and info["wall_s"] >= 0
+    assert info["peak_rss_mb"] > 0 and info["machine"]["cores"] == os.cpu_count()
+    cpu_flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").is_file() else set()
+    assert set(info["machine"]["cpu_flags"]) == cpu_flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
     assert len(list((out / "users").glob("part-*.parquet"))) == 5
     assert not list(out.rglob("*.tmp*")), "no temporary files left behind"
 
