@@ -64,13 +64,25 @@ bench: install data
 	$(BIN)/python benchmarks/score_throughput.py --recipe $(RECIPE)
 	$(BIN)/python benchmarks/dpo_step.py
 
-# LLaMA-Factory pins older transformers/trl than rlrf, so it gets its own environment; the dpo stage with
-# `dpo.backend: llamafactory` finds llamafactory-cli on PATH (or at $(LF_VENV)/bin).
-llamafactory-env:
+# LLaMA-Factory pins older transformers/trl/datasets than rlrf, so it gets its own environment; the dpo stage with
+# `dpo.backend: llamafactory` runs $(LF_VENV)/bin/llamafactory-cli (or one on PATH). LLaMA-Factory imports torchaudio
+# on its train path, so torch, torchvision and torchaudio are one matching set, and torchaudio's last release is 2.11:
+# the set is torch 2.11 from PyPI (its CUDA 13 build, ~3 GB with the nvidia wheels; it runs on a CPU as well). On a
+# GPU whose driver is older than CUDA 13, set LF_TORCH to the same three versions built for your CUDA (PyTorch's own
+# wheel index). The last step is the smoke test: LLaMA-Factory's own version check and its train path's imports.
+# Rebuild with `rm -rf $(LF_VENV) && make llamafactory-env`.
+LF_VERSION ?= 0.9.5
+LF_TORCH   ?= torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0
+LF_STAMP   := $(LF_VENV)/.installed
+
+llamafactory-env: $(LF_STAMP)
+$(LF_STAMP):
 	$(PYTHON) -m venv $(LF_VENV)
 	$(LF_VENV)/bin/pip install -q --upgrade pip
-	$(LF_VENV)/bin/pip install -q $(TORCH)
-	$(LF_VENV)/bin/pip install -q 'llamafactory>=0.9.3'
+	$(LF_VENV)/bin/pip install -q $(LF_TORCH) 'llamafactory==$(LF_VERSION)'
+	$(LF_VENV)/bin/pip check
+	$(LF_VENV)/bin/python -P rlrf/llamafactory_probe.py --check
+	touch $(LF_STAMP)
 
 clean-runs:
 	rm -rf runs/
