@@ -240,7 +240,9 @@ class DPOConfig:
     group_by_length: bool = _f(True, "batch pairs of similar token length together (less padding per step; order stays seeded)")
     save_steps: int = _f(10, "checkpoint every this many steps (the unit of resume)")
     logging_steps: int = _f(1, "log loss / reward margins / accuracies every this many steps")
-    template: str = _f("auto", "LLaMA-Factory chat template name (auto: from the model name)")
+    template: str = _f("auto", "LLaMA-Factory chat template: auto = built from the model's own chat template (the one the sample "
+                               "stage uses); a name (chatml, llama3, ...) picks LLaMA-Factory's built-in one. Either way the stage "
+                               "refuses to train unless LLaMA-Factory tokenizes every pair as the sample stage did")
     llamafactory_cli: str = _f("auto", "llamafactory-cli to run (auto: on PATH, else .venv-llamafactory/bin/)")
     heldout_max_pairs: int = _f(64, "held-out pairs (pairs.heldout_splits) scored after training for the implicit-reward "
                                     "accuracy; each costs a policy and a reference forward; 0 = skip")

@@ -1,5 +1,6 @@
 """dpo stage on a tiny random Llama: LoRA parameters change, the log is written, the merged model loads and
-generates, a killed run resumes from its checkpoint, and the LLaMA-Factory backend writes its recipe."""
+generates, a killed run resumes from its checkpoint, and the LLaMA-Factory backend writes its recipe and refuses a
+missing or wrong llamafactory-cli (the real LLaMA-Factory runs in tests/test_llamafactory.py)."""
 
 import csv
 import json
@@ -180,25 +181,55 @@ def test_llamafactory_backend_writes_its_recipe_and_says_how_to_install(trained,
     lf = yaml.safe_load(path.read_text())
     assert lf["stage"] == "dpo" and lf["finetuning_type"] == "lora" and lf["pref_loss"] == "sigmoid"
     assert lf["pref_beta"] == 0.1 and lf["template"] == "chatml" and lf["lora_rank"] == 4
+    # LLaMA-Factory ignores `gradient_checkpointing: false`; bf16 on a CPU needs use_cpu (dtype=float32 here)
+    assert lf["disable_gradient_checkpointing"] is True and "gradient_checkpointing" not in lf
+    assert lf["use_cpu"] is not torch.cuda.is_available() and lf["bf16"] is False
     info = json.loads((Path(lf["dataset_dir"]) / "dataset_info.json").read_text())
     assert lf["dataset"] in info and info[lf["dataset"]]["ranking"] is True
     assert lf["model_name_or_path"] == str(model_dir.resolve())
+    assert lf["output_dir"] == str((tmp_path / "dpo" / "checkpoints").resolve())
 
 
-def test_llamafactory_backend_runs_the_cli_when_it_exists(trained, tmp_path):
-    """A stand-in llamafactory-cli that writes the adapter LLaMA-Factory would: the stage then merges it."""
+def test_llamafactory_cutoff_holds_the_longest_pair_and_auto_leaves_the_template_to_the_tokenizer(trained, tmp_path):
+    """LLaMA-Factory shortens an over-long pair by cutting the end of the prompt too: cutoff_len is never below the
+    longest pair (prompt + answer + the template's end tokens), even when dpo.max_length is."""
+    import polars as pl
+    from transformers import AutoTokenizer
+
     from rlrf.dpo import dpo_stage
 
-    _, model_dir, pairs, clean = trained
-    fake = tmp_path / "llamafactory-cli"
-    fake.write_text(f"#!{sys.executable}\nimport sys, shutil, yaml\n"
-                    "cfg = yaml.safe_load(open(sys.argv[2]))\nassert sys.argv[1] == 'train'\n"
-                    f"shutil.copytree({str(clean / 'adapter')!r}, cfg['output_dir'])\n")
-    fake.chmod(0o755)
-    recipe = load_recipe(None, TINY + ["dpo.backend=llamafactory", f"dpo.llamafactory_cli={fake}"])
-    out = dpo_stage(recipe, pairs, str(model_dir), tmp_path / "dpo")
-    assert read_stage_json(out)["backend"] == "llamafactory"
-    assert (out / "merged" / "model.safetensors").is_file()
+    _, model_dir, pairs, _ = trained
+    recipe = load_recipe(None, TINY + ["dpo.backend=llamafactory", "dpo.max_length=8",
+                                       "dpo.llamafactory_cli=/nonexistent/llamafactory-cli"])
+    with pytest.raises(StageError, match="llamafactory-cli not found"):
+        dpo_stage(recipe, pairs, str(model_dir), tmp_path / "dpo")
+    lf = yaml.safe_load((tmp_path / "dpo" / "llamafactory_dpo.yaml").read_text())
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = pl.read_parquet(pairs / "pairs" / "*.parquet").to_dicts()
+    longest = max(len(tok.apply_chat_template(r["prompt"] + r[side], tokenize=True, return_dict=False))
+                  for r in rows for side in ("chosen", "rejected"))
+    assert lf["cutoff_len"] == longest > 8
+    assert "template" not in lf  # dpo.template=auto: LLaMA-Factory parses the tokenizer's chat template
+
+
+def test_llamafactory_cli_outside_llamafactorys_environment_says_so_and_leaves_no_generator(trained, tmp_path):
+    """A llamafactory-cli whose Python has no LLaMA-Factory (here: this test's own venv) is refused before training."""
+    from rlrf.dpo import dpo_stage
+
+    _, model_dir, pairs, _ = trained
+    wrong = tmp_path / "llamafactory-cli"
+    wrong.write_text(f"#!{sys.executable}\nraise SystemExit('never run: the probe comes first')\n")
+    wrong.chmod(0o755)
+    out = tmp_path / "dpo"
+    (out / "merged").mkdir(parents=True)  # what an earlier attempt left: must not survive a failed run
+    (out / "merged" / "config.json").write_text("{}")
+    recipe = load_recipe(None, TINY + ["dpo.backend=llamafactory", f"dpo.llamafactory_cli={wrong}"])
+    with pytest.raises(StageError) as e:
+        dpo_stage(recipe, pairs, str(model_dir), out)
+    msg = str(e.value)
+    assert "not LLaMA-Factory's environment" in msg and "llamafactory is not installed" in msg
+    assert sys.executable in msg and "make llamafactory-env" in msg
+    assert not (out / "merged").exists() and not (out / "stage.json").exists()
 
 
 def test_group_by_length_batches_similar_lengths_in_a_seeded_order():
