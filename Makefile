@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed
 RUN    := $(BIN)/python pipelines
 LF_VENV ?= .venv-llamafactory
 
-.PHONY: install data test test-integration round1 round2 round3 evaluate bench clean-runs llamafactory-env
+.PHONY: install data test test-integration test-llamafactory round1 round2 round3 evaluate bench clean-runs llamafactory-env
 
 install: $(STAMP)
 $(STAMP): pyproject.toml
@@ -83,6 +83,12 @@ $(LF_STAMP):
 	$(LF_VENV)/bin/pip check
 	$(LF_VENV)/bin/python -P rlrf/llamafactory_probe.py --check
 	touch $(LF_STAMP)
+
+# The tiny recipe's whole round with dpo.backend=llamafactory (the real llamafactory-cli), round 2 sampling from its
+# generator, and the token-for-token check of LLaMA-Factory's rendering against the sample stage's (minutes).
+test-llamafactory: install data
+	@test -x $(LF_VENV)/bin/llamafactory-cli || { echo "no $(LF_VENV)/bin/llamafactory-cli: run make llamafactory-env first"; exit 1; }
+	$(BIN)/python -m pytest -q -m llamafactory
 
 clean-runs:
 	rm -rf runs/
