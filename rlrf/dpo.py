@@ -140,6 +140,11 @@ def share_prompt(trainer) -> None:
 
     from rlrf import dpo_packed
 
+    try:
+        from trl.trainer.utils import FusedCausalLMOutput  # noqa: F401  (what the packed forward answers with)
+    except ImportError:
+        raise StageError("dpo.share_prompt: this TRL's DPOTrainer has no fused LM head (trl 1.16 is tested); "
+                         "upgrade trl or set dpo.share_prompt=false") from None
     if trainer.use_weighting or trainer.aux_loss_enabled or trainer.ref_model is not None:
         raise StageError("dpo.share_prompt: needs a LoRA policy whose reference is the adapter disabled, without "
                          "WPO weighting or MoE aux loss; set dpo.share_prompt=false")
