@@ -99,18 +99,15 @@ def build_variant(name: str, ds, model_dir: Path, ours: dict, out: Path, batch: 
     return {"name": name, "trainer": trainer, "batches": batches, "init_s": init_s, "times": [], "share": ours["share"]}
 
 
-def step_flops(batch: dict, share: bool, model) -> float:
-    """FLOPs of one step over the tokens this variant feeds: 2*params*tokens per forward (policy, reference),
+def step_flops(batch: dict, share: bool, body: int, head: int) -> float:
+    """FLOPs of one step over the tokens this variant feeds: 2*body*tokens per forward (policy, reference),
     2x that for the backward's activation gradients, plus the LM head over the completion tokens (x3)."""
-    cfg = model.config
-    body = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lora_" not in n)
     mask, comp = batch["attention_mask"], batch["completion_mask"]
     tokens = mask.sum().item()
     if share:  # the prompt once per pair: subtract the rejected rows' prompts
         b = mask.shape[0] // 2
         tokens -= (mask[b:].sum() - comp[b:].sum()).item()
-    head = comp.sum().item() * cfg.hidden_size * cfg.vocab_size
-    return 2 * body * tokens * 4 + 2 * head * 3
+    return 2 * body * tokens * 4 + 2 * head * comp.sum().item() * 3
 
 
 def optimizer_step(v: dict, i: int) -> float:
@@ -140,10 +137,11 @@ def main() -> None:
     from rlrf.llm import resolve_model
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from matmul_ceiling import matmul_gflops
+    from matmul_ceiling import matmul_gflops, param_counts
 
     torch.manual_seed(0)
     model_dir = resolve_model(a.model)
+    body, head = param_counts(model_dir)
     lo, hi = (int(x) for x in a.history.split("-"))
     ds = make_pairs(a.pairs, history=(lo, hi))
     off = dict(no_ckpt=False, stage_dtype=False, group=False, share=False, precompute=False)
@@ -179,7 +177,7 @@ def main() -> None:
     print(f"fp32 matmul ceiling, best of before and after: {ceiling:.0f} GFLOP/s")
     results = []
     for v in built:
-        flops = np.mean([step_flops(b, v["share"], v["trainer"].model) for b in v["batches"]])
+        flops = np.mean([step_flops(b, v["share"], body, head) for b in v["batches"]])
         s = float(np.mean(v["times"]))
         results.append({"name": v["name"], "s_per_step": s, "init_s": v["init_s"], "spread": float(np.std(v["times"])),
                         "gflops": flops / 1e9, "ceiling": flops / 1e9 / s / ceiling})

@@ -2,7 +2,8 @@
 
 The box's matmul ceiling: GFLOP/s of a 2048x2048 @ 2048x2048 torch matmul on torch's threads, fp32 and bf16
 (bf16 is emulated, and far slower, on a CPU without AVX512-bf16 / AMX). The other benchmarks divide a
-stage's FLOPs by the fp32 figure, measured in the same run, to print the fraction of the ceiling they reach.
+stage's FLOPs (counted from `param_counts`) by the fp32 figure, measured in the same run, to print the
+fraction of the ceiling they reach.
 """
 
 from __future__ import annotations
@@ -24,11 +25,23 @@ def matmul_gflops(n: int = 2048, dtype=torch.float32, seconds: float = 2.0) -> f
     return 2 * n ** 3 / best / 1e9
 
 
+def param_counts(model_dir) -> tuple[int, int]:
+    """(transformer body parameters, LM head parameters) of a causal LM: a token costs 2x the body through the model
+    and 2x the head where its next-token logits are needed (embeddings are a lookup)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    body = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
+    return body, cfg.hidden_size * cfg.vocab_size
+
+
 def main() -> None:
     from rlrf.llm import cpu_has_bf16
+    from rlrf.store import machine
 
-    flags = sorted({f for f in open("/proc/cpuinfo").read().split() if f in ("avx2", "avx512f", "avx512_bf16",
-                                                                              "amx_bf16")})
+    flags = machine()["cpu_flags"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU flags: {' '.join(flags) or 'none'}, "
           f"native bf16: {cpu_has_bf16()}")
     print(f"  fp32 2048^2   {matmul_gflops():8.1f} GFLOP/s")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import subprocess
 import time
 
 import numpy as np
@@ -36,12 +35,9 @@ from rlrf.reliability import agreement, best_share, within_user_range
 
 
 def cpu_flags() -> str:
-    try:
-        out = subprocess.run("grep -o 'avx512_bf16\\|amx_bf16\\|avx2' /proc/cpuinfo | sort -u", shell=True,
-                             capture_output=True, text=True).stdout.split()
-        return " ".join(out) or "none of avx2/avx512_bf16/amx_bf16"
-    except OSError:
-        return "unknown"
+    from rlrf.store import cpu_flags as flags
+
+    return " ".join(sorted(flags() & {"avx2", "avx512_bf16", "amx_bf16"})) or "none of avx2/avx512_bf16/amx_bf16"
 
 
 def row(name: str, scores: pl.DataFrame, a: str, b: str, seed: int, seconds: float, best_col: str | None = None) -> dict:

@@ -100,7 +100,7 @@ def main() -> None:
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from matmul_ceiling import matmul_gflops
+    from matmul_ceiling import matmul_gflops, param_counts
 
     body, head = param_counts(model_dir)
     new = len(ids) * N * NEW_TOKENS
@@ -110,16 +110,6 @@ def main() -> None:
           f"({flops / new / 1e9:.2f} GFLOP per new token with its share of the prefill: the ceiling allows "
           f"{ceiling / (flops / new / 1e9):.0f} tok/s)")
 
-
-def param_counts(model_dir) -> tuple[int, int]:
-    """(transformer body parameters, LM head parameters): FLOPs per token are 2x each (embeddings are a lookup)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.from_pretrained(model_dir)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
-    body = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
-    return body, cfg.hidden_size * cfg.vocab_size
 
 if __name__ == "__main__":
     main()

@@ -161,20 +161,13 @@ def reward_summary(paired: pl.DataFrame, k: int, resamples: int, seed: int) -> d
 
 
 def hardware() -> dict:
-    import torch
+    """The stage's machine record (rlrf.store.machine) with the cores this process may use and the platform."""
+    import torch  # noqa: F401  (machine() reports torch's threads and the GPU once torch is loaded)
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from rlrf.store import machine
+
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": cores, "torch_threads": torch.get_num_threads(), "gpu": gpu,
-            "platform": platform.platform()}
+    return {**machine(), "cores": cores, "platform": platform.platform()}
 
 
 # ----------------------------------------------------------------------------- the stage

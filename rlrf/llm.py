@@ -144,16 +144,9 @@ def pick_dtype(dtype: str = "auto"):
 
 @lru_cache(maxsize=1)
 def cpu_has_bf16() -> bool:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    from rlrf.store import cpu_flags
+
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
 def load_generator(name_or_path: str | os.PathLike, dtype: str = "auto"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -285,20 +286,30 @@ class Stage:
         return info
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> dict[str, str]:
+    """The first CPU's /proc/cpuinfo fields (model name, flags, ...); {} where there is no such file."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return fields
+
+
+def cpu_flags() -> set[str]:
+    return set(cpu_info().get("flags", "").split())
+
+
 def machine() -> dict:
     """What a stage's time depends on: CPU model and the flags that pick the dtype (avx2 fp32, AVX512-bf16,
     AMX), cores, torch's threads, and the GPU when there is one (stage.json `machine`)."""
     import platform
 
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())  # the first CPU's
-    except OSError:
-        pass
-    flags, model = set(fields.get("flags", "").split()), fields.get("model name") or platform.processor()
-    info = {"cpu": model, "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}),
+    info = {"cpu": cpu_info().get("model name") or platform.processor(),
+            "cpu_flags": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}),
             "cores": os.cpu_count()}
     if "torch" in sys.modules:  # only where the stage already paid for torch
         import torch
