@@ -51,11 +51,33 @@ def run_main(main) -> None:
         sys.exit(2)
 
 
+def verify_main(argv: list[str]) -> int:
+    """`rlrf verify RUN`: RUN is a run directory or a run name under runs/; exit 1 when a file is bad."""
+    from rlrf.store import verify_run
+
+    p = argparse.ArgumentParser(prog="rlrf verify", description="check every finished stage of a run: each file's "
+                                "size and sha256 against what the stage recorded, each parquet file readable")
+    p.add_argument("run", help="runs/<run> or just <run>")
+    args = p.parse_args(argv)
+    run = Path(args.run)
+    if not run.is_dir() and (Path("runs") / args.run).is_dir():
+        run = Path("runs") / args.run
+    try:
+        ok = verify_run(run)
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("verify: every checked file is as its stage wrote it" if ok else
+          "verify: some files are not as their stage wrote them (see above)")
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     usage = ("usage: rlrf <command> [--recipe R] [key.sub=value ...]\n\n"
              f"stages:   {', '.join(STAGES)}\n"
-             "others:   config (print the resolved recipe), inspect (pairs | profiles | summary)\n")
+             "others:   config (print the resolved recipe), inspect (pairs | profiles | summary),\n"
+             "          verify RUN (hash every file of runs/RUN against its stage's checksums)\n")
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return
@@ -70,13 +92,15 @@ def main(argv: list[str] | None = None) -> None:
             for k, _, h in describe():
                 print(f"{k:40s} {h}")
         return
+    if cmd == "verify":
+        sys.exit(verify_main(rest))
     if cmd == "inspect":
         from rlrf.inspect import main as inspect_main
         inspect_main(rest)
         return
     if cmd not in STAGES:
         import difflib
-        close = difflib.get_close_matches(cmd, STAGES + ("config", "inspect"), n=1)
+        close = difflib.get_close_matches(cmd, STAGES + ("config", "inspect", "verify"), n=1)
         print(f"error: unknown command {cmd!r}" + (f"; did you mean {close[0]}?" if close else "") + "\n\n" + usage,
               file=sys.stderr)
         sys.exit(2)

@@ -13,6 +13,11 @@ counters and wall time; readers refuse a stage directory that has none.
             st.write_shard(i, {"profiles": df}, counters={"empty_text": 2})
         st.finish()
 
+Every file a stage leaves is checksummed: a shard's marker records the size and sha256 of the parts it wrote,
+and stage.json's `files` those of every file in the stage directory. `read_artifact` compares sizes (hashes
+with RLRF_VERIFY=1) and names the part and the command that rebuilds it when one is missing, truncated,
+changed or unreadable; `rlrf verify RUN` hashes a whole run (`verify_run`).
+
 Locks are `flock`s, so a process killed with -9 releases them. A whole-stage run holds the stage lock
 exclusively; a `--shard i/n` slice holds it shared plus an exclusive lock on its own slice, so slices
 run side by side while a second whole run (or the same slice twice) is refused.
@@ -44,6 +49,67 @@ PACKAGES = ("rlrf", "torch", "transformers", "trl", "peft", "sentence-transforme
 
 class StageError(RuntimeError):
     """A stage cannot run as asked; the message says why and what to do."""
+
+
+class ArtifactError(StageError):
+    """A finished stage's file is missing, truncated, changed or unreadable; the message names the file and the
+    command that rebuilds it."""
+
+
+def file_digest(path: str | Path, with_hash: bool = True) -> dict:
+    """{"bytes": size, "sha256": hex} of one file (the hash read in 1 MiB chunks; left out with with_hash=False)."""
+    path = Path(path)
+    out: dict = {"bytes": path.stat().st_size}
+    if with_hash:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        out["sha256"] = h.hexdigest()
+    return out
+
+
+def stage_files(stage_dir: str | Path) -> list[str]:
+    """Every file a stage left in its directory (relative, sorted): all but its own stage.json and fingerprint,
+    and hidden names (locks, temporaries of a writer that was killed)."""
+    root = Path(stage_dir)
+    out = []
+    for p in root.rglob("*"):
+        rel = p.relative_to(root)
+        if p.is_file() and not any(part.startswith(".") for part in rel.parts) \
+                and str(rel) not in (STAGE_JSON, FINGERPRINT):
+            out.append(rel.as_posix())
+    return sorted(out)
+
+
+def rebuild_hint(stage_dir: str | Path, info: dict | None = None) -> str:
+    """The command that rebuilds a stage's output: --force on the stage that made it, or, for a sub-stage nested in
+    another (check's and evaluate's), removing it and rerunning the outer stage, which redoes only that part."""
+    stage_dir = Path(stage_dir)
+    outer = None
+    for parent in stage_dir.parents:
+        if (parent / FINGERPRINT).is_file():
+            outer = parent
+    rnd = next((p.split("_", 1)[1] for p in reversed(stage_dir.parts) if p.startswith("round_")), None)
+    if outer is not None:
+        name = (_read_json(outer / FINGERPRINT) or {}).get("stage") or outer.name
+        cmd = _stage_command(name, rnd)
+        return f"remove {stage_dir} and rerun `{cmd}` (it redoes only that part)"
+    name = (info or {}).get("stage") or (_read_json(stage_dir / FINGERPRINT) or {}).get("stage") or stage_dir.name
+    return f"rerun `{_stage_command(name, rnd, force=True)}`"
+
+
+def _stage_command(name: str, rnd: str | None, force: bool = False) -> str:
+    rounds = name not in ("prepare", "train-reranker", "evaluate")
+    return (f"python pipelines/{name.replace('-', '_')}.py --recipe <recipe>"
+            + (f" --round {rnd}" if rnd and rounds else "") + (" --force" if force else ""))
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def fingerprint(config: Any, inputs: Iterable[Path] = ()) -> str:
@@ -174,7 +240,8 @@ class Stage:
             self.log(f"{self.name}: up to date ({self.dir}, fingerprint {self.fingerprint}); nothing to do. "
                      f"Use --force to redo it.")
         else:
-            write_json(self.dir / FINGERPRINT, {"fingerprint": self.fingerprint, "config": self.config})
+            write_json(self.dir / FINGERPRINT, {"fingerprint": self.fingerprint, "stage": self.name,
+                                                "config": self.config})
         return self
 
     def __exit__(self, *exc) -> None:
@@ -230,19 +297,38 @@ class Stage:
         """Shards of this slice that have no completion marker yet."""
         si, sn = self.shard
         mine = [s for s in range(num_shards) if s % sn == si]
-        todo = [s for s in mine if not self.shard_done(s)]
+        todo = [s for s in mine if not self.shard_done(s) or not self._shard_intact(s)]
         if len(todo) < len(mine):
             self.log(f"{self.name}: resuming, {len(mine) - len(todo)} of {len(mine)} shards already done")
         self._num_shards = num_shards
         return todo
 
+    def _shard_intact(self, i: int) -> bool:
+        """Whether shard i's parts are all there at the size its marker recorded; a shard whose part went missing
+        or was cut short (a disk that failed, a hand that deleted it) is done again instead of trusted."""
+        marker = _read_json(self._marker(i))
+        if marker is None:
+            self.log(f"{self.name}: shard {i}'s marker is unreadable; redoing the shard")
+            self._marker(i).unlink()
+            return False
+        for rel, d in marker.get("files", {}).items():
+            p = self.dir / rel
+            if not p.is_file() or p.stat().st_size != d["bytes"]:
+                self.log(f"{self.name}: shard {i}'s {rel} is missing or not the size its marker recorded; "
+                         f"redoing the shard")
+                self._marker(i).unlink()
+                return False
+        return True
+
     def write_shard(self, i: int, frames: dict[str, pl.DataFrame], counters: dict | None = None) -> None:
-        """Write one shard's artifacts (tmp + rename each), then its marker last."""
-        rows = {}
+        """Write one shard's artifacts (tmp + rename each), then its marker last, with each part's size and sha256."""
+        rows, files = {}, {}
         for artifact, df in frames.items():
-            write_parquet(self.part(artifact, i), df)
+            path = self.part(artifact, i)
+            write_parquet(path, df)
             rows[artifact] = df.height
-        write_json(self._marker(i), {"rows": rows, "dropped": dict(counters or {})})
+            files[path.relative_to(self.dir).as_posix()] = {**file_digest(path), "rows": df.height}
+        write_json(self._marker(i), {"rows": rows, "dropped": dict(counters or {}), "files": files})
         _maybe_die()
 
     def finish(self, extra: dict | None = None, rows: dict | None = None) -> dict | None:
@@ -278,6 +364,8 @@ class Stage:
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **(extra or {}),
         }
+        # last, so it covers every file the stage wrote (rlrf verify, read_artifact)
+        info["files"] = {rel: file_digest(self.dir / rel) for rel in stage_files(self.dir)}
         write_json(self.dir / STAGE_JSON, info)
         self.done = True
         drops = ", ".join(f"{k}={v}" for k, v in sorted(dropped.items()) if v) or "none"
@@ -345,14 +433,115 @@ def read_artifact(stage_dir: str | Path, artifact: str, produced_by: str | None 
     from rlrf import schema
 
     stage_dir = Path(stage_dir)
-    read_stage_json(stage_dir, produced_by)
-    files = sorted((stage_dir / artifact).glob("part-*.parquet"))
-    if not files:
-        raise StageError(f"{stage_dir / artifact} has no parquet parts although the stage finished; "
-                         f"rerun that stage with --force")
-    df = pl.concat([pl.read_parquet(f) for f in files], how="vertical")
+    info = read_stage_json(stage_dir, produced_by)
+    df = pl.concat(read_parts(stage_dir, artifact, info), how="vertical")
     schema.check(df, artifact, where=str(stage_dir / artifact), produced_by=produced_by)
     return df
+
+
+def verify_env() -> bool:
+    """RLRF_VERIFY=1: readers hash every part they read against its recorded sha256 (sizes are always compared)."""
+    return os.environ.get("RLRF_VERIFY", "") not in ("", "0")
+
+
+def read_parts(stage_dir: str | Path, artifact: str, info: dict | None = None,
+               verify: bool | None = None) -> list[pl.DataFrame]:
+    """Each parquet part of a finished stage's artifact, checked against stage.json's checksums: a part missing, of
+    another size (or, with verify / RLRF_VERIFY=1, another sha256), one the stage never wrote, or one parquet
+    cannot read is an ArtifactError naming the part and the command that rebuilds it."""
+    stage_dir = Path(stage_dir)
+    info = read_stage_json(stage_dir) if info is None else info
+    verify = verify_env() if verify is None else verify
+    fix = rebuild_hint(stage_dir, info)
+    where = f"{info.get('stage', stage_dir.name)} output {stage_dir}"
+    files = sorted((stage_dir / artifact).glob("part-*.parquet"))
+    manifest = info.get("files")  # None: finished before rlrf recorded checksums; nothing to compare
+    if manifest is not None:
+        listed = sorted(k for k in manifest if k.startswith(f"{artifact}/part-"))
+        present = {f.relative_to(stage_dir).as_posix() for f in files}
+        for rel in listed:
+            if rel not in present:
+                raise ArtifactError(f"{where}: part {stage_dir / rel} is missing; {fix}")
+        for rel in sorted(present - set(listed)):
+            raise ArtifactError(f"{where}: part {stage_dir / rel} was not written by the stage that finished "
+                                f"there (stage.json does not list it); remove it, or {fix}")
+    if not files:
+        raise ArtifactError(f"{stage_dir / artifact} has no parquet parts although the stage finished; {fix}")
+    out = []
+    for f in files:
+        rel = f.relative_to(stage_dir).as_posix()
+        if manifest is not None:
+            problem = _file_problem(f, manifest[rel], verify)
+            if problem:
+                raise ArtifactError(f"{where}: part {f} {problem}; {fix}")
+        try:
+            out.append(pl.read_parquet(f))
+        except Exception as e:  # polars' ComputeError, an OSError, ...: one clear line instead of a traceback
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ArtifactError(f"{where}: part {f} is unreadable ({msg}); {fix}") from None
+    return out
+
+
+def _file_problem(path: Path, want: dict, verify: bool) -> str | None:
+    """What is wrong with one file against its recorded digest, or None."""
+    if not path.is_file():
+        return "is missing"
+    size = path.stat().st_size
+    if size != want["bytes"]:
+        return (f"is {size:,} bytes where the stage wrote {want['bytes']:,} "
+                f"({'truncated' if size < want['bytes'] else 'changed'})")
+    if verify and "sha256" in want and file_digest(path)["sha256"] != want["sha256"]:
+        return "has changed since the stage wrote it (sha256 differs)"
+    return None
+
+
+def verify_stage(stage_dir: str | Path) -> tuple[str, list[str], int]:
+    """(status, problems, files checked) of one finished stage, every file hashed: status is "ok", "FAIL" or
+    "unchecked" (finished before rlrf recorded checksums)."""
+    stage_dir = Path(stage_dir)
+    info = read_stage_json(stage_dir)
+    manifest = info.get("files")
+    if manifest is None:
+        return "unchecked", [], 0
+    problems = []
+    for rel, want in sorted(manifest.items()):
+        problem = _file_problem(stage_dir / rel, want, verify=True)
+        if problem:
+            problems.append(f"{rel} {problem}")
+        elif rel.endswith(".parquet"):
+            try:
+                pl.read_parquet_schema(stage_dir / rel)
+            except Exception as e:
+                problems.append(f"{rel} is unreadable ({str(e).strip().splitlines()[0] if str(e).strip() else e})")
+    return ("FAIL" if problems else "ok"), problems, len(manifest)
+
+
+def verify_run(run_dir: str | Path, out=print) -> bool:
+    """`rlrf verify RUN`: every finished stage under run_dir checked file by file, one line per stage, the problems
+    and the command that rebuilds the stage under a failing one. True when nothing failed."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise StageError(f"{run_dir} is not a run directory (runs/<run>, the recipe's `run`)")
+    stages = sorted(p.parent for p in run_dir.rglob(STAGE_JSON))
+    if not stages:
+        raise StageError(f"{run_dir} holds no finished stage (no stage.json below it)")
+    ok = True
+    for d in stages:
+        status, problems, n = verify_stage(d)
+        rel = d.relative_to(run_dir).as_posix()
+        if status == "unchecked":
+            out(f"unchecked {rel}: finished before rlrf recorded checksums ({rebuild_hint(d)} to add them)")
+        else:
+            out(f"{status:9s} {rel}: {n} files" + (f", {len(problems)} bad" if problems else ""))
+        for p in problems:
+            out(f"          {p}")
+        if problems:
+            ok = False
+            out(f"          fix: {rebuild_hint(d)}")
+    for d in sorted(p.parent for p in run_dir.rglob(FINGERPRINT)):
+        if not (d / STAGE_JSON).is_file():
+            out(f"partial   {d.relative_to(run_dir).as_posix()}: started, not finished (rerun it to resume)")
+    return ok
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:

@@ -13,13 +13,19 @@ import pytest
 from rlrf.store import Stage, StageError, atomic_path, parse_shard, read_artifact, read_stage_json
 
 TOY = textwrap.dedent("""
-    import sys, time, polars as pl
+    import os, sys, time, polars as pl
     from rlrf.store import Stage
     out, n_shards, shard, sleep = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
     sl = None if shard == "-" else tuple(int(x) for x in shard.split("/"))
     with Stage(out, "toy", {"n": n_shards}, shard=sl, quiet=True) as st:
         if st.done:
             print("UP-TO-DATE"); sys.exit(0)
+        hold = os.environ.get("TOY_HOLD")  # hold the lock until this file exists (lock tests: no race on load)
+        if hold:
+            open(hold + ".held", "w").close()
+            t0 = time.time()
+            while not os.path.exists(hold) and time.time() - t0 < 120:
+                time.sleep(0.02)
         for i in st.todo(n_shards):
             time.sleep(sleep)
             df = pl.DataFrame({"user_id": [i * 10 + j for j in range(3)], "v": [float(i)] * 3})
@@ -97,19 +103,29 @@ def test_changed_config_is_refused_unless_forced(tmp_path):
     assert read_stage_json(out)["config"] == {"a": 2}
 
 
+def _hold_lock(tmp_path, out, **kw):
+    """A toy run that holds its stage lock until release() is called (however slow the machine is)."""
+    import time
+
+    hold = tmp_path / "release"
+    first = run_toy(tmp_path, out, env={"TOY_HOLD": str(hold)}, wait=False, **kw)
+    t0 = time.time()
+    while not Path(str(hold) + ".held").exists():
+        assert first.poll() is None and time.time() - t0 < 120, "the first run never took the lock"
+        time.sleep(0.02)
+    return first, hold.touch
+
+
 def test_second_run_on_the_same_stage_is_refused_while_the_first_holds_the_lock(tmp_path):
     out = tmp_path / "s"
-    first = run_toy(tmp_path, out, n_shards=3, sleep=1.5, wait=False)
+    first, release = _hold_lock(tmp_path, out, n_shards=3)
     try:
-        for _ in range(100):  # wait until the first run holds the lock
-            if (out / "_fingerprint.json").exists():
-                break
-            import time; time.sleep(0.05)
         second = run_toy(tmp_path, out)
         assert second.returncode != 0
         assert "another process is running stage 'toy'" in second.stderr
     finally:
-        first.wait(timeout=60)
+        release()
+        first.wait(timeout=120)
     assert first.returncode == 0
     assert rows(out).height == 9
 
@@ -128,16 +144,13 @@ def test_slices_run_side_by_side_and_the_last_one_finishes_the_stage(tmp_path):
 
 def test_the_same_slice_twice_is_refused(tmp_path):
     out = tmp_path / "s"
-    first = run_toy(tmp_path, out, n_shards=2, shard="0/2", sleep=1.5, wait=False)
+    first, release = _hold_lock(tmp_path, out, n_shards=2, shard="0/2")
     try:
-        for _ in range(100):
-            if (out / "_fingerprint.json").exists():
-                break
-            import time; time.sleep(0.05)
         r = run_toy(tmp_path, out, n_shards=2, shard="0/2")
         assert r.returncode != 0 and "slice 0/2" in r.stderr
     finally:
-        first.wait(timeout=60)
+        release()
+        first.wait(timeout=120)
 
 
 def test_atomic_path_leaves_nothing_when_the_block_fails(tmp_path):
@@ -208,3 +221,143 @@ def test_atomic_path_replaces_a_directory_left_by_an_interrupted_run(tmp_path):
         (tmp / "new.bin").write_text("new")
     assert [p.name for p in target.iterdir()] == ["new.bin"]
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+# ----------------------------------------------------------------------------- checksummed artifacts
+
+
+def _finished_toy(tmp_path, name="round_1/sample"):
+    out = tmp_path / "runs" / "demo" / name
+    r = run_toy(tmp_path, out, n_shards=3)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_markers_and_stage_json_record_size_and_sha256_of_every_file(tmp_path):
+    import hashlib
+
+    out = _finished_toy(tmp_path)
+    info = read_stage_json(out)
+    part = out / "users" / "part-00001.parquet"
+    want = {"bytes": part.stat().st_size, "sha256": hashlib.sha256(part.read_bytes()).hexdigest()}
+    assert info["files"]["users/part-00001.parquet"] == want
+    marker = json.loads((out / "_shards" / "00001.json").read_text())
+    assert marker["files"]["users/part-00001.parquet"] == {**want, "rows": 3}
+    assert "stage.json" not in info["files"] and "_fingerprint.json" not in info["files"]
+    assert not any(k.startswith(".lock") for k in info["files"])
+
+
+@pytest.mark.parametrize("damage,what", [
+    ("truncate", r"part .*part-00001.parquet is \d+ bytes where the stage wrote [\d,]+ \(truncated\)"),
+    ("delete", r"part .*part-00001.parquet is missing"),
+    ("extra", r"part .*part-00009.parquet was not written by the stage"),
+    ("garbage", r"part .*part-00001.parquet is unreadable"),
+])
+def test_a_damaged_part_is_a_named_error_with_the_command_that_rebuilds_it(tmp_path, damage, what):
+    from rlrf.store import ArtifactError
+
+    out = _finished_toy(tmp_path)
+    part = out / "users" / "part-00001.parquet"
+    data = part.read_bytes()
+    if damage == "truncate":
+        part.write_bytes(data[: len(data) // 2])
+    elif damage == "delete":
+        part.unlink()
+    elif damage == "extra":
+        (out / "users" / "part-00009.parquet").write_bytes(data)
+    else:  # same size, not parquet: only parquet notices, and says which file
+        part.write_bytes(b"\0" * len(data))
+    with pytest.raises(ArtifactError, match=what) as e:
+        read_artifact(out, "users")
+    assert "toy output" in str(e.value)
+    assert "rerun `python pipelines/toy.py --recipe <recipe> --round 1 --force`" in str(e.value)
+
+
+def test_a_flipped_byte_is_found_by_hash_when_asked(tmp_path, monkeypatch):
+    from rlrf.store import ArtifactError, read_parts
+
+    out = _finished_toy(tmp_path)
+    part = out / "users" / "part-00002.parquet"
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size: the cheap check passes
+    part.write_bytes(bytes(data))
+    try:
+        read_parts(out, "users", verify=False)  # size only; parquet may or may not notice one flipped byte
+    except ArtifactError as e:
+        assert "part-00002" in str(e)
+    with pytest.raises(ArtifactError, match="part-00002.parquet has changed since the stage wrote it"):
+        read_parts(out, "users", verify=True)
+    monkeypatch.setenv("RLRF_VERIFY", "1")
+    with pytest.raises(ArtifactError, match="sha256 differs"):
+        read_artifact(out, "users")
+
+
+def test_a_nested_stage_names_its_outer_stage_as_the_fix(tmp_path):
+    from rlrf.store import rebuild_hint
+
+    outer = tmp_path / "runs" / "demo" / "round_2" / "check"
+    with Stage(outer, "check", {}, quiet=True):
+        inner = outer / "sample"
+        with Stage(inner, "sample", {}, quiet=True) as st:
+            st.finish(rows={})
+        hint = rebuild_hint(inner)
+    assert hint == f"remove {inner} and rerun `python pipelines/check.py --recipe <recipe> --round 2` " \
+                   f"(it redoes only that part)"
+    assert rebuild_hint(tmp_path / "runs" / "demo" / "prepare", {"stage": "prepare"}) == \
+        "rerun `python pipelines/prepare.py --recipe <recipe> --force`"
+
+
+def test_resume_redoes_a_done_shard_whose_part_went_missing_or_short(tmp_path):
+    """Killed after shard markers were written, then a part lost (a failed disk, a careless rm): the rerun does that
+    shard again instead of finishing over a hole, and ends with exactly the clean rows."""
+    clean = _finished_toy(tmp_path, "clean")
+    out = tmp_path / "killed"
+    r = run_toy(tmp_path, out, n_shards=3, env={"RLRF_KILL_AFTER_SHARDS": "2"})
+    assert r.returncode != 0
+    (out / "users" / "part-00000.parquet").unlink()
+    p1 = out / "users" / "part-00001.parquet"
+    p1.write_bytes(p1.read_bytes()[:10])
+    r = run_toy(tmp_path, out, n_shards=3)
+    assert r.returncode == 0, r.stderr
+    assert rows(out).equals(rows(clean))
+    from rlrf.store import read_parts
+    assert sum(df.height for df in read_parts(out, "users", verify=True)) == 9
+
+
+def test_verify_run_reports_each_stage_and_finds_a_flipped_byte(tmp_path):
+    from rlrf.store import verify_run
+
+    run = tmp_path / "runs" / "demo"
+    _finished_toy(tmp_path, "prepare")
+    out = _finished_toy(tmp_path, "round_1/sample")
+    (run / "round_1" / "dpo").mkdir(parents=True)
+    (run / "round_1" / "dpo" / "_fingerprint.json").write_text('{"fingerprint": "x", "stage": "dpo"}')
+    lines: list[str] = []
+    assert verify_run(run, out=lines.append)
+    assert [ln.split()[0] for ln in lines] == ["ok", "ok", "partial"]
+    assert "round_1/dpo: started, not finished" in lines[2]
+    marker = out / "_shards" / "00000.json"  # every file is covered, not only the parquet parts
+    marker.write_text(marker.read_text().replace('"rows"', '"rowz"'))
+    part = out / "users" / "part-00000.parquet"
+    data = bytearray(part.read_bytes())
+    data[-20] ^= 0xFF
+    part.write_bytes(bytes(data))
+    lines.clear()
+    assert not verify_run(run, out=lines.append)
+    text = "\n".join(lines)
+    assert "FAIL      round_1/sample: 6 files, 2 bad" in text
+    assert "_shards/00000.json has changed since the stage wrote it (sha256 differs)" in text
+    assert "users/part-00000.parquet has changed since the stage wrote it" in text
+    assert "fix: rerun `python pipelines/toy.py --recipe <recipe> --round 1 --force`" in text
+
+
+def test_rlrf_verify_command_exit_codes(tmp_path, capsys):
+    from rlrf.cli import verify_main
+
+    out = _finished_toy(tmp_path)
+    assert verify_main([str(tmp_path / "runs" / "demo")]) == 0
+    assert "every checked file is as its stage wrote it" in capsys.readouterr().out
+    (out / "users" / "part-00001.parquet").write_bytes(b"x")
+    assert verify_main([str(tmp_path / "runs" / "demo")]) == 1
+    assert verify_main([str(tmp_path / "nope")]) == 2
+    assert "is not a run directory" in capsys.readouterr().err
