@@ -344,7 +344,11 @@ _Loader.add_implicit_resolver(
 
 def parse_value(text: str) -> Any:
     """Parse a command-line value the way the recipe would (YAML scalar or flow list)."""
-    return yaml.load(text, Loader=_Loader)
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override value {text!r} is not a YAML value ({str(e).splitlines()[0]}); quote it "
+                          f"(key.sub='...')") from None
 
 
 def _hint(cls, name: str):

@@ -23,6 +23,7 @@ import subprocess
 from pathlib import Path
 
 from rlrf.config import Recipe
+from rlrf.llm import SAFE_MODEL, SAFE_TOKENIZER
 from rlrf.store import Stage, StageError, atomic_path, read_artifact
 
 LOG_COLUMNS = ("step", "epoch", "loss", "rewards/margins", "rewards/accuracies", "rewards/chosen",
@@ -229,9 +230,9 @@ def merge(model_dir: Path, adapter_dir: Path, out: Path) -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **SAFE_MODEL)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir, **SAFE_TOKENIZER)
     with atomic_path(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
@@ -328,7 +329,7 @@ def expected_token_ids(model_dir: Path, pairs) -> list[dict]:
 
     from rlrf.sample import chat_ids
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir, **SAFE_TOKENIZER)
     out = []
     for r in pairs.iter_rows(named=True):
         prompt = chat_ids(tok, r["prompt"][-1]["content"])
@@ -459,7 +460,7 @@ def check_same_tokens(expected: list[dict], rendered: list[dict], tokenizer_dir:
                 continue
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+            tok = AutoTokenizer.from_pretrained(tokenizer_dir, **SAFE_TOKENIZER)
             i = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
             raise StageError(
                 f"dpo: LLaMA-Factory renders user {want['user_id']}'s {part} differently from the sample stage "

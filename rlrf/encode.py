@@ -72,12 +72,13 @@ def _load_encoder(encoder: str, pooling: str, max_seq_length: int, device: str):
     path = _model_path(encoder)
     try:
         if pooling == "auto":
-            model = SentenceTransformer(path, device=device)
+            model = SentenceTransformer(path, device=device, trust_remote_code=False,
+                                        model_kwargs={"use_safetensors": True})
         else:
             from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 
             # the paper's recipe: a plain BERT with mean pooling over its last layer
-            word = Transformer(path, max_seq_length=max_seq_length)
+            word = Transformer(path, max_seq_length=max_seq_length, model_kwargs={"use_safetensors": True})
             pool = Pooling(word.get_word_embedding_dimension(), pooling_mode=pooling)
             model = SentenceTransformer(modules=[word, pool], device=device)
     except OSError as e:

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from rlrf import shared_prefix
-from rlrf.llm import load_generator, pick_dtype, resolve_model
+from rlrf.llm import SAFE_TOKENIZER, load_generator, pick_dtype, resolve_model
 from rlrf.threads import torch_threads
 
 
@@ -110,7 +110,7 @@ class HFBackend:
     def tokenizer_for(model_dir):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(model_dir)
+        return AutoTokenizer.from_pretrained(model_dir, **SAFE_TOKENIZER)
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], seeds: list[int], sp: Sampling,
@@ -219,9 +219,10 @@ class VLLMBackend:
 
         self._vllm = vllm
         path = resolve_model(model)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, **SAFE_TOKENIZER)
         vdtype = "auto" if dtype == "auto" else str(pick_dtype(dtype)).replace("torch.", "")
-        self.llm = vllm.LLM(model=str(path), dtype=vdtype, tensor_parallel_size=tensor_parallel_size)
+        self.llm = vllm.LLM(model=str(path), dtype=vdtype, tensor_parallel_size=tensor_parallel_size,
+                            trust_remote_code=False)
 
     def generate(self, prompts: list[list[int]], seeds: list[int], sp: Sampling,
                  progress: Callable[[int, int], None] | None = None) -> list[list[Completion]]:

@@ -66,17 +66,28 @@ def _check_model_dir(p: Path, name: str) -> Path:
     missing = []
     if not (p / "config.json").is_file():
         missing.append("config.json")
-    if not weight_files(p):
-        missing.append("weights (*.safetensors or pytorch_model*.bin)")
+    weights = weight_files(p)
+    if weights and not any(f.suffix == ".safetensors" for f in weights):
+        raise ModelError(_unknown(name, f"directory {p} holds only pickle weights ({weights[0].name}), and loading "
+                                        f"a pickle can run any code in it: rlrf loads *.safetensors only. Convert "
+                                        f"it once where you trust the file: "
+                                        f"AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir)"))
+    if not weights:
+        missing.append("weights (*.safetensors)")
     if not any((p / f).is_file() for f in TOKENIZER_FILES):
         missing.append("a tokenizer (tokenizer.json / tokenizer_config.json)")
     if missing:
         raise ModelError(_unknown(name, f"directory {p} lacks {', '.join(missing)}; "
                                         f"is it a half-written or adapter-only output?"))
     try:
-        json.loads((p / "config.json").read_text())
+        config = json.loads((p / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise ModelError(_unknown(name, f"{p / 'config.json'} is unreadable ({e})")) from None
+    if isinstance(config, dict) and config.get("auto_map"):
+        raise ModelError(_unknown(name, f"{p / 'config.json'} asks for code shipped with the model (auto_map: "
+                                        f"{sorted(config['auto_map'])}); rlrf never runs code from a model "
+                                        f"directory (trust_remote_code is off): use a model transformers supports "
+                                        f"natively"))
     return p
 
 
@@ -127,6 +138,12 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
                   and not f.name.startswith(("training_args", "optimizer", "scheduler", "rng_state")))
 
 
+# How every model and tokenizer is loaded: no code from the model directory, no pickle (resolve_model refuses both up
+# front with a message; these make transformers refuse them too, whatever path reaches it).
+SAFE_MODEL = {"trust_remote_code": False, "use_safetensors": True}
+SAFE_TOKENIZER = {"trust_remote_code": False}
+
+
 def pick_dtype(dtype: str = "auto"):
     """bf16 where the hardware does bf16 natively (CUDA, or a CPU with AMX / AVX512-bf16), else fp32."""
     import torch
@@ -155,11 +172,11 @@ def load_generator(name_or_path: str | os.PathLike, dtype: str = "auto"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name_or_path)
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, **SAFE_TOKENIZER)
     tok.padding_side = "left"  # generation appends on the right, so prompts line up on the right
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype), **SAFE_MODEL)
     if torch.cuda.is_available():
         model = model.to("cuda")
     model.eval()

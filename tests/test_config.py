@@ -78,3 +78,15 @@ def test_rlrf_config_prints_the_resolved_recipe_and_every_key(capsys, repo):
     out = capsys.readouterr().out
     assert "run: tiny" in out and "  n: 3" in out
     assert "sample.temperature" in out and "nucleus sampling mass" in out
+
+
+def test_a_recipe_cannot_run_code(tmp_path):
+    """Recipes load with a SafeLoader: a python tag is a clear error, and whatever it names never runs."""
+    touched = tmp_path / "ran"
+    p = tmp_path / "evil.yaml"
+    p.write_text(f"run: !!python/object/apply:os.system ['touch {touched}']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(p)
+    with pytest.raises(ConfigError):
+        load_recipe(None, [f"run=!!python/object/apply:os.system ['touch {touched}']"])
+    assert not touched.exists()

@@ -148,3 +148,29 @@ def test_real_smollm2_converts_loads_and_writes_sense(smollm2_dir):
     out = be.generate(ps, [7], Sampling(n=2, temperature=0.7, max_new_tokens=40))
     assert all(len(c.text) > 20 for c in out[0])
     assert any(w in (out[0][0].text + out[0][1].text).lower() for w in ("star", "alien", "movie", "film"))
+
+
+def test_pickle_weights_and_remote_code_are_refused_before_loading(tmp_path, tiny_model):
+    """A model directory is data: rlrf loads safetensors only (a pickle can run code when unpickled) and never
+    imports code shipped beside a model (auto_map), whatever the stage; both are named with what to do."""
+    from rlrf.llm import SAFE_MODEL
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model, pickled)
+    for f in pickled.glob("*.safetensors"):
+        f.unlink()
+    torch.save({"w": torch.zeros(1)}, pickled / "pytorch_model.bin")
+    with pytest.raises(ModelError, match=r"only pickle weights \(pytorch_model.bin\).*safetensors only"):
+        resolve_model(str(pickled))
+    from transformers import AutoModelForCausalLM
+    with pytest.raises(OSError):  # and transformers itself refuses, whatever path reaches it
+        AutoModelForCausalLM.from_pretrained(pickled, **SAFE_MODEL)
+
+    remote = tmp_path / "remote"
+    shutil.copytree(tiny_model, remote)
+    cfg = json.loads((remote / "config.json").read_text())
+    (remote / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoModelForCausalLM": "evil.Model"}}))
+    (remote / "evil.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    with pytest.raises(ModelError, match=r"auto_map.*never runs code from a model directory"):
+        resolve_model(str(remote))
+    assert not (tmp_path / "ran").exists()

@@ -179,8 +179,8 @@ def _fake_vllm(calls: list):
             self.__dict__.update(kw)
 
     class LLM:
-        def __init__(self, model, dtype="auto", tensor_parallel_size=1):
-            calls.append(("init", model, dtype))
+        def __init__(self, model, dtype="auto", tensor_parallel_size=1, trust_remote_code=False):
+            calls.append(("init", model, dtype, trust_remote_code))
 
         def generate(self, prompts, params, use_tqdm=True):
             calls.append(("generate", prompts, params))
@@ -207,6 +207,7 @@ def test_vllm_backend_through_the_stage(setup, tiny_model, monkeypatch):
     df = _rows(out)
     schema.check(df, "profiles")
     assert df.height == 27
+    assert [c[3] for c in calls if c[0] == "init"] == [False]  # vLLM never runs a model directory's code
     gens = [c for c in calls if c[0] == "generate"]
     params = [p for c in gens for p in c[2]]
     assert {p.n for p in params} == {3} and {p.max_tokens for p in params} == {6}
