@@ -5,7 +5,7 @@ Reference rankings on the prepared test lists (runs the prepare stage first if n
   stored       the lists' stored order (the prepare stage's shuffle): what a constant scorer gets
   popularity   items by their number of ratings from train users
   perfect      items by their label (the ceiling a reranker can reach on these lists)
-printed as MAP/NDCG@{1,3,5,7}; design.md's references for ML-100K (seed-1234 split, 1704 lists):
+printed as MAP/NDCG@{1,3,5,7}; docs/protocol.md's references for ML-100K (seed-1234 split, 1704 lists):
 random NDCG@5 0.339, popularity 0.632, perfect 0.864.
 
 It also times rlrf.metrics (vectorised numpy) against the named baseline, a per-list Python loop in

@@ -10,7 +10,7 @@ Both are per list; `ranking_metrics` averages them, counting lists without posit
 
 Ties: items with equal scores keep their order in the list (a stable sort of -score), so a
 constant scorer ranks the list as given. Callers that want ties broken at random shuffle first.
-Check (design.md): lists [1,0,1] and [0,0,0] scored in that order give MAP@3 0.4167, NDCG@3 0.4599.
+Check (docs/protocol.md): lists [1,0,1] and [0,0,0] scored in that order give MAP@3 0.4167, NDCG@3 0.4599.
 """
 
 from __future__ import annotations

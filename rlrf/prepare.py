@@ -1,10 +1,10 @@
 """The prepare stage: a dataset's original files -> KAR's reranking data (users, items, interactions,
-lists, prompts), the protocol of design.md.
+lists, prompts), the protocol of docs/protocol.md.
 
 - Labels: rating > prepare.positive_threshold (default 3 for MovieLens, 4 for Amazon-Books).
 - Each user's ratings in time order; ties (same timestamp, common in MovieLens) broken by the raw item
   id compared as a string, so the order never depends on the file's line order or layout (and matches
-  the run behind design.md's reference figures: perfect-ranking NDCG@5 0.864 on ML-100K test lists).
+  the run behind docs/protocol.md's reference figures: perfect-ranking NDCG@5 0.864 on ML-100K test lists).
 - Prompt history: the first h = min((n+1)//2, history_max) ratings (30 MovieLens, 15 Amazon). They are
   never rerank samples. Users with h < prepare.min_history are dropped (counted in stage.json).
 - The remaining ratings are cut into chunks of chunk_size (4) consecutive items; each chunk is padded to
@@ -12,7 +12,7 @@ lists, prompts), the protocol of design.md.
   (recipe.seed, user_id), and shuffled by it. A final partial chunk (1-3 rated items) is kept as a list
   padded with more never-rated items: dropping it would discard the user's most recent ratings. Such
   lists are counted in stage.json (`partial_chunk_lists`). With the seed-1234 split this gives the
-  1704 ML-100K test lists of design.md's reference figures.
+  1704 ML-100K test lists of docs/protocol.md's reference figures.
 - Users split train / valid / test by prepare.split: the dense user ids shuffled with
   random.Random(recipe.seed), the first int(n * 0.8) train, the next int(n * 0.1) valid, the rest test.
 - Dense ids: users and items numbered 1..n in their raw ids' natural order (numeric where all raw ids

@@ -1,4 +1,4 @@
-"""MAP@k / NDCG@k against figures worked out by hand (KAR's definitions, design.md)."""
+"""MAP@k / NDCG@k against figures worked out by hand (KAR's definitions, docs/protocol.md)."""
 
 import math
 

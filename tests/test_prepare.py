@@ -1,4 +1,4 @@
-"""The prepare stage: the protocol of design.md checked row by row on fixtures, layout equivalence,
+"""The prepare stage: the protocol of docs/protocol.md checked row by row on fixtures, layout equivalence,
 resume after kill -9, and the real MovieLens-100K counts."""
 
 import math
@@ -177,10 +177,10 @@ def test_real_movielens_100k(tmp_path, ml100k_dir):
     assert info["n_users"] == 943 and info["n_items"] == 1682 and info["n_interactions"] == 100000
     assert info["dropped"] == {}
     assert info["users_by_split"] == {"test": 95, "train": 754, "valid": 94}
-    assert info["lists_by_split"]["test"] == 1704  # design.md's seed-1234 reference
+    assert info["lists_by_split"]["test"] == 1704  # docs/protocol.md's seed-1234 reference
     lists = read_artifact(d, "lists", "prepare").filter(pl.col("split") == "test")
     labels = np.array(lists["labels"].to_list())
-    # a perfect ranking's NDCG@k = share of lists holding a positive: design.md's 0.864
+    # a perfect ranking's NDCG@k = share of lists holding a positive: docs/protocol.md's 0.864
     assert (labels.sum(axis=1) > 0).mean() == pytest.approx(0.864, abs=1e-3)
 
 
