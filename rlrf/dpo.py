@@ -559,6 +559,25 @@ def run_llamafactory(recipe: Recipe, pairs_dir: Path, model_dir: Path, out_dir: 
 # ----------------------------------------------------------------------------- the stage
 
 
+def check_memory(recipe: Recipe, model_dir: Path, log=print) -> float | None:
+    """The TRL step's estimated peak (rlrf.memory), refused before loading anything when the machine cannot hold
+    it; None on a GPU, whose memory is another budget."""
+    import torch
+
+    from rlrf.llm import pick_dtype
+    from rlrf.memory import Shape, dpo_peak_mb, preflight
+
+    if torch.cuda.is_available():
+        return None
+    cfg = recipe.dpo
+    need = dpo_peak_mb(Shape.from_dir(model_dir), batch=cfg.per_device_train_batch_size, max_length=cfg.max_length,
+                       completion_tokens=recipe.sample.max_new_tokens, share_prompt=cfg.share_prompt,
+                       bytes_per=pick_dtype(cfg.dtype).itemsize, checkpointing=cfg.gradient_checkpointing)
+    preflight("dpo", need, "dpo.per_device_train_batch_size (raise gradient_accumulation_steps to keep the "
+                           "pairs per step), dpo.max_length, or turn dpo.gradient_checkpointing on", log)
+    return round(need, 1)
+
+
 def dpo_stage(recipe: Recipe, pairs_dir, generator: str, out_dir, *, force: bool = False) -> Path:
     """Tune `generator` on the pairs in `pairs_dir`; out_dir/merged is the next round's generator."""
     from rlrf.llm import resolve_model, weights_hash
@@ -577,6 +596,7 @@ def dpo_stage(recipe: Recipe, pairs_dir, generator: str, out_dir, *, force: bool
         if recipe.dpo.backend == "llamafactory":
             extra = run_llamafactory(recipe, pairs_dir, model_dir, out_dir, log=st.log)
         else:
-            extra = train_trl(recipe, pairs_dir, model_dir, out_dir, log=st.log)
+            estimate = check_memory(recipe, model_dir, st.log)
+            extra = {**train_trl(recipe, pairs_dir, model_dir, out_dir, log=st.log), "memory_estimate_mb": estimate}
         st.finish(extra=extra, rows={"pairs": pairs.height})
     return out_dir

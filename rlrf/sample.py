@@ -142,6 +142,8 @@ def sample_stage(recipe: Recipe, out_dir: str | Path, generator: str, round: int
         n_shards = len(chunks) + (1 if cfg.item_knowledge else 0)
         _check_layout(st, chunks, cfg.item_knowledge)
         todo = st.todo(n_shards)
+        if todo and cfg.backend == "hf":
+            _check_memory(model_dir, cfg, st.log)
         backend = open_backend(cfg.backend, str(model_dir), cfg.dtype, cfg.batch_size, cfg.threads,
                                pad_to=cfg.max_prompt_tokens) if todo else None
         meta = dict(run=recipe.run, round=round, generator=str(generator), generator_hash=ghash)
@@ -280,6 +282,21 @@ def _run(backend, prompt_ids, seeds, sp, desc: str, unit: str):
             bar.set_postfix(tok_s=f"{tokens[0] / max(time.time() - t0, 1e-9):.0f}")
 
         return backend.generate(prompt_ids, seeds, sp, progress=progress)
+
+
+def _check_memory(model_dir: Path, cfg, log) -> None:
+    """Refuse (or warn) before loading the model when a generate batch cannot fit (rlrf.memory)."""
+    import torch
+
+    from rlrf.llm import pick_dtype
+    from rlrf.memory import Shape, preflight, sample_peak_mb
+
+    if torch.cuda.is_available():  # GPU memory is another budget; CUDA says so itself
+        return
+    need = sample_peak_mb(Shape.from_dir(model_dir), batch_size=cfg.batch_size, n=cfg.n,
+                          prompt_tokens=cfg.max_prompt_tokens, new_tokens=cfg.max_new_tokens,
+                          bytes_per=pick_dtype(cfg.dtype).itemsize)
+    preflight("sample", need, "sample.batch_size (rows per generate batch) or sample.max_prompt_tokens", log)
 
 
 def _summary(out_dir: Path, cfg) -> dict:

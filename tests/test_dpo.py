@@ -124,6 +124,19 @@ def test_merged_model_differs_from_base_loads_and_generates(trained):
     assert gen.shape[1] == ids["input_ids"].shape[1] + 5 or int(gen[0, -1]) == tok.eos_token_id
 
 
+def test_a_step_the_machine_cannot_hold_is_refused_before_anything_loads(trained, tmp_path, monkeypatch):
+    from rlrf import memory
+    from rlrf.dpo import dpo_stage
+
+    tmp, model_dir, pairs, out = trained
+    assert read_stage_json(out)["memory_estimate_mb"] > memory.RUNTIME_MB  # recorded beside the measured peak
+    monkeypatch.setattr(memory, "machine_mb", lambda: (100.0, 200.0))
+    with pytest.raises(StageError, match=r"dpo: needs about .* GB .* 0.2 GB in all; lower "
+                                         r"dpo.per_device_train_batch_size"):
+        dpo_stage(load_recipe(None, TINY), pairs, str(model_dir), tmp_path / "dpo")
+    assert not (tmp_path / "dpo" / "merged").exists() and not (tmp_path / "dpo" / "adapter").exists()
+
+
 def test_rerun_is_a_noop_and_config_change_refuses(trained):
     from rlrf.dpo import dpo_stage
 

@@ -160,6 +160,17 @@ def test_errors_before_any_work(setup, tmp_path):
         sample_stage(bare, bare.run_dir / "x", str(setup.sample.model), 1)
 
 
+def test_a_batch_the_machine_cannot_hold_is_refused_before_the_model_loads(setup, monkeypatch):
+    import rlrf.sample
+    from rlrf import memory
+
+    monkeypatch.setattr(memory, "machine_mb", lambda: (50.0, 100.0))
+    monkeypatch.setattr(rlrf.sample, "open_backend", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(StageError, match=r"sample: needs about .* 0.1 GB in all; lower sample.batch_size"):
+        sample_stage(setup, setup.run_dir / "big", str(setup.sample.model), 1)
+    assert not list((setup.run_dir / "big").glob("profiles/*"))
+
+
 def test_select_users_caps_each_split_the_same_way_every_round(setup):
     prompts = read_artifact(setup.run_dir / "prepare", "prompts")
     a = select_users(prompts, ["train", "valid"], 2, 1234)

@@ -1,0 +1,46 @@
+"""rlrf.memory: what a stage's config will need, checked before it starts."""
+
+import pytest
+
+from rlrf.memory import Shape, dpo_peak_mb, machine_mb, preflight, sample_peak_mb
+from rlrf.store import StageError
+
+SMOLLM2 = {"hidden_size": 576, "num_hidden_layers": 30, "intermediate_size": 1536, "num_attention_heads": 9,
+           "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "tie_word_embeddings": True}
+
+
+def test_shape_counts_smollm2s_parameters():
+    assert Shape.from_config(SMOLLM2).params == pytest.approx(134.5e6, rel=0.01)  # SmolLM2-135M
+    assert Shape.from_config({"text_config": SMOLLM2}) == Shape.from_config(SMOLLM2)
+
+
+def test_estimates_near_the_peaks_stage_json_measured_and_move_with_their_knobs():
+    """Set against peak_rss_mb of the demo's stages (SmolLM2-135M, fp32, AVX2 box): dpo with share_prompt, batch 4,
+    max_length 416: 5.3 GB; sample, batch 64, N=4, 192-token prompts: 1.6 GB. Within about 25%."""
+    s = Shape.from_config(SMOLLM2)
+    dpo = dpo_peak_mb(s, batch=4, max_length=416, completion_tokens=96, share_prompt=True)
+    assert 0.75 * 5298 < dpo < 1.25 * 5298
+    assert 0.75 * 1580 < sample_peak_mb(s, batch_size=64, n=4, prompt_tokens=192, new_tokens=96) < 1.25 * 1580
+    # each knob the error names lowers it
+    assert dpo_peak_mb(s, batch=2, max_length=416, completion_tokens=96, share_prompt=True) < dpo
+    assert dpo_peak_mb(s, batch=4, max_length=288, completion_tokens=96, share_prompt=True) < dpo
+    assert dpo_peak_mb(s, batch=4, max_length=416, completion_tokens=96, share_prompt=True, checkpointing=True) < dpo
+    assert dpo_peak_mb(s, batch=4, max_length=416, completion_tokens=96, share_prompt=False) > dpo
+    assert dpo_peak_mb(s, batch=4, max_length=416, completion_tokens=96, share_prompt=True, bytes_per=2) < dpo
+
+
+def test_preflight_refuses_what_cannot_fit_and_warns_when_memory_is_taken():
+    with pytest.raises(StageError, match=r"dpo: needs about 9.8 GB .* has 8.0 GB in all; lower dpo.max_length"):
+        preflight("dpo", 10_000, "dpo.max_length", machine=(6000, 8192))
+    said = []
+    preflight("dpo", 7000, "dpo.max_length", log=said.append, machine=(6000, 8192))
+    assert said and "warning" in said[0] and "5.9 GB is free now" in said[0]
+    said.clear()
+    preflight("dpo", 1000, "dpo.max_length", log=said.append, machine=(6000, 8192))
+    assert said == []
+    preflight("dpo", 1e9, "x", machine=(None, None))  # a machine that says nothing: nothing refused
+
+
+def test_machine_mb_reads_this_machine():
+    free, total = machine_mb()
+    assert total is None or 0 < free <= total
