@@ -30,7 +30,9 @@ def stage_args(description: str, argv: list[str] | None = None, rounds: bool = T
     if shards:
         p.add_argument("--shard", default=None, help="run only slice i/n of the shards (Slurm arrays, Ray)")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
-    args = p.parse_args(argv)
+    # overrides may stand before, between and after the options (`run=x --round 2 sample.n=8`): plain parse_args
+    # takes positionals from one run only and calls the rest "unrecognized arguments"
+    args = p.parse_intermixed_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         if shards:

@@ -90,3 +90,14 @@ def test_a_recipe_cannot_run_code(tmp_path):
     with pytest.raises(ConfigError):
         load_recipe(None, [f"run=!!python/object/apply:os.system ['touch {touched}']"])
     assert not touched.exists()
+
+
+def test_overrides_may_stand_anywhere_on_a_stage_command_line():
+    from rlrf.cli import stage_args
+
+    tiny = str(Path(__file__).resolve().parent.parent / "recipes" / "tiny.yaml")
+    recipe, args = stage_args("t", ["--recipe", tiny, "run=x", "--round", "2", "sample.n=3",
+                                    "--force", "dpo.beta=0.5"], shards=True)
+    assert (recipe.run, recipe.sample.n, recipe.dpo.beta, args.round, args.force) == ("x", 3, 0.5, 2, True)
+    recipe, args = stage_args("t", ["run=y", "--recipe", tiny], rounds=False)
+    assert recipe.run == "y"
