@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
 from rlrf.config import ConfigError, Recipe, describe, load_recipe
 from rlrf.store import StageError, parse_shard
 
-PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 STAGES = ("prepare", "sample", "encode", "train-reranker", "score", "pairs", "dpo", "check", "evaluate")
 
 
@@ -74,12 +74,42 @@ def verify_main(argv: list[str]) -> int:
     return 0 if ok else 1
 
 
+def recipes_main(argv: list[str]) -> int:
+    """`rlrf recipes`: the shipped recipes with their first comment line; `rlrf recipes cp NAME [DEST]` copies one."""
+    from rlrf.config import ConfigError, find_recipe, shipped_recipes
+
+    if not argv:
+        for name, path in shipped_recipes().items():
+            about = next((ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
+            print(f"{name:28s} {about}")
+        print("\nrun one: rlrf <stage> --recipe NAME [key.sub=value ...]; copy one to edit: rlrf recipes cp NAME [DEST]")
+        return 0
+    if argv[0] != "cp" or len(argv) not in (2, 3):
+        print("usage: rlrf recipes | rlrf recipes cp NAME [DEST]", file=sys.stderr)
+        return 2
+    try:
+        src = find_recipe(argv[1])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dest = Path(argv[2]) if len(argv) == 3 else Path(src.name)
+    if dest.is_dir():
+        dest = dest / src.name
+    if dest.exists():
+        print(f"error: {dest} exists; name another destination", file=sys.stderr)
+        return 2
+    shutil.copyfile(src, dest)
+    print(f"copied {src.stem} to {dest}; run it with --recipe {dest}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     usage = ("usage: rlrf <command> [--recipe R] [key.sub=value ...]\n\n"
              f"stages:   {', '.join(STAGES)}\n"
              "others:   config (print the resolved recipe), inspect (pairs | profiles | summary),\n"
-             "          verify RUN (hash every file of runs/RUN against its stage's checksums)\n")
+             "          verify RUN (hash every file of runs/RUN against its stage's checksums),\n"
+             "          recipes (list the shipped recipes; `recipes cp NAME [DEST]` copies one to edit)\n")
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return
@@ -96,23 +126,21 @@ def main(argv: list[str] | None = None) -> None:
         return
     if cmd == "verify":
         sys.exit(verify_main(rest))
+    if cmd == "recipes":
+        sys.exit(recipes_main(rest))
     if cmd == "inspect":
         from rlrf.inspect import main as inspect_main
         inspect_main(rest)
         return
     if cmd not in STAGES:
         import difflib
-        close = difflib.get_close_matches(cmd, STAGES + ("config", "inspect", "verify"), n=1)
+        close = difflib.get_close_matches(cmd, STAGES + ("config", "inspect", "verify", "recipes"), n=1)
         print(f"error: unknown command {cmd!r}" + (f"; did you mean {close[0]}?" if close else "") + "\n\n" + usage,
               file=sys.stderr)
         sys.exit(2)
-    script = PIPELINES / f"{cmd.replace('-', '_')}.py"
-    if not script.is_file():
-        print(f"error: {script} not found; `rlrf {cmd}` runs the stage scripts of a source checkout "
-              f"(pip install -e .)", file=sys.stderr)
-        sys.exit(2)
-    sys.argv = [str(script), *rest]
-    runpy.run_path(str(script), run_name="__main__")
+    module = f"rlrf.pipelines.{cmd.replace('-', '_')}"  # the repo's pipelines/, shipped inside the package
+    sys.argv = [f"rlrf {cmd}", *rest]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":

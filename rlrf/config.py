@@ -426,13 +426,33 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes inside the package (rlrf.recipes: the repo's recipes/ directory), by name."""
+    from importlib.resources import files
+
+    root = Path(str(files("rlrf.recipes")))
+    return {p.stem: p for p in sorted(root.glob("*.yaml"))}
+
+
+def find_recipe(path: str | Path) -> Path:
+    """A recipe file: `path` itself, else the shipped recipe of that name (`tiny`, `tiny.yaml`, or
+    `recipes/tiny.yaml` outside a checkout), else a ConfigError listing the shipped ones."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    shipped = shipped_recipes()
+    name = p.name[:-5] if p.name.endswith(".yaml") else p.name
+    if name in shipped and (len(p.parts) == 1 or p.parent.name == "recipes"):
+        return shipped[name]
+    raise ConfigError(f"recipe {p} not found; give a YAML file or the name of a recipe shipped in recipes/ "
+                      f"({', '.join(shipped)}; `rlrf recipes` lists them, `rlrf recipes cp NAME` copies one)")
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Load a YAML recipe and apply `key.sub=value` overrides; validates everything."""
     tree: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"recipe {p} not found; the recipes shipped are in recipes/ (e.g. recipes/ml100k_smollm2.yaml)")
+        p = find_recipe(path)
         try:
             tree = yaml.load(p.read_text(), Loader=_Loader) or {}
         except yaml.YAMLError as e:

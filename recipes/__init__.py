@@ -1,0 +1,1 @@
+"""The shipped recipes: `rlrf recipes` lists them, `--recipe <name>` finds one here when no such file exists."""
