@@ -29,7 +29,8 @@ import torch
 from rlrf import runs
 from rlrf.config import load_recipe
 from rlrf.encode import EmbeddingCache, encode_texts, encoder_id, load_encoder
-from rlrf.rerank import RerankData, build_model, item_tables, load_reranker, torch_threads
+from rlrf.rerank import build_model, load_reranker, torch_threads
+from rlrf.rerank_data import RerankData, item_tables
 from rlrf.reward import reward_profiles
 from rlrf.store import read_artifact
 

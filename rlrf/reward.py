@@ -123,7 +123,7 @@ def reward_profiles(model, user_vecs: np.ndarray, profile_users: np.ndarray, lis
 
     Returns ({metric: (P,)} for `metric`, every metric in METRICS and "margin", n_lists (P,)).
     """
-    from rlrf.rerank import lists_arrays
+    from rlrf.rerank_data import lists_arrays
 
     P = len(profile_users)
     prof = pl.DataFrame({"user_id": np.asarray(profile_users, dtype=np.int64), "p": np.arange(P, dtype=np.int64)})
@@ -252,7 +252,8 @@ def load_reward(recipe: Recipe, round: int = 1, kind: str | None = None) -> Prof
 
 def _expected_spec(recipe: Recipe, items: pl.DataFrame, lists: pl.DataFrame, know_dim: int, spec, n_users: int):
     from rlrf.encode import encoder_id
-    from rlrf.rerank import RerankerSpec, item_tables
+    from rlrf.rerank import RerankerSpec
+    from rlrf.rerank_data import item_tables
 
     attr = item_tables(items)
     sizes = lists["item_ids"].list.len().unique().to_list()

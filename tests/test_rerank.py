@@ -9,8 +9,9 @@ import torch
 
 from rlrf import runs
 from rlrf.metrics import ranking_metrics
-from rlrf.rerank import (HybridExpertAdaptor, Reranker, RerankerSpec, build_model, check_spec, fit, load_data,
-                         load_reranker, train_stage)
+from rlrf.rerank import (HybridExpertAdaptor, Reranker, RerankerSpec, build_model, check_spec, fit, load_reranker,
+                         train_stage)
+from rlrf.rerank_data import load_data
 from rlrf.store import StageError, read_artifact
 from tests.reward_fixtures import one_torch_thread  # noqa: F401  (autouse)
 from tests.reward_fixtures import make_recipe, profile_texts, write_fake_encode, write_prepare, write_profiles
@@ -124,7 +125,7 @@ def test_reward_forward_of_a_history_reranker_matches_its_training_forward(run, 
 
 
 def test_history_tables_and_cooccurrence_use_only_what_training_may_know():
-    from rlrf.rerank import cooccurrence_similarity, history_tables
+    from rlrf.rerank_data import cooccurrence_similarity, history_tables
     inter = pl.DataFrame({
         "user_id": [1, 1, 1, 1, 2, 2, 2], "item_id": [3, 4, 5, 6, 3, 6, 7], "position": [0, 1, 2, 3, 0, 1, 2],
         "label": [1, 0, 1, 1, 1, 0, 1], "in_history": [True, True, True, False, True, True, False]})
