@@ -86,7 +86,7 @@ class SampleConfig:
     batch_size: int = _f(64, "sequences per generate call (prompts x n); larger is faster until memory binds")
     dtype: str = _f("auto", "auto (bf16 where the CPU has AMX/AVX512-bf16, else fp32) | bfloat16 | float32")
     threads: int = _f(0, "torch CPU threads for the hf backend; 0 = torch's default (all cores). 1 wins when "
-                         "other jobs share the cores (measured 3-9x faster on a busy 2-core machine)")
+                         "other jobs share the cores")
     shards: int = _f(8, "at most this many user shards (the unit of resume), each of whole generate batches")
     item_knowledge: bool = _f(False, "also generate KAR item texts with the LLM (slow); off = metadata texts")
     trim: str = _f("none", "a profile cut by max_new_tokens: none (kept mid-sentence) | sentence (cut back to its last "
@@ -141,7 +141,7 @@ class RerankerConfig:
                                       "| zero (kept with a zero profile vector, so the item side learns from every "
                                       "train list when the sample stage drew only some users)")
     threads: int = _f(1, "torch threads for training and the reward forward: the model is tiny, so a second "
-                         "thread mostly waits (measured 20x slower with 2 on a busy 2-core machine)")
+                         "thread mostly waits (and thrashes on a busy 2-core machine)")
     batch_size: int = _f(256, "lists per step")
     epochs: int = _f(20, "max epochs; early stopping on valid MAP@5 usually ends sooner")
     patience: int = _f(3, "epochs without valid MAP@5 improvement before stopping")
@@ -232,7 +232,8 @@ class DPOConfig:
     lora_dropout: float = _f(0.05, "LoRA dropout")
     lora_target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "modules LoRA adapts")
     dtype: str = _f("auto", "frozen base weights during DPO (LoRA stays fp32): auto (bf16 where the CPU/GPU does bf16 natively) | bfloat16 | float32")
-    gradient_checkpointing: bool = _f(False, "saves memory, costs ~30% time; off suits a 135M model on CPU")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward: less memory, more time; off "
+                                             "suits a small model on CPU")
     precompute_ref_log_probs: bool = _f(False, "reference log-probs for ALL pairs in one pass up front instead of a no-grad forward per step: pays only over several epochs (a demo run with max_steps below one epoch computes more than it trains on)")
     precompute_ref_batch_size: int = _f(16, "pairs per no-grad reference forward when precomputing (larger is faster up to memory)")
     share_prompt: bool = _f(True, "encode each pair's prompt once ([prompt | chosen | rejected] in one row with a 4D mask) "

@@ -70,7 +70,7 @@ def trl_args(cfg, output_dir: Path, seed: int, bf16: bool):
         disable_tqdm=False,
         dataloader_num_workers=0,
         # the held-out evaluation needs the loss and TRL's logged metrics only: without this, TRL runs one more
-        # forward per batch to return logits (measured 80 s per 8 pairs on the demo, twice a training step of 4)
+        # forward per batch to return logits (about twice the cost of a training step)
         prediction_loss_only=True,
         use_cpu=not _cuda(),
     )

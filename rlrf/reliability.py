@@ -5,8 +5,8 @@
   for whom judge b also scores chosen above rejected (a tie in b counts one half). Chance is 50%; below
   about 70% DPO mostly learns noise. A bootstrap over users gives its 95% interval.
 - best_share(col, sample_idx=0): the share of users whose best profile is the given one. The reranker judge
-  trains on sample 0 of each user; an in-sample judge prefers it (measured 38% with N=4), an out-of-sample
-  one sits near 1/N.
+  trains on sample 0 of each user; an in-sample judge prefers it (well above 1/N), an out-of-sample one sits
+  near 1/N.
 - within-user Kendall tau between two judges, for the same question asked of the whole order.
 """
 

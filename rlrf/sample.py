@@ -58,9 +58,9 @@ def select_users(prompts: pl.DataFrame, splits: list[str], max_users: int, seed:
 def user_shards(user_ids: list[int], per_batch: int, max_shards: int) -> list[list[int]]:
     """`user_ids` cut into at most `max_shards` contiguous shards of whole batches of `per_batch` users.
 
-    Every shard but the last holds a multiple of per_batch users: a shard is generated batch by batch, and
-    a batch of 8 rows decodes at ~70 tokens/s against ~190 for 64 (2-core CPU, SmolLM2-135M), so cutting
-    users `user_id % shards` left one slow tail batch per shard."""
+    Every shard but the last holds a multiple of per_batch users: a shard is generated batch by batch, and a
+    small batch decodes at a fraction of a full one's tokens/s, so cutting users `user_id % shards` left one slow
+    tail batch per shard."""
     size = per_batch * max(1, math.ceil(len(user_ids) / (per_batch * max(1, max_shards))))
     return [user_ids[i:i + size] for i in range(0, len(user_ids), size)]
 

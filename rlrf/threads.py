@@ -1,5 +1,5 @@
 """torch's CPU thread count for a block: on a shared 2-core machine, one thread per job beats two
-(two 2-thread torch jobs on 2 cores thrash: a sample shard went from 45 s to 11 min)."""
+(two 2-thread torch jobs on 2 cores thrash: each runs many times slower than alone)."""
 
 from __future__ import annotations
 
