@@ -39,7 +39,7 @@ def param_counts(model_dir) -> tuple[int, int]:
 
 def main() -> None:
     from rlrf.llm import cpu_has_bf16
-    from rlrf.store import machine
+    from rlrf.machine import machine
 
     flags = machine()["cpu_flags"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU flags: {' '.join(flags) or 'none'}, "

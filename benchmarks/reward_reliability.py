@@ -35,7 +35,7 @@ from rlrf.reliability import agreement, best_share, within_user_range
 
 
 def cpu_flags() -> str:
-    from rlrf.store import cpu_flags as flags
+    from rlrf.machine import cpu_flags as flags
 
     return " ".join(sorted(flags() & {"avx2", "avx512_bf16", "amx_bf16"})) or "none of avx2/avx512_bf16/amx_bf16"
 

@@ -55,7 +55,7 @@ def run_main(main) -> None:
 
 def verify_main(argv: list[str]) -> int:
     """`rlrf verify RUN`: RUN is a run directory or a run name under runs/; exit 1 when a file is bad."""
-    from rlrf.store import verify_run
+    from rlrf.verify import verify_run
 
     p = argparse.ArgumentParser(prog="rlrf verify", description="check every finished stage of a run: each file's "
                                 "size and sha256 against what the stage recorded, each parquet file readable")

@@ -161,10 +161,10 @@ def reward_summary(paired: pl.DataFrame, k: int, resamples: int, seed: int) -> d
 
 
 def hardware() -> dict:
-    """The stage's machine record (rlrf.store.machine) with the cores this process may use and the platform."""
+    """The stage's machine record (rlrf.machine.machine) with the cores this process may use and the platform."""
     import torch  # noqa: F401  (machine() reports torch's threads and the GPU once torch is loaded)
 
-    from rlrf.store import machine
+    from rlrf.machine import machine
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {**machine(), "cores": cores, "platform": platform.platform()}

@@ -161,7 +161,7 @@ def pick_dtype(dtype: str = "auto"):
 
 @lru_cache(maxsize=1)
 def cpu_has_bf16() -> bool:
-    from rlrf.store import cpu_flags
+    from rlrf.machine import cpu_flags
 
     return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 

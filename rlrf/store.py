@@ -16,7 +16,7 @@ counters and wall time; readers refuse a stage directory that has none.
 Every file a stage leaves is checksummed: a shard's marker records the size and sha256 of the parts it wrote,
 and stage.json's `files` those of every file in the stage directory. `read_artifact` compares sizes (hashes
 with RLRF_VERIFY=1) and names the part and the command that rebuilds it when one is missing, truncated,
-changed or unreadable; `rlrf verify RUN` hashes a whole run (`verify_run`).
+changed or unreadable; `rlrf verify RUN` hashes a whole run (rlrf/verify.py).
 
 Locks are `flock`s, so a process killed with -9 releases them. A whole-stage run holds the stage lock
 exclusively; a `--shard i/n` slice holds it shared plus an exclusive lock on its own slice, so slices
@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from collections import Counter
 from importlib import metadata
@@ -40,6 +38,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import polars as pl
+
+from rlrf.machine import machine
 
 STAGE_JSON = "stage.json"
 FINGERPRINT = "_fingerprint.json"
@@ -374,39 +374,6 @@ class Stage:
         return info
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_info() -> dict[str, str]:
-    """The first CPU's /proc/cpuinfo fields (model name, flags, ...); {} where there is no such file."""
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    return fields
-
-
-def cpu_flags() -> set[str]:
-    return set(cpu_info().get("flags", "").split())
-
-
-def machine() -> dict:
-    """What a stage's time depends on: CPU model and the flags that pick the dtype (avx2 fp32, AVX512-bf16,
-    AMX), cores, torch's threads, and the GPU when there is one (stage.json `machine`)."""
-    import platform
-
-    info = {"cpu": cpu_info().get("model name") or platform.processor(),
-            "cpu_flags": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}),
-            "cores": os.cpu_count()}
-    if "torch" in sys.modules:  # only where the stage already paid for torch
-        import torch
-
-        info["torch_threads"] = torch.get_num_threads()
-        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return info
-
-
 def _peak_rss_mb() -> float:
     import resource
 
@@ -471,7 +438,7 @@ def read_parts(stage_dir: str | Path, artifact: str, info: dict | None = None,
     for f in files:
         rel = f.relative_to(stage_dir).as_posix()
         if manifest is not None:
-            problem = _file_problem(f, manifest[rel], verify)
+            problem = file_problem(f, manifest[rel], verify)
             if problem:
                 raise ArtifactError(f"{where}: part {f} {problem}; {fix}")
         try:
@@ -482,7 +449,7 @@ def read_parts(stage_dir: str | Path, artifact: str, info: dict | None = None,
     return out
 
 
-def _file_problem(path: Path, want: dict, verify: bool) -> str | None:
+def file_problem(path: Path, want: dict, verify: bool) -> str | None:
     """What is wrong with one file against its recorded digest, or None."""
     if not path.is_file():
         return "is missing"
@@ -493,55 +460,6 @@ def _file_problem(path: Path, want: dict, verify: bool) -> str | None:
     if verify and "sha256" in want and file_digest(path)["sha256"] != want["sha256"]:
         return "has changed since the stage wrote it (sha256 differs)"
     return None
-
-
-def verify_stage(stage_dir: str | Path) -> tuple[str, list[str], int]:
-    """(status, problems, files checked) of one finished stage, every file hashed: status is "ok", "FAIL" or
-    "unchecked" (finished before rlrf recorded checksums)."""
-    stage_dir = Path(stage_dir)
-    info = read_stage_json(stage_dir)
-    manifest = info.get("files")
-    if manifest is None:
-        return "unchecked", [], 0
-    problems = []
-    for rel, want in sorted(manifest.items()):
-        problem = _file_problem(stage_dir / rel, want, verify=True)
-        if problem:
-            problems.append(f"{rel} {problem}")
-        elif rel.endswith(".parquet"):
-            try:
-                pl.read_parquet_schema(stage_dir / rel)
-            except Exception as e:
-                problems.append(f"{rel} is unreadable ({str(e).strip().splitlines()[0] if str(e).strip() else e})")
-    return ("FAIL" if problems else "ok"), problems, len(manifest)
-
-
-def verify_run(run_dir: str | Path, out=print) -> bool:
-    """`rlrf verify RUN`: every finished stage under run_dir checked file by file, one line per stage, the problems
-    and the command that rebuilds the stage under a failing one. True when nothing failed."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise StageError(f"{run_dir} is not a run directory (runs/<run>, the recipe's `run`)")
-    stages = sorted(p.parent for p in run_dir.rglob(STAGE_JSON))
-    if not stages:
-        raise StageError(f"{run_dir} holds no finished stage (no stage.json below it)")
-    ok = True
-    for d in stages:
-        status, problems, n = verify_stage(d)
-        rel = d.relative_to(run_dir).as_posix()
-        if status == "unchecked":
-            out(f"unchecked {rel}: finished before rlrf recorded checksums ({rebuild_hint(d)} to add them)")
-        else:
-            out(f"{status:9s} {rel}: {n} files" + (f", {len(problems)} bad" if problems else ""))
-        for p in problems:
-            out(f"          {p}")
-        if problems:
-            ok = False
-            out(f"          fix: {rebuild_hint(d)}")
-    for d in sorted(p.parent for p in run_dir.rglob(FINGERPRINT)):
-        if not (d / STAGE_JSON).is_file():
-            out(f"partial   {d.relative_to(run_dir).as_posix()}: started, not finished (rerun it to resume)")
-    return ok
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:

@@ -325,7 +325,7 @@ def test_resume_redoes_a_done_shard_whose_part_went_missing_or_short(tmp_path):
 
 
 def test_verify_run_reports_each_stage_and_finds_a_flipped_byte(tmp_path):
-    from rlrf.store import verify_run
+    from rlrf.verify import verify_run
 
     run = tmp_path / "runs" / "demo"
     _finished_toy(tmp_path, "prepare")
