@@ -55,7 +55,8 @@ def test_a_damaged_input_part_is_named_by_every_stage_that_reads_it(tiny_round1,
         elif damage == "garbage":
             part.write_bytes(b"\0" * len(data))
         out = run / _out(reader)
-        shutil.rmtree(out)  # the reader's first run (a finished reader is up to date and reads nothing)
+        kept = out.with_name(out.name + ".kept")
+        out.rename(kept)  # the reader's first run (a finished reader is up to date and reads nothing)
         r = run_stage(reader, runs_dir)
         assert r.returncode == 2, f"{reader}: {r.stderr[-2000:]}"
         err = r.stderr.strip().splitlines()[-1]
@@ -66,7 +67,9 @@ def test_a_damaged_input_part_is_named_by_every_stage_that_reads_it(tiny_round1,
         assert f"pipelines/{producer_script}.py" in err, f"{reader}: {err}"
         # nothing the next stage would take for output: no stage.json, no parts
         assert not (out / "stage.json").exists() and not list(out.rglob("*.parquet")), reader
-        part.write_bytes(data)  # repaired, for the next reader
+        part.write_bytes(data)  # repaired, and the reader's output put back, for the next reader
+        shutil.rmtree(out, ignore_errors=True)
+        kept.rename(out)
 
 
 def _out(stage: str) -> str:
