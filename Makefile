@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed
 RUN    := $(BIN)/python pipelines
 LF_VENV ?= .venv-llamafactory
 
-.PHONY: install data test test-integration test-llamafactory round1 round2 round3 evaluate bench clean-runs llamafactory-env
+.PHONY: install data test test-integration test-faults test-llamafactory round1 round2 round3 evaluate bench clean-runs llamafactory-env
 
 install: $(STAMP)
 $(STAMP): pyproject.toml
@@ -32,6 +32,11 @@ test: install data
 # Whole stages and a whole round with the real SmolLM2 on the tiny recipe (a few minutes).
 test-integration: install data
 	$(BIN)/python -m pytest -q -m integration
+
+# Faults: checksums, damaged parts, resume (fast, tests/test_store.py) and on a real tiny round (tests/test_faults.py,
+# which the integration tier runs too, so .ci/run covers it).
+test-faults: install data
+	$(BIN)/python -m pytest -q -m "integration or not integration" tests/test_store.py tests/test_faults.py
 
 # One RLRF round k: sample from generator k-1, score with the reward reranker, pair, DPO -> generator k,
 # then the is-it-learning check. Every stage resumes where it stopped and is a no-op when done.
