@@ -51,6 +51,8 @@ def run_main(main) -> None:
     except (ConfigError, StageError, SchemaError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # the stage said how far it got and how to resume; no traceback
+        sys.exit(130)
 
 
 def verify_main(argv: list[str]) -> int:

@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from collections import Counter
 from importlib import metadata
@@ -209,6 +210,7 @@ class Stage:
 
     def __enter__(self) -> "Stage":
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._sigterm = _stop_on_sigterm()
         i, n = self.shard
         whole = n == 1
         self._lock(".lock", exclusive=whole,
@@ -244,11 +246,19 @@ class Stage:
                                                 "config": self.config})
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         for fh in reversed(self._locks):
             fcntl.flock(fh, fcntl.LOCK_UN)
             fh.close()
         self._locks.clear()
+        if self._sigterm is not False:  # installed by __enter__: put back what was there
+            import signal
+
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._sigterm is None else self._sigterm)
+        if exc_type is not None and issubclass(exc_type, (KeyboardInterrupt, Stopped)) and not self.done:
+            done = len(self.done_shards())
+            print(f"{self.name}: stopped ({'SIGTERM' if exc_type is Stopped else 'Ctrl-C'}) with {done} shard(s) "
+                  f"done in {self.dir}; rerun the same command to resume", file=sys.stderr, flush=True)
 
     def _lock(self, name: str, exclusive: bool, busy: str) -> None:
         fh = open(self.dir / name, "a+")
@@ -372,6 +382,26 @@ class Stage:
         self.log(f"{self.name}: done in {info['wall_s']:.1f}s -> {self.dir} | rows "
                  + ", ".join(f"{k}={v}" for k, v in sorted(total_rows.items())) + f" | dropped: {drops}")
         return info
+
+
+class Stopped(SystemExit):
+    """SIGTERM while a stage runs: raised in the main thread, so every `finally` runs (temporary files removed, locks
+    released) and the process exits with 143 like a plain SIGTERM would."""
+
+
+def _stop_on_sigterm():
+    """Turn SIGTERM into Stopped while a stage runs (main thread only); returns the handler to restore (None: one not
+    set from Python), or False where nothing was installed."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return False
+
+    def stop(signum, frame):
+        raise Stopped(128 + signum)
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 def _peak_rss_mb() -> float:

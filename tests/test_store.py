@@ -361,3 +361,29 @@ def test_rlrf_verify_command_exit_codes(tmp_path, capsys):
     assert verify_main([str(tmp_path / "runs" / "demo")]) == 1
     assert verify_main([str(tmp_path / "nope")]) == 2
     assert "is not a run directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_sigterm_or_ctrl_c_stops_cleanly_and_the_rerun_resumes_to_the_clean_rows(tmp_path, sig):
+    """A stop asked for (SIGTERM from a scheduler, Ctrl-C) ends the stage through its `finally`s: no temporary file
+    left, the lock released at once, a line that says how to resume; the rerun ends with exactly the clean rows."""
+    import signal
+    import time
+
+    clean = tmp_path / "clean"
+    assert run_toy(tmp_path, clean, n_shards=4).returncode == 0
+    out = tmp_path / "stopped"
+    proc = run_toy(tmp_path, out, n_shards=4, sleep=1.0, wait=False)
+    t0 = time.time()
+    while not (out / "_shards" / "00000.json").exists():
+        assert proc.poll() is None and time.time() - t0 < 120, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode in ((143,) if sig == "SIGTERM" else (-2, 130)), err
+    assert "stopped" in err and "rerun the same command to resume" in err, err
+    assert not (out / "stage.json").exists()
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name], "a temporary file was left behind"
+    r = run_toy(tmp_path, out, n_shards=4)  # the lock is free: no 'another process is running'
+    assert r.returncode == 0, r.stderr
+    assert rows(out).equals(rows(clean))
