@@ -138,12 +138,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it onto `path` only if the block succeeds.
 
     A directory that already stands at `path` (a stage stopped after writing it, then resumed) is swapped out:
-    renamed aside, replaced, then removed, so `path` never holds a mix of the two."""
+    renamed aside, replaced, then removed, so `path` never holds a mix of the two. A full disk (or quota) while
+    writing is a StageError naming the file, with nothing left at `path` or beside it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as e:
+            if _disk_full(e):
+                raise StageError(f"no space left on the device writing {path}; nothing was kept of it: free disk "
+                                 f"space (or point runs_dir / RLRF_CACHE elsewhere) and rerun the same command to "
+                                 f"resume") from None
+            raise
         if tmp.is_dir() and path.is_dir():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
@@ -157,6 +165,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 tmp.unlink()
+
+
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC / EDQUOT, as Python raises them (OSError) or as polars wraps them (its IO error, "os error 28")."""
+    import errno
+
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(e)
+    return f"os error {errno.ENOSPC}" in text or f"os error {errno.EDQUOT}" in text
 
 
 def write_json(path: str | Path, obj: Any) -> None:

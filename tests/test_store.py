@@ -387,3 +387,41 @@ def test_sigterm_or_ctrl_c_stops_cleanly_and_the_rerun_resumes_to_the_clean_rows
     r = run_toy(tmp_path, out, n_shards=4)  # the lock is free: no 'another process is running'
     assert r.returncode == 0, r.stderr
     assert rows(out).equals(rows(clean))
+
+
+def test_disk_full_while_writing_a_part_is_a_clear_error_and_leaves_no_file(tmp_path, monkeypatch):
+    """ENOSPC as polars reports it (an IO error inside its ComputeError) or as Python does (OSError 28), on the second
+    part: a StageError naming that part, nothing at its path or beside it, no marker; once space is freed the rerun
+    resumes from the part that failed."""
+    import errno
+
+    real = pl.DataFrame.write_parquet
+    faults = [OSError(errno.ENOSPC, "No space left on device"),
+              pl.exceptions.ComputeError("parquet: File out of specification: underlying IO error: No space left on "
+                                         "device (os error 28)")]
+    for k, fault in enumerate(faults):
+        out = tmp_path / f"s{k}"
+        calls = []
+
+        def full(self, file, *a, _fault=fault, **kw):
+            real(self, file, *a, **kw)  # some of it reached the disk before the device filled
+            calls.append(file)
+            if len(calls) == 2:
+                raise _fault
+
+        monkeypatch.setattr(pl.DataFrame, "write_parquet", full)
+        with pytest.raises(StageError, match=r"no space left on the device writing .*part-00001.parquet.*rerun"):
+            with Stage(out, "toy", {}, quiet=True) as st:
+                for i in st.todo(3):
+                    st.write_shard(i, {"users": pl.DataFrame({"user_id": [i]})})
+        monkeypatch.setattr(pl.DataFrame, "write_parquet", real)
+        assert (out / "_shards" / "00000.json").exists()
+        assert not (out / "users" / "part-00001.parquet").exists() and not (out / "_shards" / "00001.json").exists()
+        assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+        with Stage(out, "toy", {}, quiet=True) as st:  # space freed: the rerun resumes and finishes
+            assert st.todo(3) == [1, 2]
+            for i in st.todo(3):
+                st.write_shard(i, {"users": pl.DataFrame({"user_id": [i]})})
+            st.finish()
+        from rlrf.store import read_parts
+        assert sorted(pl.concat(read_parts(out, "users", verify=True))["user_id"].to_list()) == [0, 1, 2]
