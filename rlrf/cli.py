@@ -57,17 +57,15 @@ def run_main(main) -> None:
 
 def verify_main(argv: list[str]) -> int:
     """`rlrf verify RUN`: RUN is a run directory or a run name under runs/; exit 1 when a file is bad."""
+    from rlrf.inspect import resolve_run
     from rlrf.verify import verify_run
 
     p = argparse.ArgumentParser(prog="rlrf verify", description="check every finished stage of a run: each file's "
                                 "size and sha256 against what the stage recorded, each parquet file readable")
     p.add_argument("run", help="runs/<run> or just <run>")
     args = p.parse_args(argv)
-    run = Path(args.run)
-    if not run.is_dir() and (Path("runs") / args.run).is_dir():
-        run = Path("runs") / args.run
     try:
-        ok = verify_run(run)
+        ok = verify_run(resolve_run(args.run))
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

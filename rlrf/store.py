@@ -340,10 +340,9 @@ class Stage:
             self._marker(i).unlink()
             return False
         for rel, d in marker.get("files", {}).items():
-            p = self.dir / rel
-            if not p.is_file() or p.stat().st_size != d["bytes"]:
-                self.log(f"{self.name}: shard {i}'s {rel} is missing or not the size its marker recorded; "
-                         f"redoing the shard")
+            problem = file_problem(self.dir / rel, d, verify=False)
+            if problem:
+                self.log(f"{self.name}: shard {i}'s {rel} {problem}; redoing the shard")
                 self._marker(i).unlink()
                 return False
         return True
@@ -467,8 +466,11 @@ def read_parts(stage_dir: str | Path, artifact: str, info: dict | None = None,
     stage_dir = Path(stage_dir)
     info = read_stage_json(stage_dir) if info is None else info
     verify = verify_env() if verify is None else verify
-    fix = rebuild_hint(stage_dir, info)
     where = f"{info.get('stage', stage_dir.name)} output {stage_dir}"
+
+    def damaged(what: str, fix: str = "") -> ArtifactError:  # the rebuild command is looked up only when needed
+        return ArtifactError(f"{where}: {what}; {fix}{rebuild_hint(stage_dir, info)}")
+
     files = sorted((stage_dir / artifact).glob("part-*.parquet"))
     manifest = info.get("files")  # None: finished before rlrf recorded checksums; nothing to compare
     if manifest is not None:
@@ -476,25 +478,31 @@ def read_parts(stage_dir: str | Path, artifact: str, info: dict | None = None,
         present = {f.relative_to(stage_dir).as_posix() for f in files}
         for rel in listed:
             if rel not in present:
-                raise ArtifactError(f"{where}: part {stage_dir / rel} is missing; {fix}")
+                raise damaged(f"part {stage_dir / rel} is missing")
         for rel in sorted(present - set(listed)):
-            raise ArtifactError(f"{where}: part {stage_dir / rel} was not written by the stage that finished "
-                                f"there (stage.json does not list it); remove it, or {fix}")
+            raise damaged(f"part {stage_dir / rel} was not written by the stage that finished there (stage.json "
+                          f"does not list it)", fix="remove it, or ")
     if not files:
-        raise ArtifactError(f"{stage_dir / artifact} has no parquet parts although the stage finished; {fix}")
+        raise ArtifactError(f"{stage_dir / artifact} has no parquet parts although the stage finished; "
+                            f"{rebuild_hint(stage_dir, info)}")
     out = []
     for f in files:
         rel = f.relative_to(stage_dir).as_posix()
         if manifest is not None:
             problem = file_problem(f, manifest[rel], verify)
             if problem:
-                raise ArtifactError(f"{where}: part {f} {problem}; {fix}")
+                raise damaged(f"part {f} {problem}")
         try:
             out.append(pl.read_parquet(f))
         except Exception as e:  # polars' ComputeError, an OSError, ...: one clear line instead of a traceback
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ArtifactError(f"{where}: part {f} is unreadable ({msg}); {fix}") from None
+            raise damaged(f"part {f} is unreadable ({first_line(e)})") from None
     return out
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line (polars' run to many), or its type where it has none."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def file_problem(path: Path, want: dict, verify: bool) -> str | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import polars as pl
 
-from rlrf.store import FINGERPRINT, STAGE_JSON, StageError, file_problem, read_stage_json, rebuild_hint
+from rlrf.store import FINGERPRINT, STAGE_JSON, StageError, file_problem, first_line, read_stage_json, rebuild_hint
 
 
 def verify_stage(stage_dir: str | Path) -> tuple[str, list[str], int]:
@@ -27,7 +27,7 @@ def verify_stage(stage_dir: str | Path) -> tuple[str, list[str], int]:
             try:
                 pl.read_parquet_schema(stage_dir / rel)
             except Exception as e:
-                problems.append(f"{rel} is unreadable ({str(e).strip().splitlines()[0] if str(e).strip() else e})")
+                problems.append(f"{rel} is unreadable ({first_line(e)})")
     return ("FAIL" if problems else "ok"), problems, len(manifest)
 
 

@@ -360,7 +360,7 @@ def test_rlrf_verify_command_exit_codes(tmp_path, capsys):
     (out / "users" / "part-00001.parquet").write_bytes(b"x")
     assert verify_main([str(tmp_path / "runs" / "demo")]) == 1
     assert verify_main([str(tmp_path / "nope")]) == 2
-    assert "is not a run directory" in capsys.readouterr().err
+    assert "neither a run directory" in capsys.readouterr().err  # inspect.resolve_run's error, runs listed
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
