@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from rlrf import runs, schema
 from rlrf.config import EncodeConfig, Recipe
-from rlrf.store import Stage, StageError, read_artifact, write_json, write_parquet
+from rlrf.store import Stage, StageError, read_artifact, sweep_temporaries, write_json, write_parquet
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 
@@ -106,6 +106,8 @@ class EmbeddingCache:
         self.dir = Path(root) / hashlib.sha256(enc_id.encode()).hexdigest()[:12]
         self.index: dict[str, int] = {}
         self.vectors = np.zeros((0, 0), dtype=np.float32)
+        if self.dir.is_dir():  # a writer killed mid-part left a temporary no reader globs; older than 10 min: gone
+            sweep_temporaries(self.dir, min_age_s=600)
         self._load()
 
     def _load(self) -> None:

@@ -30,6 +30,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -146,6 +147,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         try:
             yield tmp
+            _maybe_die_writing(path)
         except Exception as e:
             if _disk_full(e):
                 raise StageError(f"no space left on the device writing {path}; nothing was kept of it: free disk "
@@ -238,6 +240,8 @@ class Stage:
             self._lock(f".lock.slice-{i}-of-{n}", exclusive=True,
                        busy=f"another process is running slice {i}/{n} of stage '{self.name}' in {self.dir}")
 
+        if whole:  # no other writer can be inside this directory now: what a killed one left is garbage
+            sweep_temporaries(self.dir)
         old = self._read_fingerprint()
         if old is not None and old != self.fingerprint and not self._has_output():
             old = None  # a run that failed before writing anything leaves nothing to protect
@@ -366,6 +370,7 @@ class Stage:
         num = getattr(self, "_num_shards", None)
         dropped: Counter = Counter(self.counters)
         total_rows: Counter = Counter(rows or {})
+        hashed: dict[str, dict] = {}  # what the shard markers hashed as each part was written: not read twice
         if num is not None:
             missing = [s for s in range(num) if not self.shard_done(s)]
             if missing:
@@ -376,6 +381,7 @@ class Stage:
                 m = json.loads(self._marker(s).read_text())
                 total_rows.update(m["rows"])
                 dropped.update(m["dropped"])
+                hashed.update(m.get("files", {}))
         info = {
             "stage": self.name,
             "fingerprint": self.fingerprint,
@@ -392,13 +398,21 @@ class Stage:
             **(extra or {}),
         }
         # last, so it covers every file the stage wrote (rlrf verify, read_artifact)
-        info["files"] = {rel: file_digest(self.dir / rel) for rel in stage_files(self.dir)}
+        info["files"] = {rel: _digest_once(self.dir / rel, hashed.get(rel)) for rel in stage_files(self.dir)}
         write_json(self.dir / STAGE_JSON, info)
         self.done = True
         drops = ", ".join(f"{k}={v}" for k, v in sorted(dropped.items()) if v) or "none"
         self.log(f"{self.name}: done in {info['wall_s']:.1f}s -> {self.dir} | rows "
                  + ", ".join(f"{k}={v}" for k, v in sorted(total_rows.items())) + f" | dropped: {drops}")
         return info
+
+
+def _digest_once(path: Path, marker: dict | None) -> dict:
+    """A file's digest for stage.json: the one its shard marker recorded when the part was written (same size), or
+    a fresh one."""
+    if marker and "sha256" in marker and marker.get("bytes") == path.stat().st_size:
+        return {"bytes": marker["bytes"], "sha256": marker["sha256"]}
+    return file_digest(path)
 
 
 class Stopped(SystemExit):
@@ -440,6 +454,51 @@ def _maybe_die() -> None:
 
 
 _shards_written = 0
+
+
+def _maybe_die_writing(path: Path) -> None:
+    """Fault injection: RLRF_KILL_WRITING=<text> sends SIGKILL to this process when a write through atomic_path whose
+    destination contains <text> has been written in full under its temporary name but not yet renamed into place,
+    i.e. a kill -9 in the middle of writing that file (the merged model, an embedding-cache part, a shard's part)."""
+    want = os.environ.get("RLRF_KILL_WRITING")
+    if want and want in str(path):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_TEMPORARY = re.compile(r"^\..+\.(tmp|old)-(\d+)$")
+
+
+def sweep_temporaries(root: str | Path, min_age_s: float = 0.0) -> int:
+    """Remove what a killed writer left under `root`: atomic_path's `.<name>.tmp-<pid>` (a file or a folder written
+    in part or in full, never renamed into place) and `.<name>.old-<pid>` (a folder being replaced). Only the
+    temporaries of processes that are gone and at least `min_age_s` old are touched; returns how many went."""
+    gone = 0
+    for p in sorted(Path(root).rglob(".*"), key=lambda q: len(q.parts)):
+        m = _TEMPORARY.match(p.name)
+        if not m or not os.path.lexists(p) or _alive(int(m.group(2))):
+            continue
+        try:
+            if time.time() - p.lstat().st_mtime < min_age_s:
+                continue
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            gone += 1
+        except FileNotFoundError:
+            pass
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def read_artifact(stage_dir: str | Path, artifact: str, produced_by: str | None = None) -> pl.DataFrame:

@@ -12,6 +12,8 @@ import pytest
 
 from rlrf.store import Stage, StageError, atomic_path, parse_shard, read_artifact, read_stage_json
 
+pytestmark = pytest.mark.faults
+
 TOY = textwrap.dedent("""
     import os, sys, time, polars as pl
     from rlrf.store import Stage
@@ -425,3 +427,36 @@ def test_disk_full_while_writing_a_part_is_a_clear_error_and_leaves_no_file(tmp_
             st.finish()
         from rlrf.store import read_parts
         assert sorted(pl.concat(read_parts(out, "users", verify=True))["user_id"].to_list()) == [0, 1, 2]
+
+
+def test_a_write_killed_before_its_rename_leaves_only_a_temporary_that_the_rerun_sweeps(tmp_path):
+    """RLRF_KILL_WRITING: kill -9 with a part written in full under its temporary name; no reader sees it (the
+    part is missing, the shard not done), and the whole-stage rerun removes the dead writer's temporary."""
+    out = tmp_path / "stage"
+    r = run_toy(tmp_path, out, n_shards=3, env={"RLRF_KILL_WRITING": "part-00001"})
+    assert r.returncode == -9, r.stderr
+    assert not (out / "users" / "part-00001.parquet").exists() and list((out / "users").glob(".part-00001*.tmp-*"))
+    r = run_toy(tmp_path, out, n_shards=3)
+    assert r.returncode == 0, r.stderr
+    assert rows(out)["user_id"].to_list() == [0, 1, 2, 10, 11, 12, 20, 21, 22]
+    assert not [p for p in out.rglob(".*") if ".tmp-" in p.name]
+
+
+def test_sweep_temporaries_removes_only_what_dead_writers_left(tmp_path):
+    from rlrf.store import sweep_temporaries
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / f".part-00000.parquet.tmp-{dead}").write_bytes(b"half")
+    (tmp_path / f".merged.tmp-{dead}").mkdir()
+    (tmp_path / f".merged.tmp-{dead}" / "model.safetensors").write_bytes(b"x")
+    (tmp_path / f".merged.old-{dead}").mkdir()
+    mine = tmp_path / f".part-00001.parquet.tmp-{os.getpid()}"  # a live writer's (this process)
+    mine.write_bytes(b"being written")
+    keep = [tmp_path / ".lock", tmp_path / ".lock.slice-0-of-2", tmp_path / "a" / "part-00000.parquet"]
+    for p in keep:
+        p.write_bytes(b"")
+    assert sweep_temporaries(tmp_path, min_age_s=3600) == 0  # too young
+    assert sweep_temporaries(tmp_path) == 3
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(["a", mine.name, *(p.name for p in keep)])
