@@ -23,34 +23,9 @@ import polars as pl
 
 from rlrf import runs
 from rlrf.config import Recipe
+from rlrf.plots import pyplot, save_png
+from rlrf.stats import paired, paired_bootstrap, verdict
 from rlrf.store import Stage, StageError, atomic_path, read_artifact, read_stage_json, write_parquet
-
-
-def paired_bootstrap(diff, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
-    """Mean of paired differences with a percentile bootstrap interval (users resampled with replacement)."""
-    d = np.asarray(diff, dtype=np.float64)
-    if d.size == 0:
-        raise ValueError("paired_bootstrap: no paired differences (no user was scored under both generators)")
-    rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, d.size, size=(resamples, d.size))].mean(axis=1)
-    alpha = (1 - level) / 2
-    low, high = np.quantile(means, [alpha, 1 - alpha])
-    return {"mean": float(d.mean()), "low": float(low), "high": float(high), "n": int(d.size),
-            "level": level, "resamples": resamples}
-
-
-def per_user_means(scores: pl.DataFrame, col: str = "reward") -> pl.DataFrame:
-    """Mean of `col` per user over its profiles (profiles with nothing to be judged on carry NaN, left out)."""
-    return (scores.filter(pl.col(col).is_not_nan())
-            .group_by("user_id").agg(pl.col(col).mean().alias("reward"), pl.len().alias("n"))
-            .sort("user_id"))
-
-
-def paired(old: pl.DataFrame, new: pl.DataFrame, col: str = "reward") -> pl.DataFrame:
-    """user_id, old, new, diff for users scored under both generators."""
-    return (per_user_means(old, col).select("user_id", pl.col("reward").alias("old"))
-            .join(per_user_means(new, col).select("user_id", pl.col("reward").alias("new")), on="user_id")
-            .with_columns((pl.col("new") - pl.col("old")).alias("diff")).sort("user_id"))
 
 
 def judges(recipe: Recipe, columns) -> dict[str, str]:
@@ -67,14 +42,6 @@ def with_judge_ab(scores: pl.DataFrame) -> pl.DataFrame:
     if {"judge_a", "judge_b"} <= set(scores.columns):
         return scores.with_columns(((pl.col("judge_a") + pl.col("judge_b")) / 2).alias("judge_ab"))
     return scores
-
-
-def verdict(ci: dict) -> str:
-    if ci["low"] > 0:
-        return "improved: the whole 95% interval is above 0"
-    if ci["high"] < 0:
-        return "got worse: the whole 95% interval is below 0"
-    return "no detectable change: the 95% interval contains 0"
 
 
 def _side(recipe: Recipe, root: Path, generator: str, k: int, reranker: Path) -> Path:
@@ -131,11 +98,7 @@ def write_summary(path: Path, k: int, figures: dict, old_gen: str, new_gen: str,
 
 
 def plot(path: Path, pairs: pl.DataFrame, ci: dict, k: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     d = pairs["diff"].to_numpy()
     # identical differences (e.g. an unchanged generator: all 0) need an explicit range to draw one bar
@@ -147,10 +110,7 @@ def plot(path: Path, pairs: pl.DataFrame, ci: dict, k: int) -> None:
     ax.set(xlabel=f"reward(generator {k}) - reward(generator {k - 1}) per valid user", ylabel="users",
            title=f"round {k}: is it learning?")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:

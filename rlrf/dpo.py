@@ -19,6 +19,7 @@ from pathlib import Path
 
 from rlrf.config import Recipe
 from rlrf.llm import SAFE_MODEL, SAFE_TOKENIZER
+from rlrf.machine import has_cuda
 from rlrf.store import Stage, StageError, atomic_path, read_artifact
 
 LOG_COLUMNS = ("step", "epoch", "loss", "rewards/margins", "rewards/accuracies", "rewards/chosen",
@@ -72,14 +73,8 @@ def trl_args(cfg, output_dir: Path, seed: int, bf16: bool):
         # the held-out evaluation needs the loss and TRL's logged metrics only: without this, TRL runs one more
         # forward per batch to return logits (about twice the cost of a training step)
         prediction_loss_only=True,
-        use_cpu=not _cuda(),
+        use_cpu=not has_cuda(),
     )
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def load_pairs_dataset(pairs_dir: Path, cache_dir: Path, artifact: str = "pairs", limit: int | None = None):
@@ -196,12 +191,9 @@ def write_log(log_history: list[dict], out_dir: Path) -> list[dict]:
         w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    import matplotlib
+    from rlrf.plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, (a, b) = pyplot().subplots(1, 2, figsize=(9, 3.2))
     steps = [r["step"] for r in rows]
     a.plot(steps, [r["loss"] for r in rows], marker=".")
     a.axhline(0.6931, color="grey", lw=0.8, ls="--", label="log 2 (no preference)")
@@ -211,10 +203,7 @@ def write_log(log_history: list[dict], out_dir: Path) -> list[dict]:
     b.plot(steps, [r["rewards/accuracies"] for r in rows], marker=".", label="reward accuracy")
     b.set(xlabel="optimizer step", title="implicit rewards")
     b.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(out_dir / "loss.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, out_dir / "loss.png")
     return rows
 
 

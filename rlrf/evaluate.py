@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from rlrf import runs
+from rlrf import runs, stats
 from rlrf.config import Recipe
 from rlrf.store import STAGE_JSON, Stage, StageError, read_artifact, read_stage_json, write_json
 
@@ -124,27 +124,20 @@ def markdown_table(rows: list[dict], keys: list[str], headers: list[str]) -> str
 
 
 def bootstrap_ci(diff: np.ndarray, resamples: int, seed: int, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of `diff` (users resampled with replacement): the
-    is-it-learning check's function, so the check and the evaluation agree on the same numbers."""
-    from rlrf.check import paired_bootstrap
-
-    ci = paired_bootstrap(diff, resamples=resamples, seed=seed, level=level)
+    """Percentile bootstrap interval of the mean of `diff` (rlrf.stats: the check's numbers)."""
+    ci = stats.paired_bootstrap(diff, resamples=resamples, seed=seed, level=level)
     return ci["low"], ci["high"]
 
 
 def paired_rewards(scores0: pl.DataFrame, scoresk: pl.DataFrame, split: str = "test") -> pl.DataFrame:
     """Per user of `split`: mean reward over their profiles under each generator (users both scored)."""
-    def per_user(s):  # a profile scored on no list has a NaN reward and is left out
-        return (s.filter((pl.col("split") == split) & pl.col("reward").is_not_nan())
-                .group_by("user_id").agg(pl.col("reward").mean()))
-    return (per_user(scores0).rename({"reward": "reward_0"})
-            .join(per_user(scoresk).rename({"reward": "reward_k"}), on="user_id", how="inner").sort("user_id"))
+    on = pl.col("split") == split
+    return (stats.paired(scores0.filter(on), scoresk.filter(on))
+            .select("user_id", pl.col("old").alias("reward_0"), pl.col("new").alias("reward_k")))
 
 
 def _verdict(lo: float, hi: float) -> str:
-    from rlrf.check import verdict
-
-    return verdict({"low": lo, "high": hi}) if np.isfinite(lo) else "no test user scored under both generators"
+    return stats.verdict({"low": lo, "high": hi}) if np.isfinite(lo) else "no test user scored under both generators"
 
 
 def reward_summary(paired: pl.DataFrame, k: int, resamples: int, seed: int) -> dict:

@@ -19,8 +19,9 @@ import subprocess
 from pathlib import Path
 
 from rlrf.config import Recipe
-from rlrf.dpo import _cuda, last_checkpoint, merge, write_log
+from rlrf.dpo import last_checkpoint, merge, write_log
 from rlrf.llm import SAFE_TOKENIZER
+from rlrf.machine import has_cuda
 from rlrf.store import StageError, atomic_path, read_artifact
 
 LLAMAFACTORY_INSTALL = "make llamafactory-env"  # its own venv, .venv-llamafactory: LLaMA-Factory pins older transformers/trl
@@ -255,7 +256,7 @@ def run_llamafactory(recipe: Recipe, pairs_dir: Path, model_dir: Path, out_dir: 
                            f"#   llamafactory-cli train {path}\n" + yaml.safe_dump(recipe_dict, sort_keys=False))
 
     if cli is None:
-        write({**lf, **llamafactory_device(cfg.dtype, _cuda(), False)})
+        write({**lf, **llamafactory_device(cfg.dtype, has_cuda(), False)})
         raise StageError(f"dpo.backend=llamafactory: llamafactory-cli not found (looked on PATH and in "
                          f".venv-llamafactory/bin). The recipe is written: {path}. Install LLaMA-Factory with "
                          f"`{LLAMAFACTORY_INSTALL}` (or set dpo.llamafactory_cli=/path/to/llamafactory-cli), then "

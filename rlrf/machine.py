@@ -40,3 +40,10 @@ def machine() -> dict:
         info["torch_threads"] = torch.get_num_threads()
         info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return info
+
+
+def has_cuda() -> bool:
+    """A CUDA device torch can use (imports torch)."""
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,4 +1,5 @@
-"""The evaluate stage's figures, saved as PNG (matplotlib, headless)."""
+"""Figures, saved as PNG (matplotlib, headless): the evaluate stage's, and the helpers the check's and the DPO
+stage's figures use."""
 
 from __future__ import annotations
 
@@ -7,13 +8,25 @@ from pathlib import Path
 import numpy as np
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend (no display on a compute node)."""
     import matplotlib
 
-    matplotlib.use("Agg")  # no display on a compute node
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_png(fig, path: Path, dpi: int = 110) -> Path:
+    """Lay out, write atomically (nothing half-written at `path`), close."""
+    from rlrf.store import atomic_path
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    pyplot().close(fig)
+    return path
 
 
 def round_label(k: int) -> str:
@@ -25,7 +38,7 @@ def plot_rounds(per_round: dict, base: dict, path: Path, metrics=("map@5", "ndcg
 
     per_round: {backbone: {k: {metric: {"mean", "std"}}}}; base: {backbone: {metric: {...}}} drawn as a
     dotted line (the reranker without knowledge) so a reader sees how much of the gain is the knowledge."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for i, (backbone, rounds) in enumerate(sorted(per_round.items())):
@@ -51,7 +64,7 @@ def plot_rounds(per_round: dict, base: dict, path: Path, metrics=("map@5", "ndcg
 def plot_rewards(r0: np.ndarray, rk: np.ndarray, k: int, ci: tuple[float, float], metric: str, path: Path) -> Path:
     """Reward distributions of the original vs generator k's profiles on the same test users, and the
     per-user paired difference with its bootstrap 95% interval."""
-    plt = _plt()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     bins = np.linspace(min(r0.min(), rk.min()), max(r0.max(), rk.max()) + 1e-9, 21)
     a.hist(r0, bins=bins, alpha=0.55, label=f"original (mean {r0.mean():.3f})")

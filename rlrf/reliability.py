@@ -27,8 +27,8 @@ def _per_user(scores: pl.DataFrame, cols: list[str]) -> list[np.ndarray]:
 
 
 def bootstrap_mean(x: np.ndarray, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
-    """Mean of x with its percentile bootstrap interval (rlrf.check.paired_bootstrap); None figures when empty."""
-    from rlrf.check import paired_bootstrap
+    """Mean of x with its percentile bootstrap interval (rlrf.stats.paired_bootstrap); None figures when empty."""
+    from rlrf.stats import paired_bootstrap
 
     x = np.asarray(x, dtype=np.float64)
     if x.size == 0:

@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 
 from rlrf import check
-from rlrf.check import paired, paired_bootstrap, verdict
+from rlrf.stats import paired, paired_bootstrap, verdict
 from tests.loop_fixtures import score_rows, write_stage
 
 

@@ -1,0 +1,42 @@
+"""The statistics every report shares (the check, the evaluation, the judges' reliability): per-user means of a
+reward, paired old/new differences, and their percentile bootstrap interval with users resampled."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+
+def paired_bootstrap(diff, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean of paired differences with a percentile bootstrap interval (users resampled with replacement)."""
+    d = np.asarray(diff, dtype=np.float64)
+    if d.size == 0:
+        raise ValueError("paired_bootstrap: no paired differences (no user was scored under both generators)")
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, size=(resamples, d.size))].mean(axis=1)
+    alpha = (1 - level) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    return {"mean": float(d.mean()), "low": float(low), "high": float(high), "n": int(d.size),
+            "level": level, "resamples": resamples}
+
+
+def per_user_means(scores: pl.DataFrame, col: str = "reward") -> pl.DataFrame:
+    """Mean of `col` per user over its profiles (profiles with nothing to be judged on carry NaN, left out)."""
+    return (scores.filter(pl.col(col).is_not_nan())
+            .group_by("user_id").agg(pl.col(col).mean().alias("reward"), pl.len().alias("n"))
+            .sort("user_id"))
+
+
+def paired(old: pl.DataFrame, new: pl.DataFrame, col: str = "reward") -> pl.DataFrame:
+    """user_id, old, new, diff for users scored under both generators."""
+    return (per_user_means(old, col).select("user_id", pl.col("reward").alias("old"))
+            .join(per_user_means(new, col).select("user_id", pl.col("reward").alias("new")), on="user_id")
+            .with_columns((pl.col("new") - pl.col("old")).alias("diff")).sort("user_id"))
+
+
+def verdict(ci: dict) -> str:
+    if ci["low"] > 0:
+        return "improved: the whole 95% interval is above 0"
+    if ci["high"] < 0:
+        return "got worse: the whole 95% interval is below 0"
+    return "no detectable change: the 95% interval contains 0"
