@@ -119,7 +119,7 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
 
     k = round
     out = runs.stage_dir(recipe, "check", k)
-    old_gen, new_gen = runs.generator_for_round(recipe, k), str(runs.generator_dir(recipe, k))
+    old_gen, new_gen = runs.generator(recipe, k - 1), runs.generator(recipe, k)
     if not (Path(new_gen) / "config.json").is_file():
         raise StageError(f"generator {k} ({new_gen}) does not exist yet: run "
                          f"`python pipelines/dpo.py --recipe <recipe> --round {k}` first")

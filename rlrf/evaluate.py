@@ -37,11 +37,6 @@ TABLE_METRICS = ("map@5", "ndcg@5")
 # ----------------------------------------------------------------------------- rounds
 
 
-def generator(recipe: Recipe, k: int) -> str:
-    """Generator k: the base model for k = 0, round k's merged DPO model after that."""
-    return recipe.sample.model if k == 0 else str(runs.generator_dir(recipe, k))
-
-
 def missing_rounds(recipe: Recipe) -> list[int]:
     """Rounds in evaluate.rounds whose generator (round k's finished dpo stage) does not exist."""
     return [k for k in sorted(set(recipe.evaluate.rounds))
@@ -213,7 +208,7 @@ def evaluate_stage(recipe: Recipe, *, force: bool = False, recipe_path: str = "<
         profiles, encoded = {}, {}
         for k in gens:
             g = out / f"gen_{k}"
-            profiles[k] = Path(sample_stage(recipe, g / "sample", generator(recipe, k), EVAL_SAMPLE_ROUND,
+            profiles[k] = Path(sample_stage(recipe, g / "sample", runs.generator(recipe, k), EVAL_SAMPLE_ROUND,
                                             splits=["train", "valid", "test"], n=ev.n, max_users=ev.max_users))
             encoded[k] = Path(encode_stage(recipe, profiles[k], g / "encode"))
 
@@ -253,7 +248,7 @@ def evaluate_stage(recipe: Recipe, *, force: bool = False, recipe_path: str = "<
         quality = {k: _quality(recipe, out / f"gen_{k}", profiles[k], items, interactions, load_model) for k in gens}
 
         hw = hardware()
-        results = {"run": recipe.run, "recipe": recipe_path, "hardware": hw, "generators": {k: generator(recipe, k) for k in gens},
+        results = {"run": recipe.run, "recipe": recipe_path, "hardware": hw, "generators": {k: runs.generator(recipe, k) for k in gens},
                    "rlrf_round": last, "conditions": conditions, **tables, "reward": reward, "quality": quality}
         results = _str_keys(results)  # json wants string keys; generator k becomes "k"
         write_json(out / "results.json", results)

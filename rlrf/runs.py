@@ -49,13 +49,22 @@ def reranker_knowledge_round(r: Recipe, k: int) -> int:
 
 
 def generator_dir(r: Recipe, k: int) -> Path:
-    """Generator k's merged model (k >= 1): written by round k's dpo stage."""
+    """Generator k's merged model (k >= 1): written by round k's dpo stage (whichever backend trained it)."""
     return stage_dir(r, "dpo", k) / "merged"
 
 
+def generator(r: Recipe, k: int) -> str:
+    """Generator k, the one name for it everywhere: the base model (sample.model) for k = 0, round k's merged
+    model after that. Round k samples from generator k-1 and writes generator k."""
+    if k < 0:
+        raise ValueError(f"generators count from 0 (the base model); got generator {k}")
+    return r.sample.model if k == 0 else str(generator_dir(r, k))
+
+
 def generator_for_round(r: Recipe, k: int) -> str:
-    """What round k samples from: the base model for round 1, generator k-1 after that."""
-    return r.sample.model if k == 1 else str(generator_dir(r, k - 1))
+    """What round k samples from: generator k-1 (the base model for round 1)."""
+    round_dir(r, k)  # refuses k < 1
+    return generator(r, k - 1)
 
 
 def cache_dir() -> Path:

@@ -141,3 +141,17 @@ def test_the_check_leads_with_the_judges_independent_of_the_pair_picker():
         assert sorted(got.values()) == ["judge_ab", "lexical", "retrieval"]
     # scores without judge columns (an older score stage): the round's reward alone
     assert judges(load_recipe(None, []), ["reward"]) == {"the round's reward": "reward"}
+
+
+def test_generator_k_has_one_name_everywhere(tmp_path):
+    """Generator 0 is the base model, generator k is round k's merged model, and round k samples from k-1."""
+    from rlrf import runs
+    from rlrf.config import load_recipe
+
+    r = load_recipe(None, [f"runs_dir={tmp_path}", "run=r"])
+    assert runs.generator(r, 0) == r.sample.model == runs.generator_for_round(r, 1)
+    assert runs.generator(r, 2) == str(tmp_path / "r" / "round_2" / "dpo" / "merged") == runs.generator_for_round(r, 3)
+    with pytest.raises(ValueError, match="from 0"):
+        runs.generator(r, -1)
+    with pytest.raises(ValueError, match="from 1"):
+        runs.generator_for_round(r, 0)
