@@ -204,7 +204,8 @@ def encode_stage(recipe: Recipe, profiles_dir: str | Path, out_dir: str | Path, 
                 )
                 st.write_shard(i, {"user_texts": df})
             n_encoded += n
-        ut = pl.concat([pl.read_parquet(p) for p in sorted((out_dir / "user_texts").glob("part-*.parquet"))])
+        ut = st.written("user_texts")
+        ut = schema.empty("user_texts") if ut is None else ut
         vecs = cache.get(ut["text_hash"].to_list())
         extra = {
             "encoder_id": encoder_id(cfg),

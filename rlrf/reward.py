@@ -33,7 +33,7 @@ import polars as pl
 import torch
 from tqdm import tqdm
 
-from rlrf import runs
+from rlrf import runs, schema
 from rlrf.config import Recipe
 from rlrf.store import Stage, StageError, read_artifact, read_stage_json
 
@@ -366,7 +366,8 @@ def score_stage(recipe: Recipe, profiles_dir: str | Path, encode_dir: str | Path
                 )
                 st.write_shard(i, {"scores": df},
                                counters={"profiles_without_heldout": int(np.isnan(reward).sum())})
-            scores = pl.concat([pl.read_parquet(p) for p in sorted((out_dir / "scores").glob("part-*.parquet"))])
+            scores = st.written("scores")
+            scores = schema.empty("scores") if scores is None else scores
             summary = {"reward": cfg.reward, "metric": cfg.metric if cfg.reward == "reranker" else
                        f"{cfg.reward} ndcg@{cfg.retrieval_k} ({cfg.retrieval_candidates})",
                        "tie_break": cfg.tie_break, **spread_summary(scores)}

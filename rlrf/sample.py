@@ -154,9 +154,9 @@ def sample_stage(recipe: Recipe, out_dir: str | Path, generator: str, round: int
                 part = users.filter(pl.col("user_id").is_in(chunks[i]))
                 desc = f"sample shard {i + 1}/{len(chunks)}"
                 st.write_shard(i, {"profiles": _profiles(backend, part, cfg, recipe.seed, meta, desc)})
-        info = st.finish(extra=_summary(out_dir, cfg) if _all_done(st, n_shards) else None)
+        info = st.finish(extra=_summary(st.written("profiles"), cfg) if _all_done(st, n_shards) else None)
     if info:
-        s = _summary(out_dir, cfg)
+        s = info  # the summary went into stage.json
         print(f"sample round {round}: {info['rows'].get('profiles', 0)} profiles of {s['users']} users from "
               f"{generator} | finish eos={s['finish_reason'].get('eos', 0)} length={s['finish_reason'].get('length', 0)} "
               f"sentence={s['finish_reason'].get('sentence', 0)} "
@@ -202,7 +202,7 @@ def reuse_profiles(recipe: Recipe, src: str | Path, out_dir: str | Path, generat
         if not st.done:
             for i in st.todo(1):
                 st.write_shard(i, {"profiles": profiles})
-            st.finish(extra=_summary(out_dir, cfg))
+            st.finish(extra=_summary(profiles, cfg))
     print(f"sample round {round}: {profiles.height} profiles of {users.height} users from {generator}, "
           f"taken from {src} (same seeds) -> {out_dir}")
     return out_dir
@@ -299,10 +299,9 @@ def _check_memory(model_dir: Path, cfg, log) -> None:
     preflight("sample", need, "sample.batch_size (rows per generate batch) or sample.max_prompt_tokens", log)
 
 
-def _summary(out_dir: Path, cfg) -> dict:
+def _summary(df: pl.DataFrame | None, cfg) -> dict:
     """Counts over every shard's profiles (not just this process's), for stage.json and the summary line."""
-    files = sorted((out_dir / "profiles").glob("part-*.parquet"))
-    df = pl.concat([pl.read_parquet(f) for f in files]) if files else schema.empty("profiles")
+    df = schema.empty("profiles") if df is None else df
     per_user = df.filter(pl.col("sample_idx") == 0)
     return {
         "users": per_user.height,

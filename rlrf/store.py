@@ -321,6 +321,24 @@ class Stage:
         d = self.dir / SHARDS
         return sorted(int(m.stem) for m in d.glob("*.json")) if d.is_dir() else []
 
+    def written(self, artifact: str) -> pl.DataFrame | None:
+        """This stage's own `artifact` as written so far, before finish (its summary): every done shard's part, in
+        shard order, each at the size its marker recorded (a changed one is a StageError saying to rerun, which
+        redoes that shard). None when no done shard wrote a part of it."""
+        frames = []
+        for i in self.done_shards():
+            marker = _read_json(self._marker(i)) or {}
+            rel = self.part(artifact, i).relative_to(self.dir).as_posix()
+            recorded = marker.get("files", {}).get(rel)
+            if recorded is None:
+                continue
+            problem = file_problem(self.dir / rel, recorded, verify=False)
+            if problem:
+                raise StageError(f"{self.dir / rel} {problem} since its shard finished; rerun the same command: the "
+                                 f"shard is done again")
+            frames.append(pl.read_parquet(self.dir / rel))
+        return pl.concat(frames) if frames else None
+
     def part(self, artifact: str, i: int) -> Path:
         """Where shard i's part of `artifact` lives."""
         return self.dir / artifact / f"part-{i:05d}.parquet"

@@ -460,3 +460,15 @@ def test_sweep_temporaries_removes_only_what_dead_writers_left(tmp_path):
     assert sweep_temporaries(tmp_path, min_age_s=3600) == 0  # too young
     assert sweep_temporaries(tmp_path) == 3
     assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(["a", mine.name, *(p.name for p in keep)])
+
+
+def test_a_stage_reads_its_own_parts_before_finish_as_their_markers_recorded(tmp_path):
+    out = tmp_path / "stage"
+    with Stage(out, "toy", {"n": 2}, quiet=True) as st:
+        assert st.written("users") is None
+        for i in st.todo(2):
+            st.write_shard(i, {"users": pl.DataFrame({"user_id": [i, i + 10]})})
+        assert st.written("users")["user_id"].to_list() == [0, 10, 1, 11]
+        st.part("users", 1).write_bytes(b"short")
+        with pytest.raises(StageError, match=r"part-00001\.parquet .*rerun the same command"):
+            st.written("users")
