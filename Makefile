@@ -33,10 +33,11 @@ test: install data
 test-integration: install data
 	$(BIN)/python -m pytest -q -m integration
 
-# Faults: checksums, damaged parts, resume (fast, tests/test_store.py) and on a real tiny round (tests/test_faults.py,
-# which the integration tier runs too, so .ci/run covers it).
+# Faults, stage by stage (tests marked `faults`: kill -9 and resume, damaged parts, SIGTERM, disk full, memory
+# preflight, untrusted models and recipes), the integration ones on a real tiny round included. The fast and
+# integration tiers run them too, so .ci/run covers them.
 test-faults: install data
-	$(BIN)/python -m pytest -q -m "integration or not integration" tests/test_store.py tests/test_faults.py
+	$(BIN)/python -m pytest -q -m faults
 
 # One RLRF round k: sample from generator k-1, score with the reward reranker, pair, DPO -> generator k,
 # then the is-it-learning check. Every stage resumes where it stopped and is a no-op when done.

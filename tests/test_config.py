@@ -80,6 +80,7 @@ def test_rlrf_config_prints_the_resolved_recipe_and_every_key(capsys, repo):
     assert "sample.temperature" in out and "nucleus sampling mass" in out
 
 
+@pytest.mark.faults
 def test_a_recipe_cannot_run_code(tmp_path):
     """Recipes load with a SafeLoader: a python tag is a clear error, and whatever it names never runs."""
     touched = tmp_path / "ran"

@@ -124,6 +124,7 @@ def test_merged_model_differs_from_base_loads_and_generates(trained):
     assert gen.shape[1] == ids["input_ids"].shape[1] + 5 or int(gen[0, -1]) == tok.eos_token_id
 
 
+@pytest.mark.faults
 def test_a_step_the_machine_cannot_hold_is_refused_before_anything_loads(trained, tmp_path, monkeypatch):
     from rlrf import memory
     from rlrf.dpo import dpo_stage
@@ -156,6 +157,7 @@ dpo_stage(load_recipe(None, sys.argv[4:]), sys.argv[1], sys.argv[2], sys.argv[3]
 """
 
 
+@pytest.mark.faults
 def test_killed_run_resumes_from_its_checkpoint_and_matches_a_clean_run(trained, tmp_path):
     from safetensors.torch import load_file
 

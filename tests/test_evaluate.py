@@ -206,6 +206,7 @@ def _comparable(res: dict) -> dict:
         "reward": {k: v for k, v in res["reward"].items() if k != "reranker"}}
 
 
+@pytest.mark.faults
 def test_evaluate_resumes_after_kill_9(tmp_path):
     """Killed with -9 half way (after its 3rd shard: gen 0's sample and encode, gen 1's sample), evaluate
     resumes without redoing finished sub-stages and writes exactly the results of a clean run."""

@@ -29,6 +29,7 @@ def test_estimates_near_the_peaks_stage_json_measured_and_move_with_their_knobs(
     assert dpo_peak_mb(s, batch=4, max_length=416, completion_tokens=96, share_prompt=True, bytes_per=2) < dpo
 
 
+@pytest.mark.faults
 def test_preflight_refuses_what_cannot_fit_and_warns_when_memory_is_taken():
     with pytest.raises(StageError, match=r"dpo: needs about 9.8 GB .* has 8.0 GB in all; lower dpo.max_length"):
         preflight("dpo", 10_000, "dpo.max_length", machine=(6000, 8192))

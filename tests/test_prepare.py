@@ -133,6 +133,7 @@ def test_rerun_is_a_noop_and_changed_config_refuses(tmp_path):
         prepare_stage(make_recipe(tmp_path, "ml-100k-recbole", "t", "seed=7"))
 
 
+@pytest.mark.faults
 def test_resume_after_kill_gives_a_clean_runs_rows(tmp_path, fixture_run):
     _, _, clean = fixture_run
     code = ("import sys; from rlrf.config import load_recipe; from rlrf.prepare import prepare_stage; "

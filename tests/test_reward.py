@@ -160,6 +160,7 @@ def test_score_refuses_a_base_reranker(scored_run, tmp_path):
         score_stage(recipe, prof, enc, base, tmp_path / "score")
 
 
+@pytest.mark.faults
 def test_score_resume_after_kill_gives_the_clean_rows(scored_run, tmp_path):
     recipe, prof, enc = scored_run
     rer = runs.reranker_dir(recipe, 2)

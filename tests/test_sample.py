@@ -111,6 +111,7 @@ def test_rerun_and_shard_slices_give_the_same_rows(setup, tiny_model, tmp_path):
     assert not other["text"].equals(whole["text"])
 
 
+@pytest.mark.faults
 def test_resume_after_kill_gives_a_clean_runs_rows(setup, tiny_model):
     r = setup
     clean = _rows(sample_stage(r, r.run_dir / "clean", str(tiny_model), 1))
@@ -160,6 +161,7 @@ def test_errors_before_any_work(setup, tmp_path):
         sample_stage(bare, bare.run_dir / "x", str(setup.sample.model), 1)
 
 
+@pytest.mark.faults
 def test_a_batch_the_machine_cannot_hold_is_refused_before_the_model_loads(setup, monkeypatch):
     import rlrf.sample
     from rlrf import memory
