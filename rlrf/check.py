@@ -78,8 +78,8 @@ def write_summary(path: Path, k: int, figures: dict, old_gen: str, new_gen: str,
         lines.append(f"| {name} | {f['old_mean']:.4f} | {f['new_mean']:.4f} | {ci['mean']:+.4f} [{ci['low']:+.4f}, "
                      f"{ci['high']:+.4f}] | {ci['n']} | {f['improved_share']:.0%} | {verdict(ci)} |")
     if quality:
-        keys = [q for q in ("mean_tokens", "distinct_2", "names_history", "share_truncated", "share_at_limit",
-                                 "perplexity")
+        keys = [q for q in ("mean_tokens", "distinct_2", "names_history", "genres_named", "share_truncated",
+                            "share_at_limit", "perplexity")
                 if q in quality.get("old", {})]
         lines += ["", "| profiles | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
         for side in ("old", "new"):

@@ -2,7 +2,8 @@
 the reranker? (LangPTune and LettinGo ask the same of language profiles.)
 
 Per generator: mean length (tokens, words), distinct-2, the share of profiles that name at least one
-genre or title from the user's own history, and perplexity under the base model. Everything but the
+genre or title from the user's own history, how many of the catalogue's genres a profile names, and
+perplexity under the base model. Everything but the
 perplexity is a small pure function over strings, tested against values worked out by hand.
 """
 
@@ -64,6 +65,14 @@ def names_history(text: str, titles: list[str], genres: list[str]) -> bool:
     return False
 
 
+def genres_named(text: str, genres: list[str]) -> int:
+    """How many of the catalogue's genres the profile names (whole words, prose spellings included): the part of a
+    profile every user's reward can share, and what DPO learned first from the lexical reward's pairs."""
+    body = " " + " ".join(words(text)) + " "
+    return sum(any(f" {' '.join(words(a))} " in body for a in _GENRE_ALIASES.get(g.lower(), (g.lower(),)))
+               for g in genres)
+
+
 def history_mentions(profiles: pl.DataFrame, items: pl.DataFrame, interactions: pl.DataFrame) -> np.ndarray:
     """Per profile row: True where its text names a title or genre from its user's prompt history."""
     hist = (interactions.filter(pl.col("in_history")).select("user_id", "item_id")
@@ -109,12 +118,14 @@ def profile_quality(profiles: pl.DataFrame, items: pl.DataFrame, interactions: p
     """The quality row of one generator's profiles. `ppl_model` = (model, tokenizer) or None to skip;
     perplexity is measured on `ppl_split` users only (None = all), which bounds its cost."""
     texts = profiles["text"].to_list()
+    catalogue_genres = sorted({g for gs in items["genres"].to_list() for g in (gs or []) if g.lower() != "unknown"})
     out = {
         "profiles": len(texts),
         "mean_tokens": float(profiles["n_tokens"].mean()) if len(texts) else 0.0,
         "mean_words": float(np.mean([len(words(t)) for t in texts])) if texts else 0.0,
         "distinct_2": distinct_n(texts, 2),
         "names_history": float(history_mentions(profiles, items, interactions).mean()) if texts else 0.0,
+        "genres_named": float(np.mean([genres_named(t, catalogue_genres) for t in texts])) if texts else 0.0,
         # cut mid-sentence at max_new_tokens; "sentence" = cut there too, then trimmed back to a sentence end
         "share_truncated": float((profiles["finish_reason"] == "length").mean()) if texts else 0.0,
         "share_at_limit": float(profiles["finish_reason"].is_in(["length", "sentence"]).mean()) if texts else 0.0,

@@ -10,6 +10,7 @@ import torch
 
 from rlrf.quality import (
     distinct_n,
+    genres_named,
     history_mentions,
     names_history,
     normalize_title,
@@ -87,7 +88,16 @@ def test_history_mentions_use_each_users_own_history():
     assert q["mean_tokens"] == pytest.approx((4 + 3 + 6 + 7) / 4)
     assert q["mean_words"] == pytest.approx((3 + 2 + 5 + 6) / 4)
     assert q["share_truncated"] == pytest.approx(0.25)
+    # catalogue genres: Animation, Comedy, Action, Thriller, Crime; "thrillers" is not the whole word
+    assert q["genres_named"] == pytest.approx((0 + 0 + 1 + 1) / 4)
     assert "perplexity" not in q
+
+
+def test_genres_named_counts_each_catalogue_genre_once_in_its_prose_spellings():
+    genres = ["Sci-Fi", "Film-Noir", "Drama", "Children's", "War"]
+    assert genres_named("Science fiction, more science fiction, and film noir.", genres) == 2
+    assert genres_named("Dramas for kids; a warm drama.", genres) == 2  # "kids" -> Children's, "drama"; not "warm"
+    assert genres_named("", genres) == 0
 
 
 class _Tok:
