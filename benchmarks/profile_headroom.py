@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from rlrf.quality import _GENRE_ALIASES, words
+from rlrf.quality import names_genre, padded
 from rlrf.retrieval import Lexical, RetrievalReward, catalogue_ndcg, unit
 from rlrf.stats import paired_bootstrap
 from rlrf.store import read_artifact
@@ -38,13 +38,11 @@ ALPHAS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 def genre_space(items: pl.DataFrame):
     genres = sorted({g for gs in items["genres"].to_list() for g in (gs or []) if g.lower() != "unknown"})
-    spellings = [[" " + " ".join(words(a)) + " " for a in _GENRE_ALIASES.get(g.lower(), (g.lower(),))] for g in genres]
-
     def embed(texts: list[str]) -> np.ndarray:
         out = np.zeros((len(texts), len(genres)), np.float32)
         for i, t in enumerate(texts):
-            body = " " + " ".join(words(t or "")) + " "
-            out[i] = [any(s in body for s in alias) for alias in spellings]
+            body = padded(t)
+            out[i] = [names_genre(body, g) for g in genres]
         return out
 
     n = int(items["item_id"].max()) + 1

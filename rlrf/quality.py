@@ -41,6 +41,16 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
     return len(seen) / total if total else 0.0
 
 
+def padded(text: str) -> str:
+    """' word word ... ': the form whole-word phrase tests (`f" {phrase} " in padded(text)`) run against."""
+    return " " + " ".join(words(text or "")) + " "
+
+
+def names_genre(body: str, genre: str) -> bool:
+    """Does `body` (a padded() text) name `genre` in any of its prose spellings, as whole words?"""
+    return any(padded(alias) in body for alias in _GENRE_ALIASES.get(genre.lower(), (genre.lower(),)))
+
+
 def normalize_title(title: str) -> str:
     """'Usual Suspects, The (1995)' -> 'the usual suspects'; the form a profile would write."""
     t = re.sub(r"\s*\([^)]*\)", "", title).strip()  # years and foreign-language alternates
@@ -52,25 +62,20 @@ def normalize_title(title: str) -> str:
 
 def names_history(text: str, titles: list[str], genres: list[str]) -> bool:
     """Does the profile name at least one title or genre from the user's history (whole words)?"""
-    body = " " + " ".join(words(text)) + " "
+    body = padded(text)
     for title in titles:
         t = normalize_title(title)
         # titles of 1-2 letters ("M") match anything; ML-100K has an item titled "unknown"
         if len(t) >= 3 and t != "unknown" and f" {t} " in body:
             return True
-    for g in genres:
-        for alias in _GENRE_ALIASES.get(g.lower(), (g.lower(),)):
-            if f" {' '.join(words(alias))} " in body:
-                return True
-    return False
+    return any(names_genre(body, g) for g in genres)
 
 
 def genres_named(text: str, genres: list[str]) -> int:
     """How many of the catalogue's genres the profile names (whole words, prose spellings included): the part of a
     profile every user's reward can share, and what DPO learned first from the lexical reward's pairs."""
-    body = " " + " ".join(words(text)) + " "
-    return sum(any(f" {' '.join(words(a))} " in body for a in _GENRE_ALIASES.get(g.lower(), (g.lower(),)))
-               for g in genres)
+    body = padded(text)
+    return sum(names_genre(body, g) for g in genres)
 
 
 def history_mentions(profiles: pl.DataFrame, items: pl.DataFrame, interactions: pl.DataFrame) -> np.ndarray:
