@@ -1,7 +1,7 @@
 """Is it learning? Generator k-1 and generator k write profiles for the same VALID users with the same
 seeds; every judge of round k scores both; the figure is the paired difference of mean reward per user
 (new - old) with a bootstrap 95% interval, first under the judges INDEPENDENT of the one that picked the
-pairs (of retrieval, lexical and the cross-fitted reranker judges a and b averaged, the two that score.reward
+pairs (of retrieval, genres, lexical and the cross-fitted reranker judges a and b averaged, those score.reward
 did not name), then under the pair-picking reward itself. Profile quality of both generators
 (length, distinct-2, names-history share, perplexity under the base model) sits beside it, so a gain bought
 with gibberish shows.
@@ -30,10 +30,11 @@ from rlrf.store import Stage, StageError, atomic_path, read_artifact, read_stage
 
 def judges(recipe: Recipe, columns) -> dict[str, str]:
     """name -> scores column of every judge present: first those independent of the pair-picking reward."""
-    names = {"retrieval": "retrieval (encoder cosine)", "lexical": "lexical (TF-IDF cosine)",
-             "judge_ab": "reranker judges a+b (cross-fitted)"}
-    picked = {"retrieval": "retrieval", "lexical": "lexical", "reranker": "judge_ab"}[recipe.score.reward]
-    order = [c for c in ("retrieval", "lexical", "judge_ab") if c != picked] + [picked]
+    names = {"retrieval": "retrieval (encoder cosine)", "genres": "genres (catalogue genres named)",
+             "lexical": "lexical (TF-IDF cosine)", "judge_ab": "reranker judges a+b (cross-fitted)"}
+    picked = {"retrieval": "retrieval", "lexical": "lexical", "genres": "genres",
+              "reranker": "judge_ab"}[recipe.score.reward]
+    order = [c for c in ("retrieval", "genres", "lexical", "judge_ab") if c != picked] + [picked]
     found = {names[c] + (" - picked the pairs" if c == picked else ""): c for c in order if c in columns}
     return found or {"the round's reward": "reward"}
 

@@ -173,7 +173,9 @@ class ScoreConfig:
                                  "judge's score.metric over the user's lists) | retrieval (LangPTune: NDCG of the user's "
                                  "held-out positives ranked by cosine(profile, item text) in the encoder's space; no "
                                  "training) | lexical (the same ranking by word TF-IDF cosine: rewards naming the titles "
-                                 "and genres the user goes on to like)")
+                                 "and genres the user goes on to like) | genres (the same ranking in the catalogue's genre "
+                                 "space: the genres a profile names against each item's genre labels, ties by "
+                                 "popularity; reads no other word)")
     judges: int = _f(1, "seeds in the reranker judge's ensemble (each cross-fitted over reranker.folds, averaged): more "
                         "is less noise, one reranker training per seed and fold; an independent twin of as many "
                         "seeds measures the judge's reliability")
@@ -193,8 +195,8 @@ class ScoreConfig:
                f"expected ndcg@k or map@k, got {self.metric!r}")
         _check(self.batch_size >= 1, "score.batch_size", "must be >= 1")
         _check(self.shards >= 1, "score.shards", "must be >= 1")
-        _check(self.reward in ("reranker", "retrieval", "lexical"), "score.reward",
-               f"reranker | retrieval | lexical; got {self.reward!r}")
+        _check(self.reward in ("reranker", "retrieval", "lexical", "genres"), "score.reward",
+               f"reranker | retrieval | lexical | genres; got {self.reward!r}")
         _check(self.judges >= 1, "score.judges", "must be >= 1")
         _check(self.retrieval_candidates in ("catalogue", "lists"), "score.retrieval_candidates",
                f"catalogue | lists; got {self.retrieval_candidates!r}")

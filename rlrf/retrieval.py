@@ -9,8 +9,11 @@ judged in-sample, and the same profile always gets the same reward. A user with 
 NaN (counted by the caller).
 
 The profile and item vectors come from the encode stage's text encoder (`retrieval`: dense, MiniLM by
-default) or from a word TF-IDF fitted on the item texts (`lexical`: a profile is close to the items whose
-titles and genres it names). The two make different mistakes, so each is the other's independent judge.
+default), from a word TF-IDF fitted on the item texts (`lexical`: a profile is close to the items whose
+titles and genres it names), or from the catalogue's genre labels (`genres`: a profile is the set of catalogue
+genres it names in words, an item its genre labels; a structured space that reads no other word of the
+profile, with ties broken by the item's popularity in the prompt histories, so a profile that names nothing
+gets the popularity ranking). Each makes different mistakes, so each judges the others independently.
 
 Two independent versions of the reward for its reliability: half "a" judges with the positives of the
 user's even-numbered lists, half "b" with the odd-numbered ones (in the catalogue ranking, the other half's
@@ -62,10 +65,16 @@ class RetrievalReward:
     trained_users: frozenset = frozenset()  # it learns nothing from anyone
 
     def __init__(self, item_vecs: np.ndarray, lists: pl.DataFrame, history: dict[int, np.ndarray],
-                 candidates: str = "catalogue", k: int = 10, valid_items: np.ndarray | None = None):
+                 candidates: str = "catalogue", k: int = 10, valid_items: np.ndarray | None = None,
+                 tie_break: np.ndarray | None = None):
         if candidates not in CANDIDATES:
             raise ValueError(f"retrieval candidates must be one of {CANDIDATES}, got {candidates!r}")
         self.items = unit(item_vecs)
+        # added to every cosine: orders items the profile cannot tell apart (a coarse space's ties); keep it far
+        # below the space's smallest cosine gap so it never reorders items the profile does tell apart
+        self.tie_break = None if tie_break is None else np.asarray(tie_break, dtype=np.float32)
+        if self.tie_break is not None and self.tie_break.shape != (len(item_vecs),):
+            raise ValueError(f"tie_break needs one value per item row ({len(item_vecs)}), got {self.tie_break.shape}")
         self.candidates, self.k = candidates, int(k)
         n_items = len(item_vecs)
         # ids with no item (e.g. 0 when ids start at 1) are never candidates
@@ -83,11 +92,13 @@ class RetrievalReward:
 
     @classmethod
     def from_artifacts(cls, item_vecs: np.ndarray, lists: pl.DataFrame, interactions: pl.DataFrame,
-                       items: pl.DataFrame, candidates: str, k: int) -> "RetrievalReward":
+                       items: pl.DataFrame, candidates: str, k: int,
+                       tie_break: np.ndarray | None = None) -> "RetrievalReward":
         hist = (interactions.filter(pl.col("in_history")).group_by("user_id")
                 .agg(pl.col("item_id")))
         history = {int(u): np.asarray(i, dtype=np.int64) for u, i in zip(hist["user_id"], hist["item_id"])}
-        return cls(item_vecs, lists, history, candidates, k, valid_items=items["item_id"].to_numpy())
+        return cls(item_vecs, lists, history, candidates, k, valid_items=items["item_id"].to_numpy(),
+                   tie_break=tie_break)
 
     def has_positives(self, user_id: int) -> bool:
         u = self.lists.get(int(user_id))
@@ -106,6 +117,8 @@ class RetrievalReward:
         if len(user_ids) == 0:
             return np.zeros(0)
         sims = unit(vecs) @ self.items.T  # (P, n_items)
+        if self.tie_break is not None:
+            sims = sims + self.tie_break[None]
         h = {None: None, "a": 0, "b": 1}[half]
         if self.candidates == "lists":
             return self._lists(sims, user_ids, h)
@@ -147,3 +160,41 @@ class Lexical:
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         return self.vectorizer.transform(["" if t is None else t for t in texts]).toarray().astype(np.float32)
+
+
+class Genres:
+    """The catalogue's genre space: a text -> multi-hot of the catalogue genres it names as whole words (prose
+    spellings such as "science fiction" count; rlrf.quality.names_genre), an item -> its genre labels.
+
+    Negation is not read ("not a fan of horror" names horror), as in the lexical space."""
+
+    def __init__(self, items: pl.DataFrame):
+        self.genres = sorted({g for gs in items["genres"].to_list() for g in (gs or []) if g.lower() != "unknown"})
+        if not self.genres:
+            raise ValueError("the genres reward needs item genres: the prepare stage's items have none")
+        index = {g: i for i, g in enumerate(self.genres)}
+        self.item_vecs = np.zeros((int(items["item_id"].max()) + 1, len(self.genres)), np.float32)
+        for iid, gs in zip(items["item_id"].to_list(), items["genres"].to_list()):
+            for g in gs or []:
+                if g in index:
+                    self.item_vecs[iid, index[g]] = 1.0
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        from rlrf.quality import names_genre, padded
+
+        out = np.zeros((len(texts), len(self.genres)), np.float32)
+        for i, t in enumerate(texts):
+            body = padded(t or "")
+            out[i] = [names_genre(body, g) for g in self.genres]
+        return out
+
+
+def popularity_tie_break(interactions: pl.DataFrame, n_items: int, scale: float = 1e-4) -> np.ndarray:
+    """scale * log(1 + count) / max over items, counted in the prompt histories only (never a held-out rating):
+    at most 1e-4, under the genre space's smallest gap between two distinct cosines (4.5e-4 for profiles naming up to
+    18 genres and items of up to 6)."""
+    pop = np.zeros(n_items)
+    c = interactions.filter(pl.col("in_history")).group_by("item_id").len()
+    pop[c["item_id"].to_numpy()] = c["len"].to_numpy()
+    prior = np.log1p(pop)
+    return (scale * prior / max(prior.max(), 1e-12)).astype(np.float32)

@@ -8,6 +8,8 @@ Underneath, a scorer maps profile embeddings to rewards, `score_vectors(vecs, us
 - `retrieval` (rlrf.retrieval.RetrievalReward): NDCG of the user's held-out positives ranked by cosine
   similarity in the encoder's space; nothing trained, nothing in-sample.
 - `lexical`: the same in a word TF-IDF space fitted on the item texts (rlrf.retrieval.Lexical).
+- `genres`: the same in the catalogue's genre space (rlrf.retrieval.Genres: the genres a profile names in words
+  against each item's genre labels, ties broken by popularity in the prompt histories).
 - `reranker` (rlrf.judge.RerankerJudge): KAR rerankers cross-fitted over users; each profile is scored only
   by members that never saw its user, by what follows.
 
@@ -189,20 +191,21 @@ def text_embedder(recipe: Recipe):
     return embed
 
 
-def retrieval_scorer(recipe: Recipe, item_vecs: np.ndarray | None = None, embed=None):
+def retrieval_scorer(recipe: Recipe, item_vecs: np.ndarray | None = None, embed=None, tie_break: bool = False):
     """The retrieval reward of a run: items embedded by `embed` (default: the recipe's encoder through the cache)
-    unless their vectors are given."""
-    from rlrf.retrieval import RetrievalReward
+    unless their vectors are given; `tie_break` orders equal cosines by item popularity (a coarse space's ties)."""
+    from rlrf.retrieval import RetrievalReward, popularity_tie_break
 
     prep = runs.prepare_dir(recipe)
     items = read_artifact(prep, "items", "prepare").sort("item_id")
+    inter = read_artifact(prep, "interactions", "prepare")
     if item_vecs is None:
         vecs = (embed or text_embedder(recipe))(items["text"].to_list())
         item_vecs = np.zeros((int(items["item_id"].max()) + 1, vecs.shape[1]), np.float32)
         item_vecs[items["item_id"].to_numpy()] = vecs
-    return RetrievalReward.from_artifacts(item_vecs, read_artifact(prep, "lists", "prepare"),
-                                          read_artifact(prep, "interactions", "prepare"), items,
-                                          recipe.score.retrieval_candidates, recipe.score.retrieval_k)
+    return RetrievalReward.from_artifacts(item_vecs, read_artifact(prep, "lists", "prepare"), inter, items,
+                                          recipe.score.retrieval_candidates, recipe.score.retrieval_k,
+                                          tie_break=popularity_tie_break(inter, len(item_vecs)) if tie_break else None)
 
 
 def lexical_embedder(recipe: Recipe):
@@ -210,6 +213,22 @@ def lexical_embedder(recipe: Recipe):
     from rlrf.retrieval import Lexical
 
     return Lexical(read_artifact(runs.prepare_dir(recipe), "items", "prepare").sort("item_id")["text"].to_list())
+
+
+def text_space(recipe: Recipe, kind: str):
+    """(scorer, texts -> vectors) of a judge that reads the profile text itself: lexical or genres."""
+    from rlrf.retrieval import Genres
+
+    if kind == "lexical":
+        embed = lexical_embedder(recipe)
+        scorer = retrieval_scorer(recipe, embed=embed)
+    elif kind == "genres":
+        embed = Genres(read_artifact(runs.prepare_dir(recipe), "items", "prepare"))
+        scorer = retrieval_scorer(recipe, item_vecs=embed.item_vecs, tie_break=True)
+    else:
+        raise ValueError(f"no text space {kind!r}: lexical | genres")
+    scorer.name = kind
+    return scorer, embed
 
 
 def judge_scorer(recipe: Recipe, reranker_dir: str | Path, judge: str = "a", know_dim: int | None = None):
@@ -238,10 +257,8 @@ def judge_scorer(recipe: Recipe, reranker_dir: str | Path, judge: str = "a", kno
 def load_reward(recipe: Recipe, round: int = 1, kind: str | None = None) -> ProfileReward:
     """The reward of round `round` as a plain function of profile texts and user ids (score.reward by default)."""
     kind = kind or recipe.score.reward
-    if kind == "lexical":
-        embed = lexical_embedder(recipe)
-        scorer = retrieval_scorer(recipe, embed=embed)
-        scorer.name = "lexical"
+    if kind in TEXT_SPACES:
+        scorer, embed = text_space(recipe, kind)
         return ProfileReward(scorer, embed, kind)
     scorer = retrieval_scorer(recipe) if kind == "retrieval" else judge_scorer(recipe, runs.reranker_dir(recipe, round))
     return ProfileReward(scorer, text_embedder(recipe), kind)
@@ -280,22 +297,25 @@ def spread_summary(scores: pl.DataFrame) -> dict:
     }
 
 
+# the judges that read the profile text in a space of their own (not the encoder's)
+TEXT_SPACES = ("lexical", "genres")
 # judge columns of the scores artifact: name -> (judge a's column, judge b's column)
 JUDGE_COLUMNS = {"retrieval": ("retrieval_a", "retrieval_b"), "lexical": ("lexical_a", "lexical_b"),
-                 "reranker": ("judge_a", "judge_b")}
+                 "genres": ("genres_a", "genres_b"), "reranker": ("judge_a", "judge_b")}
 # the column of each score.reward
-REWARD_COLUMN = {"retrieval": "retrieval", "lexical": "lexical", "reranker": "judge_a"}
+REWARD_COLUMN = {"retrieval": "retrieval", "lexical": "lexical", "genres": "genres", "reranker": "judge_a"}
 
 
 def score_profiles(vecs: np.ndarray, user_ids: np.ndarray, retrieval, judges: dict, texts: list[str] | None = None,
-                   lexical=None) -> dict[str, np.ndarray]:
-    """Every judge's reward of P profiles (embeddings `vecs`, `texts`): retrieval and lexical (+ their halves a, b)
-    and the reranker judges a, b (with judge a's per-metric values); a judge that is None is skipped.
-    `lexical` = (its RetrievalReward, its text vectorizer)."""
+                   spaces: dict | None = None) -> dict[str, np.ndarray]:
+    """Every judge's reward of P profiles (embeddings `vecs`, `texts`): retrieval and each text space's (lexical,
+    genres; + their halves a, b) and the reranker judges a, b (with judge a's per-metric values); a judge that is
+    None is skipped. `spaces` = {name: (its RetrievalReward, texts -> vectors)}."""
     out: dict[str, np.ndarray] = {}
     sides = [("retrieval", retrieval, vecs)]
-    if lexical is not None and texts is not None:
-        sides.append(("lexical", lexical[0], lexical[1](texts) if len(texts) else np.zeros((0, 1), np.float32)))
+    if texts is not None:
+        for name, (ret, embed) in (spaces or {}).items():
+            sides.append((name, ret, embed(texts) if len(texts) else np.zeros((0, 1), np.float32)))
     for name, ret, v in sides:
         if ret is None:
             continue
@@ -341,8 +361,7 @@ def score_stage(recipe: Recipe, profiles_dir: str | Path, encode_dir: str | Path
             item_vecs = np.zeros((int(items["item_id"].max()) + 1, cache.vectors.shape[1]), np.float32)
             item_vecs[it["item_id"].to_numpy()] = cache.get(it["text_hash"].to_list())
             retrieval = retrieval_scorer(recipe, item_vecs)
-            lex_embed = lexical_embedder(recipe)
-            lexical = (retrieval_scorer(recipe, embed=lex_embed), lex_embed)
+            spaces = {name: text_space(recipe, name) for name in TEXT_SPACES}
             judges = ({j: judge_scorer(recipe, reranker_dir, j, item_vecs.shape[1]) for j in ("a", "b")}
                       if reranker_dir is not None else {})
             prof = (profiles.select("run", "round", "split", "user_id", "sample_idx", "text")
@@ -355,7 +374,7 @@ def score_stage(recipe: Recipe, profiles_dir: str | Path, encode_dir: str | Path
                 part = prof.filter((pl.col("user_id") % cfg.shards) == i).sort("user_id", "sample_idx")
                 vecs = cache.get(part["text_hash"].to_list()) if part.height else np.zeros((0, 1), np.float32)
                 cols = score_profiles(vecs, part["user_id"].to_numpy(), retrieval, judges,
-                                      part["text"].fill_null("").to_list(), lexical)
+                                      part["text"].fill_null("").to_list(), spaces)
                 reward = cols[REWARD_COLUMN[cfg.reward]]
                 n_lists = cols.get("n_lists", np.zeros(part.height, np.int64))
                 df = part.select("run", "round", "split", "user_id", "sample_idx").with_columns(
@@ -381,7 +400,7 @@ def score_stage(recipe: Recipe, profiles_dir: str | Path, encode_dir: str | Path
 
             # do the other judges confirm the pairs the reward picks? (the reward's pairs, each other judge's verdict)
             mine = REWARD_COLUMN[cfg.reward]
-            for other in ("retrieval", "lexical", "judge_a"):
+            for other in ("retrieval", "lexical", "genres", "judge_a"):
                 if other != mine and {mine, other} <= set(scores.columns):
                     rel[f"{mine} pairs under {other}"] = {
                         "agreement": agreement(scores, mine, other, recipe.rounds.bootstrap, recipe.seed)}

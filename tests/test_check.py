@@ -134,11 +134,12 @@ def test_the_check_leads_with_the_judges_independent_of_the_pair_picker():
     from rlrf.check import judges
     from rlrf.config import load_recipe
 
-    cols = ["reward", "retrieval", "lexical", "judge_a", "judge_b", "judge_ab"]
-    for picked, col in (("retrieval", "retrieval"), ("lexical", "lexical"), ("reranker", "judge_ab")):
+    cols = ["reward", "retrieval", "lexical", "genres", "judge_a", "judge_b", "judge_ab"]
+    for picked, col in (("retrieval", "retrieval"), ("lexical", "lexical"), ("genres", "genres"),
+                        ("reranker", "judge_ab")):
         got = judges(load_recipe(None, [f"score.reward={picked}"]), cols)
         assert list(got.values())[-1] == col and list(got)[-1].endswith("picked the pairs")
-        assert sorted(got.values()) == ["judge_ab", "lexical", "retrieval"]
+        assert sorted(got.values()) == ["genres", "judge_ab", "lexical", "retrieval"]
     # scores without judge columns (an older score stage): the round's reward alone
     assert judges(load_recipe(None, []), ["reward"]) == {"the round's reward": "reward"}
 

@@ -238,3 +238,66 @@ def test_lexical_reward_prefers_the_profile_naming_the_users_genre(tmp_path):
     f = reward.as_reward_func()
     assert f(prompts=["p"], completions=[[{"role": "assistant", "content": "loves Drama"}]], user_id=[4]) == \
         [float(reward(["loves Drama"], [4])["reward"][0])]
+
+
+# ----------------------------------------------------------------------------- the genres space
+
+
+def genre_items():
+    from rlrf.schema import SCHEMAS
+
+    rows = [(1, ["Drama"]), (2, ["Sci-Fi", "Action"]), (3, ["Comedy"]), (4, ["Drama"]), (5, ["unknown"]),
+            (6, ["Drama", "Romance"])]
+    return pl.DataFrame({"item_id": [r[0] for r in rows], "raw_item_id": [str(r[0]) for r in rows],
+                         "title": [f"Movie {r[0]}" for r in rows], "year": [1990] * 6, "genres": [r[1] for r in rows],
+                         "attribute_id": [1] * 6, "text": ["x"] * 6}, schema=SCHEMAS["items"])
+
+
+def test_genres_space_reads_whole_word_genres_and_their_prose_spellings():
+    from rlrf.retrieval import Genres
+
+    g = Genres(genre_items())
+    assert g.genres == ["Action", "Comedy", "Drama", "Romance", "Sci-Fi"]  # "unknown" is no genre
+    v = g(["Loves science fiction and action.", "A dramatic, comedic soul.", "", None, "DRAMA; romance!"])
+    assert v[0].tolist() == [1, 0, 0, 0, 1]
+    assert v[1].tolist() == [0, 0, 0, 0, 0]  # "dramatic" and "comedic" name no genre
+    assert v[2].sum() == 0 and v[3].sum() == 0
+    assert v[4].tolist() == [0, 0, 1, 1, 0]
+    assert g.item_vecs[6].tolist() == [0, 0, 1, 1, 0] and g.item_vecs[5].sum() == 0 and g.item_vecs[0].sum() == 0
+
+
+def test_popularity_tie_break_orders_ties_and_never_a_cosine_gap():
+    """In the genres space a profile naming one genre ties every item of it: popularity (prompt histories only)
+    orders them, a profile naming nothing gets the popularity ranking, and the tie break stays below any gap."""
+    from rlrf.retrieval import Genres, popularity_tie_break
+
+    g = Genres(genre_items())
+    # item 4 is in 3 histories, item 1 in 1; a held-out rating (in_history false) of item 1 does not count
+    inter = pl.DataFrame({"user_id": [1, 2, 3, 4, 5, 9], "item_id": [4, 4, 4, 1, 3, 1],
+                          "in_history": [True, True, True, True, False, False]})
+    tb = popularity_tie_break(inter, len(g.item_vecs))
+    assert tb[4] > tb[1] > 0 and tb[3] == 0 and tb.max() <= 1e-4
+    lists = lists_frame([(0, 9, [1, 2, 3, 4], [1, 0, 0, 0])])  # user 9's held-out positive: item 1 (Drama)
+    r = RetrievalReward(g.item_vecs, lists, {}, "catalogue", k=5, valid_items=np.arange(1, 7), tie_break=tb)
+    drama, nothing, comedy = r.ndcg(g(["drama", "no genre named", "comedy"]), [9, 9, 9])
+    assert drama == pytest.approx(d(1))  # items 1 and 4 tie on cosine; the more popular item 4 ranks first
+    assert nothing == pytest.approx(d(1))  # popularity alone: 4, 1, ...
+    assert comedy == pytest.approx(d(2))  # item 3 leads on cosine; then 4, then 1
+    without = RetrievalReward(g.item_vecs, lists, {}, "catalogue", k=5, valid_items=np.arange(1, 7))
+    assert without.ndcg(g(["no genre named"]), [9])[0] == 0.0  # every item ties: pessimistic rank, nothing earned
+    with pytest.raises(ValueError, match="one value per item row"):
+        RetrievalReward(g.item_vecs, lists, {}, tie_break=tb[:3])
+
+
+def test_genres_reward_prefers_the_profile_naming_the_users_genre(tmp_path):
+    """score.reward=genres through the reward interface, on the synthetic run (one genre per user's taste)."""
+    from rlrf.reward import load_reward
+    from tests.reward_fixtures import GENRES, make_recipe, taste, write_prepare
+
+    recipe = make_recipe(tmp_path, "score.reward=genres", "score.retrieval_k=10")
+    write_prepare(recipe)
+    reward = load_reward(recipe)
+    users = list(range(1, 41))
+    good = reward([f"This user loves {GENRES[taste(u)]} films." for u in users], users)["reward"]
+    bad = reward([f"This user loves {GENRES[(taste(u) + 1) % 4]} films." for u in users], users)["reward"]
+    assert reward.name == "genres" and (good > bad).all()

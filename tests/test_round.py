@@ -27,13 +27,13 @@ def test_round1_leaves_a_generator_and_an_inspectable_preference_parquet(tiny_ro
     check = json.loads((r1 / "check" / "stage.json").read_text())
     assert check["rows"]["users"] >= 1
     # every judge scored both generators, the independent one first; profile quality of both sides
-    assert check["judge"].startswith("retrieval") and len(check["judges"]) == 3 and {"old", "new"} <= set(check["quality"])
+    assert check["judge"].startswith("retrieval") and len(check["judges"]) == 4 and {"old", "new"} <= set(check["quality"])
     assert check["quality"]["new"]["perplexity"] > 1
     # the score stage reports its judges' reliability; DPO its accuracy on the held-out users' pairs
     score = json.loads((r1 / "score" / "stage.json").read_text())
-    assert {"retrieval", "lexical", "reranker", "best_is_trained_on"} <= set(score["reliability"])
+    assert {"retrieval", "lexical", "genres", "reranker", "best_is_trained_on"} <= set(score["reliability"])
     scores = pl.read_parquet(r1 / "score" / "scores" / "*.parquet")
-    assert {"retrieval", "retrieval_a", "retrieval_b", "lexical", "judge_a", "judge_b"} <= set(scores.columns)
+    assert {"retrieval", "retrieval_a", "retrieval_b", "lexical", "genres", "genres_a", "judge_a", "judge_b"} <= set(scores.columns)
     members = json.loads((tiny_round1 / "reranker" / "members.json").read_text())
     assert all(not set(m["judged_users"]) & set(m["seen_users"]) for m in members)
     dpo = json.loads((r1 / "dpo" / "stage.json").read_text())

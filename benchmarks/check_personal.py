@@ -1,0 +1,99 @@
+"""python benchmarks/check_personal.py --recipe recipes/ml100k_smollm2.yaml [--round 1] [key.sub=value ...]
+
+Did a round's generator learn about each user, or a style every user's reward pays for? On a finished check
+stage (round_<k>/check/{old,new}/sample), every training-free judge (retrieval in the encoder's space, lexical,
+genres) scores both generators' profiles twice on the valid users:
+
+  own        each profile judged on its own user's held-out positives (the check's figure)
+  swapped    each profile judged on ANOTHER valid user's positives (the same fixed derangement of users for both
+             generators, averaged over --derangements of them): what a profile earns from anyone's future items
+
+new - old under `own` is the check's gain; under `swapped` it is the part of that gain any user would credit
+(naming popular genres, generic wording); own - swapped is the personal part, the gain that depends on the
+profile being about this user. Every figure: mean over users with its paired bootstrap 95% interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from rlrf import runs
+from rlrf.config import load_recipe
+from rlrf.stats import paired_bootstrap
+from rlrf.store import read_artifact
+
+JUDGES = ("retrieval", "lexical", "genres")
+
+
+def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A permutation of range(n) with no fixed point (rejection sampling: ~e tries)."""
+    if n < 2:
+        raise ValueError("swapping users needs at least 2 users")
+    while True:
+        p = rng.permutation(n)
+        if not (p == np.arange(n)).any():
+            return p
+
+
+def per_user(user_ids: np.ndarray, values: np.ndarray) -> dict[int, float]:
+    df = (pl.DataFrame({"u": user_ids, "v": values}).filter(pl.col("v").is_not_nan())
+          .group_by("u").agg(pl.col("v").mean()))
+    return dict(zip(df["u"].to_list(), df["v"].to_list()))
+
+
+def ci_text(x: np.ndarray, seed: int) -> str:
+    ci = paired_bootstrap(x, 2000, seed)
+    return f"{ci['mean']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}]"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default="recipes/ml100k_smollm2.yaml")
+    ap.add_argument("--round", type=int, default=1)
+    ap.add_argument("--derangements", type=int, default=5)
+    ap.add_argument("overrides", nargs="*", help="key.sub=value, as the run was made (e.g. run=learn300)")
+    args = ap.parse_args()
+    from rlrf.reward import load_reward
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    chk = runs.stage_dir(recipe, "check", args.round)
+    sides = {}
+    for side in ("old", "new"):
+        d = chk / side / "sample"
+        if not (d / "stage.json").is_file():
+            sys.exit(f"check_personal: {d} is not a finished sample stage: run "
+                     f"`python pipelines/check.py --recipe {args.recipe} --round {args.round}` first")
+        sides[side] = read_artifact(d, "profiles", "sample").sort("user_id", "sample_idx")
+    users = np.intersect1d(sides["old"]["user_id"].unique().to_numpy(), sides["new"]["user_id"].unique().to_numpy())
+    rng = np.random.default_rng(recipe.seed)
+    perms = [derangement(len(users), rng) for _ in range(args.derangements)]
+    print(f"{chk}: {len(users)} valid users, {args.derangements} derangements; new - old, mean over users "
+          f"[95% paired bootstrap]")
+    print(f"{'judge':10s} | {'own (the check)':28s} | {'swapped (anyone credits)':28s} | personal (own - swapped)")
+    for kind in JUDGES:
+        reward = load_reward(recipe, args.round, kind)
+        own, swapped = {}, {}
+        for side, prof in sides.items():
+            prof = prof.filter(pl.col("user_id").is_in(users))
+            texts, uid = prof["text"].fill_null("").to_list(), prof["user_id"].to_numpy()
+            own[side] = per_user(uid, reward(texts, uid)["reward"])
+            idx = np.searchsorted(users, uid)
+            runs_ = []
+            for p in perms:
+                judged_as = users[p[idx]]  # user u's profiles judged on user p(u)'s positives
+                runs_.append(per_user(uid, reward(texts, judged_as)["reward"]))
+            swapped[side] = {u: float(np.mean([r[u] for r in runs_ if u in r])) for u in own[side]}
+        keep = [u for u in users.tolist() if all(u in d for d in (own["old"], own["new"], swapped["old"], swapped["new"]))]
+        d_own = np.array([own["new"][u] - own["old"][u] for u in keep])
+        d_sw = np.array([swapped["new"][u] - swapped["old"][u] for u in keep])
+        print(f"{kind:10s} | {ci_text(d_own, recipe.seed):28s} | {ci_text(d_sw, recipe.seed):28s} | "
+              f"{ci_text(d_own - d_sw, recipe.seed)}  ({len(keep)} users)")
+
+
+if __name__ == "__main__":
+    main()
