@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed
 RUN    := $(BIN)/python pipelines
 LF_VENV ?= .venv-llamafactory
 
-.PHONY: install data test test-integration test-faults test-llamafactory round1 round2 round3 evaluate bench clean-runs llamafactory-env
+.PHONY: install data test test-integration test-faults test-llamafactory round1 round2 round3 grpo1 evaluate bench clean-runs llamafactory-env
 
 install: $(STAMP)
 $(STAMP): pyproject.toml
@@ -60,6 +60,14 @@ round2: round1
 
 round3: round2
 	$(call round,3)
+
+# Round 1 trained online instead (GRPO from the same reward: rlrf/grpo.py), in a run of its own (a run is one
+# lineage of generators), then the same is-it-learning check on the valid users.
+GRPO_RUN ?= grpo_demo
+grpo1: install data
+	$(RUN)/prepare.py --recipe $(RECIPE) run=$(GRPO_RUN) $(ARGS)
+	$(RUN)/grpo.py --recipe $(RECIPE) --round 1 run=$(GRPO_RUN) rounds.trainer=grpo $(ARGS)
+	$(RUN)/check.py --recipe $(RECIPE) --round 1 run=$(GRPO_RUN) rounds.trainer=grpo $(ARGS)
 
 evaluate: install data
 	$(RUN)/evaluate.py --recipe $(RECIPE) $(ARGS)

@@ -10,11 +10,15 @@ LLaMA-Factory recipe there instead and runs `llamafactory-cli train` on it (`mak
 from rlrf import runs
 from rlrf.cli import run_main, stage_args
 from rlrf.dpo import dpo_stage
+from rlrf.store import StageError
 
 
 def main() -> None:
     recipe, args = stage_args(__doc__)
     k = args.round
+    if recipe.rounds.trainer != "dpo":
+        raise StageError(f"dpo: rounds.trainer={recipe.rounds.trainer}, so round {k}'s generator comes from "
+                         f"pipelines/{recipe.rounds.trainer}.py; drop the override to train with DPO")
     out = dpo_stage(recipe, runs.stage_dir(recipe, "pairs", k), runs.generator_for_round(recipe, k),
                     runs.stage_dir(recipe, "dpo", k), force=args.force)
     print(f"dpo: generator {k} -> {out / 'merged'}")

@@ -15,6 +15,7 @@ seeds mean the two generators differ only in their weights.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -29,13 +30,15 @@ from rlrf.store import Stage, StageError, atomic_path, read_artifact, read_stage
 
 
 def judges(recipe: Recipe, columns) -> dict[str, str]:
-    """name -> scores column of every judge present: first those independent of the pair-picking reward."""
+    """name -> scores column of every judge present: first those independent of the reward the round learned
+    from (the pair-picking reward; GRPO's reward)."""
     names = {"retrieval": "retrieval (encoder cosine)", "genres": "genres (catalogue genres named)",
              "lexical": "lexical (TF-IDF cosine)", "judge_ab": "reranker judges a+b (cross-fitted)"}
     picked = {"retrieval": "retrieval", "lexical": "lexical", "genres": "genres",
               "reranker": "judge_ab"}[recipe.score.reward]
+    mark = " - GRPO's reward" if recipe.rounds.trainer == "grpo" else " - picked the pairs"
     order = [c for c in ("retrieval", "genres", "lexical", "judge_ab") if c != picked] + [picked]
-    found = {names[c] + (" - picked the pairs" if c == picked else ""): c for c in order if c in columns}
+    found = {names[c] + (mark if c == picked else ""): c for c in order if c in columns}
     return found or {"the round's reward": "reward"}
 
 
@@ -85,7 +88,11 @@ def write_summary(path: Path, k: int, figures: dict, old_gen: str, new_gen: str,
         lines += ["", "| profiles | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
         for side in ("old", "new"):
             lines.append(f"| {side} | " + " | ".join(f"{quality[side][q]:.4f}" for q in keys) + " |")
-    if dpo:
+    if dpo and dpo.get("backend") == "trl-grpo":
+        lines += ["", f"GRPO (round {k}, reward {dpo.get('reward')}): {dpo.get('steps')} steps, {dpo.get('profiles_sampled')} "
+                  f"profiles sampled for {dpo.get('train_users')} train users; mean reward of the step's profiles "
+                  f"{dpo.get('reward_first_step')} at the first step, {dpo.get('reward_last_step')} at the last."]
+    elif dpo:
         fin = dpo.get("final") or {}
         lines += ["", f"DPO (round {k}): {dpo.get('steps')} steps on {dpo.get('pairs_used')} pairs; last logged "
                   f"loss {fin.get('loss')}, reward margin {fin.get('rewards/margins')}, "
@@ -119,18 +126,24 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
     from rlrf.llm import weights_hash
 
     k = round
+    if recipe.rounds.trainer == "grpo":  # the reward GRPO learned from is the one the check names as the round's own
+        from rlrf.grpo import reward_kind
+
+        recipe = dataclasses.replace(recipe, score=dataclasses.replace(recipe.score, reward=reward_kind(recipe)))
     out = runs.stage_dir(recipe, "check", k)
     old_gen, new_gen = runs.generator(recipe, k - 1), runs.generator(recipe, k)
     if not (Path(new_gen) / "config.json").is_file():
         raise StageError(f"generator {k} ({new_gen}) does not exist yet: run "
                          f"`python pipelines/dpo.py --recipe <recipe> --round {k}` first")
     reranker = runs.reranker_dir(recipe, k)
+    if not (reranker / "model.json").is_file() and recipe.score.reward != "reranker":
+        reranker = None  # a round without a reranker judge (GRPO's): the training-free judges only
     d = recipe.to_dict()
     config = {"rounds": d["rounds"], "sample": d["sample"], "encode": d["encode"], "score": d["score"],
               "round": k, "old": weights_hash(old_gen), "new": weights_hash(new_gen)}
     # the reranker's fingerprint is an input; the sides' sub-stages live inside this stage's directory, so a
     # --force here wipes them too before they are redone
-    with Stage(out, "check", config, inputs=[reranker], force=force) as st:
+    with Stage(out, "check", config, inputs=[reranker] if reranker else [], force=force) as st:
         if st.done:
             info = read_stage_json(out)
         else:
@@ -153,7 +166,7 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
                 raise StageError(f"check: no valid user was scored under both generators ({out}); see the sides' "
                                  f"score stages (a user needs held-out positives or lists)")
             quality = _quality(recipe, sides)
-            dpo_dir = runs.stage_dir(recipe, "dpo", k)
+            dpo_dir = runs.stage_dir(recipe, runs.trainer_stage(recipe), k)
             dpo = read_stage_json(dpo_dir) if (dpo_dir / "stage.json").is_file() else None
             write_summary(out / "summary.md", k, figures, old_gen, new_gen, dpo, quality)
             first = next(iter(figures))

@@ -264,10 +264,54 @@ class DPOConfig:
 
 
 @dataclass
+class GRPOConfig:
+    reward: str = _f("", "the reward GRPO learns from: retrieval | lexical | genres (training-free, so never in-sample); "
+                         "empty = score.reward")
+    max_users: int = _f(100, "train users whose KAR prompts GRPO samples from (first by user id after a seeded shuffle, as "
+                             "the sample stage picks them); -1 = all")
+    num_generations: int = _f(4, "profiles per prompt per step; the group whose rewards are normalised together")
+    per_device_train_batch_size: int = _f(8, "completions per forward (a multiple of num_generations: whole groups)")
+    gradient_accumulation_steps: int = _f(4, "forwards per optimizer step; one sampling call per step serves them all "
+                                             "(per_device_train_batch_size x this completions, on policy)")
+    max_steps: int = _f(25, "optimizer steps; each samples per_device_train_batch_size x gradient_accumulation_steps "
+                            "completions with the current policy")
+    learning_rate: float = _f(5e-5, "AdamW learning rate (LoRA)")
+    beta: float = _f(0.0, "KL coefficient against the base model (0 = TRL's default: no KL term, no reference forward)")
+    scale_rewards: str = _f("group", "advantage normalisation: group (std within a prompt's group) | batch | none")
+    loss_type: str = _f("dapo", "TRL's GRPO loss: dapo | grpo | dr_grpo | bnpo")
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: int = _f(32, "LoRA alpha")
+    lora_target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "modules LoRA adapts")
+    dtype: str = _f("auto", "frozen base weights (LoRA stays fp32): auto (bf16 where the CPU/GPU does it natively) | "
+                            "bfloat16 | float32")
+    save_steps: int = _f(5, "checkpoint every this many steps (the unit of resume)")
+
+    def __post_init__(self):
+        _check(self.reward in ("", "retrieval", "lexical", "genres"), "grpo.reward",
+               f"retrieval | lexical | genres, or empty for score.reward; got {self.reward!r} (the reranker judge "
+               f"is cross-fitted on the sample stage's users, which GRPO does not draw)")
+        _check(self.num_generations >= 2, "grpo.num_generations", "must be >= 2 (advantages compare a group's profiles)")
+        _check(self.per_device_train_batch_size % self.num_generations == 0, "grpo.per_device_train_batch_size",
+               f"must be a multiple of grpo.num_generations ({self.num_generations}): each forward holds whole groups")
+        _check(self.max_steps >= 1 and self.gradient_accumulation_steps >= 1, "grpo.max_steps",
+               "max_steps and gradient_accumulation_steps must be >= 1")
+        _check(self.learning_rate > 0 and self.beta >= 0, "grpo.learning_rate", "learning_rate must be > 0, beta >= 0")
+        _check(self.scale_rewards in ("group", "batch", "none"), "grpo.scale_rewards", "group | batch | none")
+        _check(self.loss_type in ("dapo", "grpo", "dr_grpo", "bnpo"), "grpo.loss_type", "dapo | grpo | dr_grpo | bnpo")
+        _check(self.dtype in ("auto", "bfloat16", "float32"), "grpo.dtype", "auto | bfloat16 | float32")
+        _check(self.save_steps >= 1 and self.lora_r > 0, "grpo.save_steps", "save_steps and lora_r must be >= 1")
+
+
+@dataclass
 class RoundsConfig:
     learning_check_users: int = _f(-1, "valid users sampled by both generators for the is-it-learning figure; -1 = all")
     learning_check_n: int = _f(2, "profiles per valid user per generator in the is-it-learning check")
     bootstrap: int = _f(2000, "bootstrap resamples for the 95% interval")
+    trainer: str = _f("dpo", "what makes generator k from generator k-1: dpo (the round's pairs; RLRF4Rec) | grpo (online, "
+                             "from the reward itself; the grpo stage)")
+
+    def __post_init__(self):
+        _check(self.trainer in ("dpo", "grpo"), "rounds.trainer", f"dpo | grpo; got {self.trainer!r}")
 
 
 @dataclass
@@ -303,6 +347,7 @@ class Recipe:
     score: ScoreConfig = _f(None, "score stage")
     pairs: PairsConfig = _f(None, "pairs stage")
     dpo: DPOConfig = _f(None, "dpo stage")
+    grpo: GRPOConfig = _f(None, "grpo stage (online RL from the same reward; rounds.trainer=grpo)")
     rounds: RoundsConfig = _f(None, "round bookkeeping and the is-it-learning check")
     evaluate: EvaluateConfig = _f(None, "evaluate stage")
 

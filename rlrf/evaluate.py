@@ -40,7 +40,7 @@ TABLE_METRICS = ("map@5", "ndcg@5")
 def missing_rounds(recipe: Recipe) -> list[int]:
     """Rounds in evaluate.rounds whose generator (round k's finished dpo stage) does not exist."""
     return [k for k in sorted(set(recipe.evaluate.rounds))
-            if not (runs.stage_dir(recipe, "dpo", k) / STAGE_JSON).is_file()]
+            if not (runs.stage_dir(recipe, runs.trainer_stage(recipe), k) / STAGE_JSON).is_file()]
 
 
 def check_rounds(recipe: Recipe, recipe_path: str = "<recipe>") -> list[int]:
@@ -199,7 +199,7 @@ def evaluate_stage(recipe: Recipe, *, force: bool = False, recipe_path: str = "<
     # a round redone with the same config writes new weights under the same fingerprint: hash them too,
     # so finished results are never reported for a generator that has since changed
     config["generator_hashes"] = {str(k): weights_hash(runs.generator_dir(recipe, k)) for k in gens[1:]}
-    inputs = [prep, *(runs.stage_dir(recipe, "dpo", k) for k in gens[1:]), reward_reranker]
+    inputs = [prep, *(runs.stage_dir(recipe, runs.trainer_stage(recipe), k) for k in gens[1:]), reward_reranker]
     with Stage(out, "evaluate", config, inputs=inputs, force=force) as st:
         if st.done:
             return out

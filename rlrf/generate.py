@@ -40,8 +40,9 @@ class Sampling:
 @dataclass
 class Completion:
     text: str
-    token_ids: list[int]
+    token_ids: list[int]  # without the stop token
     finish_reason: str  # eos | length
+    stop_id: int | None = None  # the end-of-sequence token it stopped on (finish_reason eos)
 
     @property
     def n_tokens(self) -> int:
@@ -94,7 +95,20 @@ class HFBackend:
 
     def __init__(self, model: str, dtype: str = "auto", batch_size: int = 64, threads: int = 0,
                  pad_to: int = 0):
-        self.model, self.tokenizer = load_generator(model, dtype)
+        self._attach(*load_generator(model, dtype), batch_size, threads, pad_to)
+        if self.shared_prefix:
+            shared_prefix.install(self.model)
+
+    @classmethod
+    def wrap(cls, model, tokenizer, batch_size: int = 64, threads: int = 0, pad_to: int = 0) -> "HFBackend":
+        """A backend over a model already in memory (a trainer's policy, LoRA and all). Its attention stays as
+        it is: sample inside `shared_prefix.generation(model)`, which switches it for the call and back."""
+        self = cls.__new__(cls)
+        self._attach(model, tokenizer, batch_size, threads, pad_to)
+        return self
+
+    def _attach(self, model, tokenizer, batch_size: int, threads: int, pad_to: int) -> None:
+        self.model, self.tokenizer = model, tokenizer
         self.batch_size = batch_size
         self.threads = threads
         self.pad_to = pad_to  # the prompt budget: see shared_prefix.PrefixKV.pack
@@ -103,8 +117,6 @@ class HFBackend:
         self.eos_ids = sorted({e for e in eos + [self.tokenizer.eos_token_id] if e is not None})
         self.pad_id = self.tokenizer.pad_token_id
         self.shared_prefix = shared_prefix.supports(self.model)
-        if self.shared_prefix:
-            shared_prefix.install(self.model)
 
     @staticmethod
     def tokenizer_for(model_dir):
@@ -178,6 +190,7 @@ class HFBackend:
         tokens = torch.full((R, sp.max_new_tokens), self.pad_id, dtype=torch.long)
         done = torch.zeros(R, dtype=torch.bool)
         length = torch.full((R,), sp.max_new_tokens, dtype=torch.long)
+        stop = torch.full((R,), -1, dtype=torch.long)
         for step in range(sp.max_new_tokens):
             logits = logits.cpu()
             if step < sp.min_new_tokens:
@@ -187,6 +200,7 @@ class HFBackend:
             tokens[:, step] = nxt
             hit = torch.isin(nxt, eos) & ~done
             length[hit] = step
+            stop[hit] = nxt[hit]
             done |= hit
             if bool(done.all()) or step == sp.max_new_tokens - 1:
                 break
@@ -197,7 +211,8 @@ class HFBackend:
         for r in range(R):
             ids = tokens[r, :length[r]].tolist()
             comps.append(Completion(text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
-                                    token_ids=ids, finish_reason="eos" if done[r] else "length"))
+                                    token_ids=ids, finish_reason="eos" if done[r] else "length",
+                                    stop_id=int(stop[r]) if done[r] else None))
         return comps
 
 

@@ -142,6 +142,30 @@ def show_profiles(run_dir: Path, round: int | None, user: int | None, limit: int
     return "\n".join(out)
 
 
+def show_rollouts(run_dir: Path, round: int | None, user: int | None, limit: int) -> str:
+    """The reward-hacking audit of a GRPO round: its highest-rewarded profiles first, with step and user."""
+    k = round if round is not None else latest_round(run_dir, "grpo")
+    path = run_dir / f"round_{k}" / "grpo" / "rollouts.parquet"
+    if not path.is_file():
+        raise StageError(f"{path} does not exist: round {k} was not trained with GRPO (rounds.trainer=grpo), or its "
+                         f"grpo stage has not finished")
+    rows = pl.read_parquet(path)
+    if user is not None:
+        rows = rows.filter(pl.col("user_id") == user)
+    total, mean = rows.height, rows["reward"].mean()
+    rows = rows.sort("reward", descending=True, nulls_last=True)
+    if limit > 0:
+        rows = rows.head(limit)
+    w = width()
+    out = [textwrap.fill(f"{run_dir} round {k}: {total} profiles sampled during GRPO, reward mean "
+                         f"{float('nan') if mean is None else mean:.4f}; the {rows.height} highest-rewarded first "
+                         f"(what the policy is pushed towards: look for hacks)", w)]
+    cells = [[f"reward {r['reward']:.4f}\nstep {r['step']}, user {r['user_id']}", r["text"]] for r in rows.iter_rows(named=True)]
+    if cells:
+        out += ["", grid(cells, ["profile", "text"], [22, w - 25])]
+    return "\n".join(out)
+
+
 def _findings(info: dict) -> list[str]:
     """The figures a person checks first: a score stage's judge reliability, a judge's held-out accuracy,
     DPO's held-out pair accuracy, the check's verdict."""
@@ -195,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="what", required=True)
     for name, helptext in (("pairs", "chosen vs rejected profile, side by side, with rewards"),
                            ("profiles", "a round's sampled profiles with their rewards (if scored)"),
+                           ("rollouts", "a GRPO round's highest-rewarded training profiles (the reward-hacking audit)"),
                            ("summary", "every stage's row counts, drop counters and timings")):
         s = sub.add_parser(name, help=helptext)
         s.add_argument("run", help="run directory (runs/<run>) or run name under --runs-dir")
@@ -212,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
             text = show_pairs(run_dir, args.round, args.user, args.worst_margin, args.limit)
         elif args.what == "profiles":
             text = show_profiles(run_dir, args.round, args.user, args.limit)
+        elif args.what == "rollouts":
+            text = show_rollouts(run_dir, args.round, args.user, args.limit)
         else:
             text = show_summary(run_dir)
     except (StageError, ValueError) as e:  # SchemaError is a ValueError

@@ -48,9 +48,15 @@ def reranker_knowledge_round(r: Recipe, k: int) -> int:
     return k if r.reranker.retrain_each_round else 1
 
 
+def trainer_stage(r: Recipe) -> str:
+    """The stage that makes a round's generator: dpo (RLRF4Rec, from the pairs) or grpo (online, rounds.trainer)."""
+    return r.rounds.trainer
+
+
 def generator_dir(r: Recipe, k: int) -> Path:
-    """Generator k's merged model (k >= 1): written by round k's dpo stage (whichever backend trained it)."""
-    return stage_dir(r, "dpo", k) / "merged"
+    """Generator k's merged model (k >= 1): written by round k's dpo stage (whichever backend trained it), or by
+    its grpo stage when rounds.trainer=grpo."""
+    return stage_dir(r, trainer_stage(r), k) / "merged"
 
 
 def generator(r: Recipe, k: int) -> str:

@@ -148,3 +148,18 @@ def install(model) -> None:
 
     AttentionInterface.register(NAME, attention)
     model.set_attn_implementation(NAME)
+
+
+@contextlib.contextmanager
+def generation(model):
+    """Sample from a model that trains between calls (GRPO's policy): this attention and eval mode for the
+    block, the model's own attention implementation and train/eval mode back after it."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    prev, was_training = base.config._attn_implementation, model.training
+    install(base)
+    model.eval()
+    try:
+        yield model
+    finally:
+        base.set_attn_implementation(prev)
+        model.train(was_training)

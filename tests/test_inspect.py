@@ -148,3 +148,23 @@ def test_artifacts_doc_lists_every_column():
         for col, dt in cols.items():
             assert re.search(rf"^\| `{re.escape(col)}` \| {re.escape(str(dt))} \| \S", section, re.M), \
                 f"docs/artifacts.md: {artifact}.{col} ({dt}) missing or with another dtype"
+
+
+def test_rollouts_audit_shows_the_highest_rewarded_first(run_dir, capsys):
+    from rlrf.store import write_parquet
+
+    with pytest.raises(SystemExit):
+        main(["rollouts", str(run_dir)])
+    assert "no finished 'grpo' stage" in capsys.readouterr().err
+    d = run_dir / "round_1" / "grpo"
+    write_parquet(d / "rollouts.parquet", pl.DataFrame(
+        {"step": [1, 1, 2], "user_id": [7, 9, 7], "reward": [0.10, 0.90, 0.50],
+         "text": ["A plain profile.", "Drama Drama Drama Drama.", "Loves noir."]}))
+    write_json(d / "stage.json", {"stage": "grpo"})
+    main(["rollouts", str(run_dir), "--limit", "2"])
+    out = capsys.readouterr().out
+    assert "3 profiles sampled during GRPO" in out and "reward mean 0.5000" in out
+    assert out.index("Drama Drama") < out.index("Loves noir") and "A plain profile" not in out
+    main(["rollouts", str(run_dir), "--user", "7", "--limit", "0"])
+    out = capsys.readouterr().out
+    assert "Drama Drama" not in out and out.index("Loves noir") < out.index("A plain profile")

@@ -1,0 +1,125 @@
+"""The GRPO stage (rlrf/grpo.py): its rollout on a real (tiny, random) model, and a whole GRPO round on the
+tiny recipe with the real SmolLM2 (integration tier)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import polars as pl
+import pytest
+
+from rlrf.grpo import group_runs
+from tests.conftest import run_stage, stage_ok
+from tests.fixtures_llm import smollm2_dir, tiny_model  # noqa: F401  (pytest fixtures)
+
+
+def test_group_runs_finds_each_prompts_group_in_order():
+    assert group_runs(["a", "a", "b", "b", "a", "a"]) == [(0, 2), (2, 2), (4, 2)]
+    assert group_runs(["x"]) == [(0, 1)]
+    assert group_runs([]) == []
+
+
+def policy(tiny_model):
+    from peft import LoraConfig, get_peft_model
+
+    from rlrf.llm import load_generator
+
+    model, tok = load_generator(tiny_model, "float32")
+    model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                             task_type="CAUSAL_LM"))
+    model.train()
+    return model, tok
+
+
+def fake_trainer(model, tok, step: int = 0):
+    return SimpleNamespace(model=model, processing_class=tok, state=SimpleNamespace(global_step=step),
+                           accelerator=SimpleNamespace(unwrap_model=lambda m: m))
+
+
+def test_rollout_samples_each_group_from_the_policy_and_gives_the_model_back(tiny_model):
+    """TRL hands each prompt num_generations times in a row: one completion per row comes back, in that order,
+    from the policy in memory (LoRA and all), ending with its stop token where it stopped; the policy's attention
+    and train mode are as they were, and the same step samples the same texts whatever else is in the batch."""
+    from rlrf.config import load_recipe
+    from rlrf.grpo import Rollout
+
+    model, tok = policy(tiny_model)
+    attn = model.get_base_model().config._attn_implementation
+    recipe = load_recipe(None, ["sample.max_new_tokens=12", "sample.max_prompt_tokens=64"])
+    a = [{"role": "user", "content": "I liked Fargo and Heat."}]
+    b = [{"role": "user", "content": "I liked Alien."}]
+    out = Rollout(recipe)([a, a, b, b], fake_trainer(model, tok))
+    assert set(out) >= {"prompt_ids", "completion_ids", "logprobs"}
+    assert len(out["prompt_ids"]) == len(out["completion_ids"]) == 4
+    ids_a = tok.apply_chat_template(a, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert out["prompt_ids"][0] == out["prompt_ids"][1] == list(ids_a) != out["prompt_ids"][2]
+    eos = set(np.atleast_1d(model.generation_config.eos_token_id).tolist()) | {tok.eos_token_id}
+    for c in out["completion_ids"]:
+        assert 1 <= len(c) <= 13 and not set(c[:-1]) & eos  # a stop token only at the end
+    assert model.training and model.get_base_model().config._attn_implementation == attn
+    # b's group alone, at the same step, samples the same texts as beside a
+    alone = Rollout(recipe)([b, b], fake_trainer(model, tok))
+    assert alone["completion_ids"] == out["completion_ids"][2:]
+    # a prompt that comes twice in one call gets two different groups
+    twice = Rollout(recipe)([b, b, a, b, b], fake_trainer(model, tok))
+    assert twice["completion_ids"][:2] != twice["completion_ids"][3:]
+    # the next step samples anew
+    later = Rollout(recipe)([a, a, b, b], fake_trainer(model, tok, step=1))
+    assert later["completion_ids"] != out["completion_ids"]
+    # a training forward still works after sampling (the attention was given back)
+    x = tok("hello there", return_tensors="pt")
+    assert model(**x).logits.requires_grad
+
+
+def test_grpo_refuses_the_reranker_reward_and_wrong_trainer(tmp_path):
+    from rlrf.config import ConfigError, load_recipe
+    from rlrf.grpo import grpo_stage
+    from rlrf.store import StageError
+
+    with pytest.raises(ConfigError, match="grpo.reward"):
+        load_recipe(None, ["grpo.reward=reranker"])
+    with pytest.raises(ConfigError, match="multiple of grpo.num_generations"):
+        load_recipe(None, ["grpo.num_generations=3", "grpo.per_device_train_batch_size=8"])
+    recipe = load_recipe(None, [f"runs_dir={tmp_path}", "score.reward=reranker", "rounds.trainer=grpo"])
+    with pytest.raises(StageError, match="set grpo.reward"):
+        grpo_stage(recipe, "smollm2-135m-instruct", tmp_path / "grpo")
+
+
+@pytest.mark.integration
+def test_grpo_round_on_the_tiny_recipe(ml100k_dir, tmp_path):
+    """prepare -> grpo (killed after its first checkpoint, resumed) -> check, real SmolLM2 and ML-100K: the merged
+    generator differs from the base, every step logged its reward, every training profile is in the audit with
+    a train user, and the check compares generator 0 and 1 under the training-free judges (no reranker here)."""
+    from safetensors.torch import load_file
+
+    from rlrf.llm import resolve_model
+
+    # a deep cut-off: 16-token profiles rarely put a held-out positive in a top 10, and a group whose rewards
+    # all tie teaches nothing (zero advantages, zero gradient)
+    grpo = ("rounds.trainer=grpo", "score.retrieval_k=1000")
+    stage_ok(run_stage("prepare", tmp_path))
+    r = run_stage("grpo", tmp_path, *grpo, env={"RLRF_KILL_AFTER_SHARDS": "1"})
+    assert r.returncode == -9, r.stderr[-2000:]
+    stage_ok(run_stage("grpo", tmp_path, *grpo))
+    d = tmp_path / "tiny" / "round_1" / "grpo"
+    info = json.loads((d / "stage.json").read_text())
+    assert info["steps"] == 2 and info["resumed_from"] and info["reward"] == "lexical"
+    log = pl.read_csv(d / "train_log.csv")
+    assert log.height == 2 and log["reward"].is_not_null().all() and (log["frac_reward_zero_std"] < 1).any()
+    roll = pl.read_parquet(d / "rollouts.parquet")
+    assert roll.height == 4 and roll["step"].to_list() == [2] * 4  # the resumed run's one step: 2 users x 2
+    users = pl.read_parquet(tmp_path / "tiny" / "prepare" / "users" / "*.parquet")
+    assert set(roll["user_id"]) <= set(users.filter(pl.col("split") == "train")["user_id"])
+    base = load_file(next(resolve_model("smollm2-135m-instruct").glob("*.safetensors")))
+    new = load_file(next((d / "merged").glob("*.safetensors")))
+    q = next(k for k in base if k.endswith("self_attn.q_proj.weight"))
+    assert not np.allclose(base[q].float().numpy(), new[q].float().numpy())
+    # dpo refuses to train a round whose generator GRPO makes
+    r = run_stage("dpo", tmp_path, *grpo)
+    assert r.returncode != 0 and "rounds.trainer=grpo" in r.stderr
+    stage_ok(run_stage("check", tmp_path, *grpo))
+    check = json.loads((tmp_path / "tiny" / "round_1" / "check" / "stage.json").read_text())
+    assert not any("reranker" in j for j in check["judges"]) and check["rows"]["users"] >= 1
+    assert "GRPO (round 1, reward lexical)" in (tmp_path / "tiny" / "round_1" / "check" / "summary.md").read_text()
