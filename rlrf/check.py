@@ -34,10 +34,13 @@ def judges(recipe: Recipe, columns) -> dict[str, str]:
     from (the pair-picking reward; GRPO's reward)."""
     names = {"retrieval": "retrieval (encoder cosine)", "genres": "genres (catalogue genres named)",
              "lexical": "lexical (TF-IDF cosine)", "judge_ab": "reranker judges a+b (cross-fitted)"}
+    for n in ("retrieval", "genres", "lexical"):  # score.contrast: each judge's personal part (own user - others)
+        names[f"{n}_personal"] = names[n].split(" (")[0] + " personal (own user minus other users)"
     picked = {"retrieval": "retrieval", "lexical": "lexical", "genres": "genres",
-              "reranker": "judge_ab"}[recipe.score.reward]
+              "reranker": "judge_ab"}[recipe.score.reward] + ("_personal" if recipe.score.contrast else "")
     mark = " - GRPO's reward" if recipe.rounds.trainer == "grpo" else " - picked the pairs"
-    order = [c for c in ("retrieval", "genres", "lexical", "judge_ab") if c != picked] + [picked]
+    order = [c for c in ("retrieval", "genres", "lexical", "judge_ab", "retrieval_personal", "genres_personal",
+                         "lexical_personal") if c != picked] + [picked]
     found = {names[c] + (mark if c == picked else ""): c for c in order if c in columns}
     return found or {"the round's reward": "reward"}
 
@@ -139,7 +142,11 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
     if not (reranker / "model.json").is_file() and recipe.score.reward != "reranker":
         reranker = None  # a round without a reranker judge (GRPO's): the training-free judges only
     d = recipe.to_dict()
-    config = {"rounds": d["rounds"], "sample": d["sample"], "encode": d["encode"], "score": d["score"],
+    from rlrf.reward import score_config
+
+    # keys that came later enter only when set, so checks made before them stay up to date
+    rounds = {k: v for k, v in d["rounds"].items() if not (k == "trainer" and v == "dpo")}
+    config = {"rounds": rounds, "sample": d["sample"], "encode": d["encode"], "score": score_config(recipe),
               "round": k, "old": weights_hash(old_gen), "new": weights_hash(new_gen)}
     # the reranker's fingerprint is an input; the sides' sub-stages live inside this stage's directory, so a
     # --force here wipes them too before they are redone

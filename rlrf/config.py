@@ -176,6 +176,9 @@ class ScoreConfig:
                                  "and genres the user goes on to like) | genres (the same ranking in the catalogue's genre "
                                  "space: the genres a profile names against each item's genre labels, ties by "
                                  "popularity; reads no other word)")
+    contrast: int = _f(0, "the personal reward: the judge on the profile's own user minus its mean on this many other "
+                          "users of the same split (0 = off): what would serve any user (naming nothing, the popular "
+                          "genres) scores ~0 and only what is specific to the user counts; retrieval | lexical | genres")
     judges: int = _f(1, "seeds in the reranker judge's ensemble (each cross-fitted over reranker.folds, averaged): more "
                         "is less noise, one reranker training per seed and fold; an independent twin of as many "
                         "seeds measures the judge's reliability")
@@ -198,6 +201,9 @@ class ScoreConfig:
         _check(self.reward in ("reranker", "retrieval", "lexical", "genres"), "score.reward",
                f"reranker | retrieval | lexical | genres; got {self.reward!r}")
         _check(self.judges >= 1, "score.judges", "must be >= 1")
+        _check(self.contrast >= 0, "score.contrast", "must be >= 0 (0 = off)")
+        _check(self.contrast == 0 or self.reward != "reranker", "score.contrast",
+               "applies to the training-free rewards (retrieval | lexical | genres), not score.reward=reranker")
         _check(self.retrieval_candidates in ("catalogue", "lists"), "score.retrieval_candidates",
                f"catalogue | lists; got {self.retrieval_candidates!r}")
         _check(self.retrieval_k >= 1, "score.retrieval_k", "must be >= 1")

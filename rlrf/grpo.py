@@ -248,7 +248,7 @@ def grpo_stage(recipe: Recipe, generator: str, out_dir, *, force: bool = False) 
               "generator_hash": weights_hash(model_dir),
               "sample": {k: d["sample"][k] for k in ("temperature", "top_p", "max_new_tokens", "min_new_tokens",
                                                      "max_prompt_tokens")},
-              "score": {k: d["score"][k] for k in ("retrieval_candidates", "retrieval_k")}}
+              "score": {k: d["score"][k] for k in ("retrieval_candidates", "retrieval_k", "contrast")}}
     if reward_kind(recipe) == "reranker":
         raise StageError("grpo: score.reward=reranker, and the reranker judge is cross-fitted on the sample stage's "
                          "users, not the ones GRPO draws: set grpo.reward to retrieval, lexical or genres")

@@ -15,12 +15,21 @@ genres it names in words, an item its genre labels; a structured space that read
 profile, with ties broken by the item's popularity in the prompt histories, so a profile that names nothing
 gets the popularity ranking). Each makes different mistakes, so each judges the others independently.
 
+The personal reward (`contrast` > 0): the same judge on the profile's own user minus its mean on `contrast`
+other users of the same split (fixed per user, so a user's N profiles are compared against the same others).
+A profile that would serve anyone (naming nothing, so the popularity ranking; naming the popular genres) earns
+about as much on another user's positives as on its own and scores about 0; only what is specific to its own
+user counts. On run `learn300` DPO learned exactly that generic part from the plain lexical and genres rewards
+(benchmarks/check_personal.py): the personal reward is built to remove it.
+
 Two independent versions of the reward for its reliability: half "a" judges with the positives of the
 user's even-numbered lists, half "b" with the odd-numbered ones (in the catalogue ranking, the other half's
 positives leave the candidates, so they count neither for nor against).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import polars as pl
@@ -81,7 +90,12 @@ class RetrievalReward:
         self.no_item = (np.setdiff1d(np.arange(n_items), valid_items) if valid_items is not None
                         else np.zeros(0, np.int64))
         self.history = history
+        self.contrast, self.contrast_seed = 0, 0  # the personal reward: see `personal`
         self.lists: dict[int, dict] = {}
+        self.split_of: dict[int, str] = {}
+        self._pools: dict[str | None, np.ndarray] = {}
+        if "split" in lists.columns:
+            self.split_of = dict(zip(*lists.select("user_id", "split").unique("user_id").get_columns()))
         for (u,), g in lists.sort("list_id").group_by("user_id", maintain_order=True):
             ids = np.asarray(g["item_ids"].to_list(), dtype=np.int64)
             lab = np.asarray(g["labels"].to_list(), dtype=np.int8)
@@ -105,9 +119,50 @@ class RetrievalReward:
         return u is not None and len(u["all_pos"]) > 0
 
     def score_vectors(self, vecs: np.ndarray, user_ids) -> dict[str, np.ndarray]:
-        """{"reward": (P,)} (= NDCG@k) for profile embeddings (P, d) of `user_ids`: the reward interface."""
+        """{"reward": (P,)} (= NDCG@k, or its personal part when `contrast` > 0) for profile embeddings (P, d) of
+        `user_ids`: the reward interface."""
         r = self.ndcg(vecs, user_ids)
-        return {"reward": r, f"retrieval_ndcg@{self.k}": r}
+        out = {"reward": r, f"retrieval_ndcg@{self.k}": r}
+        if self.contrast > 0:
+            out["reward"] = out["personal"] = self.personal(vecs, user_ids)
+        return out
+
+    def others(self, user_id: int, m: int, seed: int = 0) -> np.ndarray:
+        """`m` other users of `user_id`'s split who have held-out positives, the same for every call (seeded by
+        the user): the reference users of its personal reward."""
+        split = self.split_of.get(int(user_id))
+        if split not in self._pools:
+            self._pools[split] = np.array(sorted(u for u, info in self.lists.items() if len(info["all_pos"])
+                                                 and self.split_of.get(u) == split), dtype=np.int64)
+        pool = self._pools[split]
+        pool = pool[pool != int(user_id)]
+        if len(pool) == 0:
+            return pool
+        rng = np.random.default_rng([int(seed), int(user_id)])
+        return rng.choice(pool, size=min(m, len(pool)), replace=False)
+
+    def personal(self, vecs: np.ndarray, user_ids, half: str | None = None, m: int | None = None,
+                 seed: int | None = None) -> np.ndarray:
+        """NDCG@k on the profile's own user minus its mean over `m` (default `contrast`) other users of the same
+        split; NaN where the user has no positive or no other user is left."""
+        m = self.contrast if m is None else m
+        seed = self.contrast_seed if seed is None else seed
+        if m < 1:
+            raise ValueError("the personal reward needs m >= 1 other users")
+        user_ids = np.asarray(user_ids, dtype=np.int64)
+        own = self.ndcg(vecs, user_ids, half)
+        refs = [self.others(u, m, seed) for u in user_ids.tolist()]
+        width = max((len(r) for r in refs), default=0)
+        if width == 0:
+            return np.full(len(user_ids), np.nan)
+        other = np.full((len(user_ids), width), np.nan)
+        for j in range(width):
+            rows = np.array([i for i, r in enumerate(refs) if len(r) > j], dtype=np.int64)
+            if len(rows):
+                other[rows, j] = self.ndcg(vecs[rows], np.array([refs[i][j] for i in rows]), half)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: no other user, NaN below
+            return own - np.nanmean(other, axis=1)
 
     def ndcg(self, vecs: np.ndarray, user_ids, half: str | None = None) -> np.ndarray:
         """NDCG@k of each profile embedding (P, d) for its user; `half` in (None, "a", "b")."""

@@ -203,9 +203,11 @@ def retrieval_scorer(recipe: Recipe, item_vecs: np.ndarray | None = None, embed=
         vecs = (embed or text_embedder(recipe))(items["text"].to_list())
         item_vecs = np.zeros((int(items["item_id"].max()) + 1, vecs.shape[1]), np.float32)
         item_vecs[items["item_id"].to_numpy()] = vecs
-    return RetrievalReward.from_artifacts(item_vecs, read_artifact(prep, "lists", "prepare"), inter, items,
-                                          recipe.score.retrieval_candidates, recipe.score.retrieval_k,
-                                          tie_break=popularity_tie_break(inter, len(item_vecs)) if tie_break else None)
+    scorer = RetrievalReward.from_artifacts(item_vecs, read_artifact(prep, "lists", "prepare"), inter, items,
+                                            recipe.score.retrieval_candidates, recipe.score.retrieval_k,
+                                            tie_break=popularity_tie_break(inter, len(item_vecs)) if tie_break else None)
+    scorer.contrast, scorer.contrast_seed = recipe.score.contrast, recipe.seed
+    return scorer
 
 
 def lexical_embedder(recipe: Recipe):
@@ -306,6 +308,17 @@ JUDGE_COLUMNS = {"retrieval": ("retrieval_a", "retrieval_b"), "lexical": ("lexic
 REWARD_COLUMN = {"retrieval": "retrieval", "lexical": "lexical", "genres": "genres", "reranker": "judge_a"}
 
 
+def score_config(recipe: Recipe) -> dict:
+    """The score section as stages fingerprint it: score.contrast enters only when on, so stages scored before
+    it existed stay up to date."""
+    return {k: v for k, v in recipe.to_dict()["score"].items() if not (k == "contrast" and v == 0)}
+
+
+def reward_column(cfg) -> str:
+    """The scores column that is score.reward's reward: its personal part when score.contrast is on."""
+    return REWARD_COLUMN[cfg.reward] + ("_personal" if cfg.contrast > 0 else "")
+
+
 def score_profiles(vecs: np.ndarray, user_ids: np.ndarray, retrieval, judges: dict, texts: list[str] | None = None,
                    spaces: dict | None = None) -> dict[str, np.ndarray]:
     """Every judge's reward of P profiles (embeddings `vecs`, `texts`): retrieval and each text space's (lexical,
@@ -322,6 +335,9 @@ def score_profiles(vecs: np.ndarray, user_ids: np.ndarray, retrieval, judges: di
         out[name] = ret.ndcg(v, user_ids)
         out[f"{name}_a"] = ret.ndcg(v, user_ids, "a")
         out[f"{name}_b"] = ret.ndcg(v, user_ids, "b")
+        if ret.contrast > 0:  # the personal reward (score.contrast) of every training-free judge, halves too
+            for half, suffix in ((None, ""), ("a", "_a"), ("b", "_b")):
+                out[f"{name}_personal{suffix}"] = ret.personal(v, user_ids, half)
     for j, judge in judges.items():
         if judge is None:
             continue
@@ -347,7 +363,7 @@ def score_stage(recipe: Recipe, profiles_dir: str | Path, encode_dir: str | Path
     out_dir = Path(out_dir)
     if cfg.reward == "reranker" and reranker_dir is None:
         raise StageError("score.reward=reranker needs a trained judge (train-reranker stage); or set score.reward=retrieval")
-    config = {"seed": recipe.seed, "score": recipe.to_dict()["score"], "splits": splits}
+    config = {"seed": recipe.seed, "score": score_config(recipe), "splits": splits}
     inputs = [profiles_dir, encode_dir, prep] + ([reranker_dir] if reranker_dir is not None else [])
     with (Stage(out_dir, "score", config, inputs=inputs, force=force) as st, torch_threads(recipe.reranker.threads)):
         if st.done:
@@ -375,7 +391,7 @@ def score_stage(recipe: Recipe, profiles_dir: str | Path, encode_dir: str | Path
                 vecs = cache.get(part["text_hash"].to_list()) if part.height else np.zeros((0, 1), np.float32)
                 cols = score_profiles(vecs, part["user_id"].to_numpy(), retrieval, judges,
                                       part["text"].fill_null("").to_list(), spaces)
-                reward = cols[REWARD_COLUMN[cfg.reward]]
+                reward = cols[reward_column(cfg)]
                 n_lists = cols.get("n_lists", np.zeros(part.height, np.int64))
                 df = part.select("run", "round", "split", "user_id", "sample_idx").with_columns(
                     pl.Series("reward", reward, dtype=pl.Float64),
@@ -388,19 +404,24 @@ def score_stage(recipe: Recipe, profiles_dir: str | Path, encode_dir: str | Path
             scores = st.written("scores")
             scores = schema.empty("scores") if scores is None else scores
             summary = {"reward": cfg.reward, "metric": cfg.metric if cfg.reward == "reranker" else
-                       f"{cfg.reward} ndcg@{cfg.retrieval_k} ({cfg.retrieval_candidates})",
+                       f"{cfg.reward} ndcg@{cfg.retrieval_k} ({cfg.retrieval_candidates})"
+                       + (f", personal: own user minus {cfg.contrast} others" if cfg.contrast else ""),
                        "tie_break": cfg.tie_break, **spread_summary(scores)}
             if "ndcg@5" in scores.columns and cfg.reward == "reranker":
                 # the same without the tie break: how often the metric alone cannot tell a user's profiles apart
                 summary["metric_all_tie_share"] = spread_summary(
                     scores.with_columns(pl.col(cfg.metric).alias("reward")))["all_tie_share"]
-            rel = reliability(scores, JUDGE_COLUMNS, trained_on="judge_a" if "judge_a" in scores.columns else None,
+            twins = dict(JUDGE_COLUMNS)
+            twins.update({f"{n} personal": (f"{n}_personal_a", f"{n}_personal_b") for n in ("retrieval", *TEXT_SPACES)
+                          if f"{n}_personal_a" in scores.columns})
+            rel = reliability(scores, twins, trained_on="judge_a" if "judge_a" in scores.columns else None,
                               resamples=recipe.rounds.bootstrap, seed=recipe.seed)
             from rlrf.reliability import agreement
 
             # do the other judges confirm the pairs the reward picks? (the reward's pairs, each other judge's verdict)
-            mine = REWARD_COLUMN[cfg.reward]
-            for other in ("retrieval", "lexical", "genres", "judge_a"):
+            mine = reward_column(cfg)
+            for other in ("retrieval", "lexical", "genres", "judge_a", *(c for c in scores.columns
+                                                                        if c.endswith("_personal"))):
                 if other != mine and {mine, other} <= set(scores.columns):
                     rel[f"{mine} pairs under {other}"] = {
                         "agreement": agreement(scores, mine, other, recipe.rounds.bootstrap, recipe.seed)}

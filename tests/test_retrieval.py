@@ -301,3 +301,42 @@ def test_genres_reward_prefers_the_profile_naming_the_users_genre(tmp_path):
     good = reward([f"This user loves {GENRES[taste(u)]} films." for u in users], users)["reward"]
     bad = reward([f"This user loves {GENRES[(taste(u) + 1) % 4]} films." for u in users], users)["reward"]
     assert reward.name == "genres" and (good > bad).all()
+
+
+# ----------------------------------------------------------------------------- the personal reward
+
+
+def test_personal_reward_counts_only_what_is_specific_to_the_user(tmp_path):
+    """score.contrast: the judge on the profile's own user minus its mean on other users of the same split. On the
+    synthetic run (a user's positives are the items of its one taste genre), naming the user's own genre is
+    personal; naming no genre (the popularity ranking, the same for everyone) is worth about nothing, however
+    well the plain reward pays it."""
+    from rlrf.reward import load_reward
+    from tests.reward_fixtures import GENRES, make_recipe, split_of, taste, write_prepare
+
+    recipe = make_recipe(tmp_path, "score.reward=genres", "score.retrieval_k=10", "score.contrast=5")
+    write_prepare(recipe)
+    reward = load_reward(recipe)
+    scorer = reward.scorer
+    users = list(range(1, 41))
+    mine = reward([f"Loves {GENRES[taste(u)]} films." for u in users], users)
+    nothing = reward(["Loves films." for _ in users], users)
+    # (a user whose 5 others happen to share its taste gets less: its genre is less specific among them)
+    assert (mine["reward"] > nothing["reward"]).all() and float(np.mean(mine["reward"])) > 0.2
+    assert abs(float(np.nanmean(nothing["reward"]))) < 0.05 and float(np.nanmean(nothing["retrieval_ndcg@10"])) > 0.05
+    assert np.array_equal(mine["personal"], mine["reward"])
+    # the other users: same split, never the user, the same on every call, as many as asked
+    for u in (1, 30, 40):
+        o = scorer.others(u, 5, seed=7)
+        assert len(o) == 5 and u not in o and {split_of(int(v), 40) for v in o} == {split_of(u, 40)}
+        assert np.array_equal(o, scorer.others(u, 5, seed=7))
+    with pytest.raises(ValueError, match="m >= 1"):
+        scorer.personal(np.zeros((1, len(GENRES)), np.float32), [1], m=0)
+
+
+def test_contrast_is_refused_for_the_reranker_reward():
+    from rlrf.config import ConfigError, load_recipe
+
+    with pytest.raises(ConfigError, match="score.contrast"):
+        load_recipe(None, ["score.reward=reranker", "score.contrast=3"])
+    assert load_recipe(None, ["score.reward=lexical", "score.contrast=3"]).score.contrast == 3
