@@ -16,6 +16,7 @@ profile being about this user. Every figure: mean over users with its paired boo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -61,6 +62,8 @@ def main() -> None:
     from rlrf.reward import load_reward
 
     recipe = load_recipe(args.recipe, args.overrides)
+    # each judge's plain reward: the personal part is what this script computes (score.contrast would subtract twice)
+    recipe = dataclasses.replace(recipe, score=dataclasses.replace(recipe.score, contrast=0))
     chk = runs.stage_dir(recipe, "check", args.round)
     sides = {}
     for side in ("old", "new"):
