@@ -1,0 +1,55 @@
+"""The report scripts in benchmarks/ that only read finished stages: run on hand-made stage.json files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_derangement_has_no_fixed_point():
+    d = load("check_personal").derangement
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 10, 94):
+        p = d(n, rng)
+        assert sorted(p.tolist()) == list(range(n)) and not (p == np.arange(n)).any()
+    with pytest.raises(ValueError, match="at least 2"):
+        d(1, rng)
+
+
+def _stage(d, **kw):
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "stage.json").write_text(json.dumps(kw))
+
+
+def test_dpo_vs_grpo_reads_costs_and_figures(tmp_path, monkeypatch, capsys):
+    diff = lambda m: {"mean": m, "low": m - 0.01, "high": m + 0.01, "n": 94}  # noqa: E731
+    order = ["retrieval (encoder cosine)", "lexical (TF-IDF cosine) - picked the pairs"]
+    dpo, grpo = tmp_path / "d", tmp_path / "g"
+    for s, w in (("sample", 600), ("encode", 60), ("score", 6), ("pairs", 1), ("dpo", 300)):
+        _stage(dpo / "round_1" / s, wall_s=w, config={"score": {"reward": "lexical"}})
+    _stage(dpo / "reranker", wall_s=999)  # not counted: a lexical reward trains no judge
+    _stage(dpo / "round_1" / "check", judge_order=order, judges={order[0]: {"diff": diff(-0.004)},
+                                                                  order[1]: {"diff": diff(0.013)}})
+    _stage(grpo / "round_1" / "grpo", wall_s=1200)
+    g_order = ["retrieval (encoder cosine)", "lexical (TF-IDF cosine) - GRPO's reward"]
+    _stage(grpo / "round_1" / "check", judge_order=g_order, judges={g_order[0]: {"diff": diff(0.002)},
+                                                                     g_order[1]: {"diff": diff(0.02)}})
+    out = tmp_path / "cmp.png"
+    monkeypatch.setattr(sys, "argv", ["dpo_vs_grpo", "--dpo", f"{dpo}:DPO", "--grpo", f"{grpo}:GRPO", "--out", str(out)])
+    load("dpo_vs_grpo").main()
+    text = capsys.readouterr().out
+    assert "DPO (dpo): 16.1 min" in text and "reranker" not in text and "GRPO (grpo): 20.0 min" in text
+    assert "+0.0130 [+0.0030, +0.0230]" in text and out.is_file() and out.stat().st_size > 1000
