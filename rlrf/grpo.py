@@ -41,6 +41,12 @@ def reward_kind(recipe: Recipe) -> str:
     return recipe.grpo.reward or recipe.score.reward
 
 
+def reward_name(recipe: Recipe) -> str:
+    """The reward as reports name it: its personal part when score.contrast is on."""
+    c = recipe.score.contrast
+    return reward_kind(recipe) + (f" personal (own user minus {c} others)" if c else "")
+
+
 def train_prompts(recipe: Recipe, tokenizer) -> pl.DataFrame:
     """user_id, prompt (the KAR prompt text fitted to sample.max_prompt_tokens, as the sample stage fits it) of the
     grpo.max_users train users the sample stage would draw."""
@@ -230,7 +236,7 @@ def train(recipe: Recipe, model_dir: Path, out_dir: Path, log=print) -> dict:
     del trainer, model
     merge(model_dir, adapter, out_dir / "merged")
     first, last = (rows[0], rows[-1]) if rows else ({}, {})
-    return {"backend": "trl-grpo", "bf16": bf16, "reward": reward_kind(recipe), "steps": int(result.global_step),
+    return {"backend": "trl-grpo", "bf16": bf16, "reward": reward_name(recipe), "steps": int(result.global_step),
             "train_users": prompts.height, "profiles_sampled": rollouts.height, "resumed_from": resume,
             "reward_first_step": first.get("reward"), "reward_last_step": last.get("reward"), "final": last,
             "rollouts_logged_from_step": int(rollouts["step"].min()) if rollouts.height else None,
