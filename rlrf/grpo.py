@@ -153,6 +153,19 @@ class RewardLog:
         return out
 
 
+class LengthTerm:
+    """grpo.length_range: 0 for a profile of lo..hi tokens (its stop token included), -1 outside; TRL weighs it by
+    grpo.length_weight beside the recommender reward."""
+
+    __name__ = "rlrf_length"
+
+    def __init__(self, lo: int, hi: int):
+        self.lo, self.hi = lo, hi
+
+    def __call__(self, prompts=None, completions=None, completion_ids=None, **kwargs) -> list[float]:
+        return [0.0 if self.lo <= len(ids) <= self.hi else -1.0 for ids in completion_ids]
+
+
 def trl_args(recipe: Recipe, output_dir: Path):
     from trl import GRPOConfig as TRLGRPOConfig
 
@@ -167,6 +180,8 @@ def trl_args(recipe: Recipe, output_dir: Path):
         save_strategy="steps", save_steps=cfg.save_steps, logging_steps=1, seed=recipe.seed, data_seed=recipe.seed,
         report_to=[], disable_tqdm=False, dataloader_num_workers=0, use_cpu=not has_cuda(),
         remove_unused_columns=False,  # user_id travels to the reward function
+        reward_weights=[1.0, cfg.length_weight] if cfg.length_range else None,
+        gradient_checkpointing=cfg.gradient_checkpointing,
     )
 
 
@@ -218,7 +233,8 @@ def train(recipe: Recipe, model_dir: Path, out_dir: Path, log=print) -> dict:
                       target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM")
     import os
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is TRL's documented hook, marked experimental
-    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=trl_args(recipe, ckpt_dir), train_dataset=ds,
+    funcs = [reward] + ([LengthTerm(*cfg.length_range)] if cfg.length_range else [])
+    trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=trl_args(recipe, ckpt_dir), train_dataset=ds,
                           processing_class=tok, peft_config=lora, rollout_func=Rollout(recipe),
                           callbacks=[_checkpoint_callback()])
     trainer_ref.append(trainer)

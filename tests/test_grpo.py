@@ -73,6 +73,20 @@ def test_rollout_samples_each_group_from_the_policy_and_gives_the_model_back(tin
     assert model(**x).logits.requires_grad
 
 
+def test_length_term_is_flat_inside_the_range_and_weighted_in_trl(tmp_path):
+    from rlrf.config import ConfigError, load_recipe
+    from rlrf.grpo import LengthTerm, trl_args
+
+    term = LengthTerm(3, 5)
+    assert term(completions=["a"] * 4, completion_ids=[[1, 2], [1, 2, 3], [1] * 5, [1] * 6]) == [-1.0, 0.0, 0.0, -1.0]
+    on = load_recipe(None, ["grpo.length_range=[20, 80]", "grpo.length_weight=0.3"])
+    assert trl_args(on, tmp_path).reward_weights == [1.0, 0.3]
+    assert trl_args(load_recipe(None, []), tmp_path).reward_weights is None
+    for bad in ("[80, 20]", "[5]", "[-1, 3]"):
+        with pytest.raises(ConfigError, match="grpo.length_range"):
+            load_recipe(None, [f"grpo.length_range={bad}"])
+
+
 def test_grpo_refuses_the_reranker_reward_and_wrong_trainer(tmp_path):
     from rlrf.config import ConfigError, load_recipe
     from rlrf.grpo import grpo_stage
