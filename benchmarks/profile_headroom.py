@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from rlrf.quality import names_genre, padded
-from rlrf.retrieval import Lexical, RetrievalReward, catalogue_ndcg, unit
+from rlrf.retrieval import Genres, Lexical, RetrievalReward, catalogue_ndcg, unit
 from rlrf.stats import paired_bootstrap
 from rlrf.store import read_artifact
 
@@ -37,21 +36,8 @@ ALPHAS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 def genre_space(items: pl.DataFrame):
-    genres = sorted({g for gs in items["genres"].to_list() for g in (gs or []) if g.lower() != "unknown"})
-    def embed(texts: list[str]) -> np.ndarray:
-        out = np.zeros((len(texts), len(genres)), np.float32)
-        for i, t in enumerate(texts):
-            body = padded(t)
-            out[i] = [names_genre(body, g) for g in genres]
-        return out
-
-    n = int(items["item_id"].max()) + 1
-    multi_hot = np.zeros((n, len(genres)), np.float32)
-    for iid, gs in zip(items["item_id"].to_list(), items["genres"].to_list()):
-        for g in gs or []:
-            if g in genres:
-                multi_hot[iid, genres.index(g)] = 1
-    return embed, unit(multi_hot)
+    g = Genres(items)  # the genres reward's space
+    return g, unit(g.item_vecs)
 
 
 def lexical_space(items: pl.DataFrame):

@@ -137,7 +137,7 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
     old_gen, new_gen = runs.generator(recipe, k - 1), runs.generator(recipe, k)
     if not (Path(new_gen) / "config.json").is_file():
         raise StageError(f"generator {k} ({new_gen}) does not exist yet: run "
-                         f"`python pipelines/dpo.py --recipe <recipe> --round {k}` first")
+                         f"`python pipelines/{runs.trainer_stage(recipe)}.py --recipe <recipe> --round {k}` first")
     reranker = runs.reranker_dir(recipe, k)
     if not (reranker / "model.json").is_file() and recipe.score.reward != "reranker":
         reranker = None  # a round without a reranker judge (GRPO's): the training-free judges only
@@ -145,7 +145,7 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
     from rlrf.reward import score_config
 
     # keys that came later enter only when set, so checks made before them stay up to date
-    rounds = {k: v for k, v in d["rounds"].items() if not (k == "trainer" and v == "dpo")}
+    rounds = {key: v for key, v in d["rounds"].items() if not (key == "trainer" and v == "dpo")}
     config = {"rounds": rounds, "sample": d["sample"], "encode": d["encode"], "score": score_config(recipe),
               "round": k, "old": weights_hash(old_gen), "new": weights_hash(new_gen)}
     # the reranker's fingerprint is an input; the sides' sub-stages live inside this stage's directory, so a

@@ -184,13 +184,19 @@ def last_checkpoint(ckpt_dir: Path) -> str | None:
     return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
 
 
-def write_log(log_history: list[dict], out_dir: Path) -> list[dict]:
-    """train_log.csv (one row per logged step) and loss.png; returns the rows."""
-    rows = [{c: h.get(c) for c in LOG_COLUMNS} for h in log_history if "loss" in h]
+def write_log_csv(log_history: list[dict], columns: tuple[str, ...], key: str, out_dir: Path) -> list[dict]:
+    """out_dir/train_log.csv: `columns` of every logged step that has `key` (a Trainer's log_history); the rows."""
+    rows = [{c: h.get(c) for c in columns} for h in log_history if key in h]
     with atomic_path(out_dir / "train_log.csv") as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+        w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         w.writerows(rows)
+    return rows
+
+
+def write_log(log_history: list[dict], out_dir: Path) -> list[dict]:
+    """train_log.csv (one row per logged step) and loss.png; returns the rows."""
+    rows = write_log_csv(log_history, LOG_COLUMNS, "loss", out_dir)
     from rlrf.plots import pyplot, save_png
 
     fig, (a, b) = pyplot().subplots(1, 2, figsize=(9, 3.2))

@@ -21,7 +21,7 @@ take DPO's; `rounds.trainer: grpo` makes it generator k):
 
 from __future__ import annotations
 
-import csv
+import os
 import zlib
 from pathlib import Path
 
@@ -187,11 +187,9 @@ def trl_args(recipe: Recipe, output_dir: Path):
 
 def write_log(log_history: list[dict], out_dir: Path) -> list[dict]:
     """train_log.csv (one row per step) and grpo.png; returns the rows."""
-    rows = [{c: h.get(c) for c in LOG_COLUMNS} for h in log_history if "reward" in h]
-    with atomic_path(out_dir / "train_log.csv") as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
+    from rlrf.dpo import write_log_csv
+
+    rows = write_log_csv(log_history, LOG_COLUMNS, "reward", out_dir)
     from rlrf.plots import pyplot, save_png
 
     fig, (a, b) = pyplot().subplots(1, 2, figsize=(9, 3.2))
@@ -231,7 +229,6 @@ def train(recipe: Recipe, model_dir: Path, out_dir: Path, log=print) -> dict:
     ckpt_dir = out_dir / "checkpoints"
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
                       target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM")
-    import os
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is TRL's documented hook, marked experimental
     funcs = [reward] + ([LengthTerm(*cfg.length_range)] if cfg.length_range else [])
     trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=trl_args(recipe, ckpt_dir), train_dataset=ds,

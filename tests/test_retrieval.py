@@ -222,19 +222,21 @@ def test_halves_alternate_over_three_lists():
     assert r.ndcg(at((2, 1.0))[None], [4], half="b")[0] == pytest.approx(1.0)
 
 
-def test_lexical_reward_prefers_the_profile_naming_the_users_genre(tmp_path):
-    """score.reward=lexical through the reward interface: word TF-IDF fitted on the item texts; a profile naming
-    the genre of the user's held-out positives outranks one naming another genre, for every user."""
+@pytest.mark.parametrize("kind", ["lexical", "genres"])
+def test_text_space_reward_prefers_the_profile_naming_the_users_genre(tmp_path, kind):
+    """score.reward=lexical (word TF-IDF fitted on the item texts) and score.reward=genres (the catalogue's genre
+    labels) through the reward interface: a profile naming the genre of the user's held-out positives outranks one
+    naming another genre, for every user, and the TRL reward function gives the same reward."""
     from rlrf.reward import load_reward
     from tests.reward_fixtures import GENRES, make_recipe, taste, write_prepare
 
-    recipe = make_recipe(tmp_path, "score.reward=lexical", "score.retrieval_k=10")
+    recipe = make_recipe(tmp_path, f"score.reward={kind}", "score.retrieval_k=10")
     write_prepare(recipe)
     reward = load_reward(recipe)
     users = list(range(1, 41))
     good = reward([f"This user loves {GENRES[taste(u)]} films." for u in users], users)["reward"]
     bad = reward([f"This user loves {GENRES[(taste(u) + 1) % 4]} films." for u in users], users)["reward"]
-    assert reward.name == "lexical" and (good > bad).all()
+    assert reward.name == kind and (good > bad).all()
     f = reward.as_reward_func()
     assert f(prompts=["p"], completions=[[{"role": "assistant", "content": "loves Drama"}]], user_id=[4]) == \
         [float(reward(["loves Drama"], [4])["reward"][0])]
@@ -287,20 +289,6 @@ def test_popularity_tie_break_orders_ties_and_never_a_cosine_gap():
     assert without.ndcg(g(["no genre named"]), [9])[0] == 0.0  # every item ties: pessimistic rank, nothing earned
     with pytest.raises(ValueError, match="one value per item row"):
         RetrievalReward(g.item_vecs, lists, {}, tie_break=tb[:3])
-
-
-def test_genres_reward_prefers_the_profile_naming_the_users_genre(tmp_path):
-    """score.reward=genres through the reward interface, on the synthetic run (one genre per user's taste)."""
-    from rlrf.reward import load_reward
-    from tests.reward_fixtures import GENRES, make_recipe, taste, write_prepare
-
-    recipe = make_recipe(tmp_path, "score.reward=genres", "score.retrieval_k=10")
-    write_prepare(recipe)
-    reward = load_reward(recipe)
-    users = list(range(1, 41))
-    good = reward([f"This user loves {GENRES[taste(u)]} films." for u in users], users)["reward"]
-    bad = reward([f"This user loves {GENRES[(taste(u) + 1) % 4]} films." for u in users], users)["reward"]
-    assert reward.name == "genres" and (good > bad).all()
 
 
 # ----------------------------------------------------------------------------- the personal reward
