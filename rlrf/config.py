@@ -59,6 +59,10 @@ class PrepareConfig:
     chunk_size: int = _f(4, "consecutive rated items per rerank list")
     list_size: int = _f(10, "items per list after padding with never-rated items")
     min_history: int = _f(2, "users with fewer prompt-history items are dropped (and counted)")
+    history_genres: bool = _f(False, "each prompt-history line also names the item's genres (categories for books): "
+                                     "what a small LLM needs in its prompt to write a profile about this user's genres")
+    instruction: str = _f("kar", "the prompt's closing request: kar (KAR's multi-factor analysis) | genres (name the "
+                                 "genres most frequent among the user's highest-rated items, and two of them: short)")
     split: list = _f([0.8, 0.1, 0.1], "train / valid / test share of users")
     amazon_user_core: int = _f(60, "Amazon-Books: keep users with at least this many ratings (KAR)")
     amazon_item_core: int = _f(40, "Amazon-Books: keep items with at least this many ratings (KAR)")
@@ -69,6 +73,8 @@ class PrepareConfig:
                "prepare.split", f"needs three non-negative shares summing to 1, got {self.split}")
         _check(0 < self.chunk_size <= self.list_size, "prepare.chunk_size", "must be in (0, list_size]")
         _check(self.shards >= 1, "prepare.shards", "must be >= 1")
+        _check(self.instruction in ("kar", "genres"), "prepare.instruction",
+               f"unknown instruction {self.instruction!r}; choose kar or genres")
 
 
 @dataclass

@@ -187,6 +187,7 @@ def evaluate_stage(recipe: Recipe, *, force: bool = False, recipe_path: str = "<
     from rlrf.plots import plot_rewards, plot_rounds
     from rlrf.rerank import train_stage
     from rlrf.reward import score_stage
+    from rlrf.prepare import prepare_config
     from rlrf.sample import sample_stage
 
     last = gens[-1]
@@ -196,6 +197,7 @@ def evaluate_stage(recipe: Recipe, *, force: bool = False, recipe_path: str = "<
     reward_reranker = runs.reranker_dir(recipe, last)  # what generator `last` was tuned against
     d = recipe.to_dict()
     config = {s: d[s] for s in ("data", "prepare", "sample", "encode", "reranker", "score", "rounds", "evaluate")}
+    config["prepare"] = prepare_config(recipe.prepare)
     # a round redone with the same config writes new weights under the same fingerprint: hash them too,
     # so finished results are never reported for a generator that has since changed
     config["generator_hashes"] = {str(k): weights_hash(runs.generator_dir(recipe, k)) for k in gens[1:]}

@@ -44,8 +44,7 @@ DEFAULT_HISTORY_MAX = {"movies": 30, "books": 15}
 def prepare_stage(recipe: Recipe, out_dir: str | Path | None = None, *, force: bool = False) -> Path:
     """Run the prepare stage into out_dir (default runs/<run>/prepare); returns the stage directory."""
     out_dir = Path(out_dir) if out_dir is not None else runs.prepare_dir(recipe)
-    config = {"seed": recipe.seed, "data": dataclasses.asdict(recipe.data),
-              "prepare": dataclasses.asdict(recipe.prepare)}
+    config = {"seed": recipe.seed, "data": dataclasses.asdict(recipe.data), "prepare": prepare_config(recipe.prepare)}
     with Stage(out_dir, "prepare", config, force=force) as st:
         if st.done:
             return out_dir
@@ -57,6 +56,19 @@ def prepare_stage(recipe: Recipe, out_dir: str | Path | None = None, *, force: b
             st.write_shard(i, plan.shard(i, n_shards))
         st.finish(extra=plan.summary())
     return out_dir
+
+
+# prompt options that enter the fingerprint only when set, so runs prepared before they existed stay finished
+_PROMPT_DEFAULTS = {"history_genres": False, "instruction": "kar"}
+
+
+def prepare_config(p) -> dict:
+    """The prepare section as the stage's fingerprint sees it."""
+    d = dataclasses.asdict(p)
+    for k, default in _PROMPT_DEFAULTS.items():
+        if d.get(k) == default:
+            d.pop(k)
+    return d
 
 
 def _natural(raw_ids: list[str]) -> list[str]:
@@ -169,6 +181,7 @@ class Plan:
         inter = self.interactions.filter(pl.col("user_id") % n_shards == i)
         meta = self.per_user.filter(pl.col("user_id") % n_shards == i)
         titles = self.items["title"].to_list()  # index item_id - 1
+        genres = self.items["genres"].to_list() if self.p.history_genres else None
         all_items = np.arange(1, self.n_items + 1, dtype=np.int64)
         by_user = inter.partition_by("user_id", as_dict=True, maintain_order=True)
 
@@ -181,7 +194,7 @@ class Plan:
             h = u["h"]
             lists += self._lists(uid, u["split"], u["first_list_id"], item_ids[h:], labels[h:],
                                  np.setdiff1d(all_items, item_ids, assume_unique=True))
-            lines = [prompts.history_line(titles[it - 1], rt)
+            lines = [prompts.history_line(titles[it - 1], rt, genres[it - 1] if genres else None)
                      for it, rt in zip(item_ids[:h], rows["rating"].to_list()[:h])]
             prompt_rows.append(self._prompt(uid, u["split"], lines))
 
@@ -213,7 +226,7 @@ class Plan:
     def _prompt(self, uid: int, split: str, lines: list[str]) -> tuple:
         u = self.users.row(uid - 1, named=True)  # users are sorted by dense id
         head = prompts.prompt_head(self.domain, u["gender"], u["age"], u["occupation"])
-        tail = prompts.prompt_tail(self.domain)
+        tail = prompts.instruction(self.domain, self.p.instruction)
         return (uid, split, self.domain, head, lines, tail, prompts.join_prompt(head, lines, tail))
 
     def summary(self) -> dict:

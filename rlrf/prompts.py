@@ -77,14 +77,37 @@ def prompt_head(domain: str, gender: str | None = None, age: str | None = None,
     return f"Given {who}, this user's {HISTORY[domain]} over time is listed below."
 
 
-def history_line(title: str, rating: float) -> str:
-    return f'"{title}", {rating_text(rating)} stars;'
+def history_line(title: str, rating: float, genres: list[str] | None = None) -> str:
+    """One history line; with `genres` (prepare.history_genres) the item's genres follow its title."""
+    named = f' ({", ".join(genres)})' if genres else ""
+    return f'"{title}"{named}, {rating_text(rating)} stars;'
 
 
 def prompt_tail(domain: str) -> str:
     _check_domain(domain)
     return (f"Analyze user's preferences on {domain} (consider factors like {FACTORS[domain]}). Provide clear "
             f"explanations based on relevant details from the user's {HISTORY[domain]} and other pertinent factors.")
+
+
+INSTRUCTIONS = ("kar", "genres")
+
+
+def instruction(domain: str, kind: str = "kar") -> str:
+    """The prompt's closing request (prepare.instruction).
+
+    kar     KAR's request: analyse the user's preferences over many factors, with explanations (long answers).
+    genres  a short profile a small model can write from the history alone: the genres most frequent among the
+            items the user rated highest, and two of those items (pair it with prepare.history_genres, so the
+            genres are in the prompt to be counted).
+    """
+    _check_domain(domain)
+    if kind == "kar":
+        return prompt_tail(domain)
+    if kind == "genres":
+        what = "genres" if domain == "movies" else "categories"
+        return (f"Which {what} does this user like most? Name the {what} that appear most among the {domain} this "
+                f"user rated 4 or 5 stars, then name two of those {domain}, in two or three sentences.")
+    raise ValueError(f"unknown instruction {kind!r}; expected one of {INSTRUCTIONS}")
 
 
 def join_prompt(head: str, history_lines: list[str], tail: str) -> str:

@@ -161,6 +161,18 @@ def test_user_prompt_movies_kar_wording():
     assert prompts.join_prompt(head, ["a", "b"], tail) == f"{head}\na\nb\n{tail}"
 
 
+def test_prompt_options_genres_in_history_and_the_genres_instruction():
+    assert prompts.history_line("Dune", 4.0, ["Sci-Fi", "Drama"]) == '"Dune" (Sci-Fi, Drama), 4 stars;'
+    assert prompts.history_line("Dune", 4.0, []) == '"Dune", 4 stars;'  # an item without genres: no empty ()
+    assert prompts.instruction("movies", "kar") == prompts.prompt_tail("movies")
+    assert prompts.instruction("movies", "genres") == (
+        "Which genres does this user like most? Name the genres that appear most among the movies this user rated "
+        "4 or 5 stars, then name two of those movies, in two or three sentences.")
+    assert "Which categories" in prompts.instruction("books", "genres") and "books" in prompts.instruction("books", "genres")
+    with pytest.raises(ValueError, match="unknown instruction 'poem'"):
+        prompts.instruction("movies", "poem")
+
+
 def test_user_prompt_books_has_no_demographics():
     assert prompts.prompt_head("books") == ("Given a user, this user's book reading history over time is "
                                             "listed below.")

@@ -121,6 +121,33 @@ def test_split_ids_items_and_prompts(fixture_run):
         assert p["domain"] == "movies" and p["split"] == u["split"]
 
 
+def test_prompt_options_name_genres_and_ask_for_them(tmp_path, fixture_run):
+    """prepare.history_genres puts each history item's genres in its line, prepare.instruction=genres asks for
+    the liked genres; everything else (lists, interactions) is the default run's, and the defaults leave the
+    fingerprint as it was before the options existed."""
+    from rlrf.prepare import prepare_config
+
+    r0, _, a0 = fixture_run
+    r = make_recipe(tmp_path, "ml-100k-recbole", "t", "prepare.history_genres=true", "prepare.instruction=genres")
+    a = read_all(prepare_stage(r))
+    assert a["lists"].equals(a0["lists"]) and a["interactions"].equals(a0["interactions"])
+    items = a["items"]
+    titles = dict(zip(items["item_id"], items["title"]))
+    genres = dict(zip(items["item_id"].to_list(), items["genres"].to_list()))
+    assert any(genres.values())
+    for p in a["prompts"].iter_rows(named=True):
+        hist = a["interactions"].filter((pl.col("user_id") == p["user_id"]) & pl.col("in_history"))
+        assert p["history_lines"] == [prompts.history_line(titles[i], x, genres[i])
+                                      for i, x in zip(hist["item_id"], hist["rating"])]
+        assert p["prompt_tail"] == prompts.instruction("movies", "genres")
+        assert p["prompt"] == prompts.join_prompt(p["prompt_head"], p["history_lines"], p["prompt_tail"])
+    assert any("(" in line for line in a["prompts"]["history_lines"].explode().to_list())
+    assert "history_genres" not in prepare_config(r0.prepare) and "instruction" not in prepare_config(r0.prepare)
+    assert prepare_config(r.prepare)["history_genres"] is True and prepare_config(r.prepare)["instruction"] == "genres"
+    with pytest.raises(ValueError, match="prepare.instruction"):
+        make_recipe(tmp_path, "ml-100k-recbole", "t2", "prepare.instruction=poem")
+
+
 def test_rerun_is_a_noop_and_changed_config_refuses(tmp_path):
     r = make_recipe(tmp_path)
     d = prepare_stage(r)
