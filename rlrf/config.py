@@ -222,9 +222,15 @@ class PairsConfig:
     heldout_splits: list = _f(["valid"], "user splits whose pairs are written apart (`heldout_pairs`) and never trained "
                                          "on: DPO reports its implicit-reward accuracy on them; [] = none")
     llamafactory_export: bool = _f(True, "also write a LLaMA-Factory sharegpt ranking dataset + dataset_info.json")
+    length_tolerance: int = _f(-1, "tokens: the pair is the largest-margin one whose profiles differ by at most this "
+                                   "much in length, so a reward that grows with length cannot teach DPO 'longer' "
+                                   "(-1 = off: best vs worst)")
+    ended_only: bool = _f(False, "leave profiles cut at sample.max_new_tokens out of the pairs (a cut profile is "
+                                 "often a copied history list, which the retrieval rewards pay for)")
 
     def __post_init__(self):
         _check(self.min_margin >= 0, "pairs.min_margin", "must be >= 0 (ties are always dropped)")
+        _check(self.length_tolerance >= -1, "pairs.length_tolerance", "must be >= 0 tokens, or -1 (off)")
         _check(set(self.splits) <= {"train", "valid", "test"} and self.splits, "pairs.splits",
                f"must be a non-empty subset of train, valid, test; got {self.splits}")
         _check(set(self.heldout_splits) <= {"train", "valid", "test"} and not set(self.heldout_splits) & set(self.splits),

@@ -26,37 +26,77 @@ def dataset_name(round: int) -> str:
     return f"rlrf_pairs_round{round}"
 
 
-def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0) -> tuple[pl.DataFrame, Counter]:
-    """Best and worst profile per user from a scores frame (user_id, sample_idx, reward, empty_text).
+def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance: int = -1,
+                 ended_only: bool = False) -> tuple[pl.DataFrame, Counter]:
+    """Best and worst profile per user from a scores frame (user_id, sample_idx, reward, empty_text; plus
+    n_tokens with `length_tolerance`, finish_reason with `ended_only`).
 
     Returns one row per kept user (user_id, chosen_idx, rejected_idx, chosen_reward, rejected_reward,
     margin) and the users dropped by reason. Empty profiles are left out before picking (an empty
-    completion teaches DPO nothing about profiles). Equal rewards resolve to the lowest sample_idx
-    for both picks, so the choice is deterministic.
+    completion teaches DPO nothing about profiles), so are profiles the reward could not judge (NaN: a user with
+    no held-out positives), and with `ended_only` so are profiles cut at the token
+    limit (finish_reason "length"). With `length_tolerance` >= 0 the pair is the largest-margin one whose two
+    profiles differ by at most that many tokens, so a reward that grows with length cannot teach DPO "longer".
+    Equal rewards resolve to the lowest sample_idx for both picks, so the choice is deterministic.
     """
     dropped: Counter = Counter()
     n_empty = int(scores["empty_text"].sum())
     if n_empty:
         dropped["empty_profile"] += n_empty
     live = scores.filter(~pl.col("empty_text"))
-    best = live.sort(["user_id", "reward", "sample_idx"], descending=[False, True, False]).group_by(
-        "user_id", maintain_order=True).first()
-    worst = live.sort(["user_id", "reward", "sample_idx"]).group_by("user_id", maintain_order=True).first()
+    unjudged = live["reward"].is_nan() | live["reward"].is_null()  # e.g. a user with no held-out positives
+    if int(unjudged.sum()):
+        dropped["no_reward"] += int(unjudged.sum())
+        live = live.filter(~unjudged)
+    if ended_only:
+        cut = live["finish_reason"] == "length"
+        if int(cut.sum()):
+            dropped["cut_at_limit"] += int(cut.sum())
+        live = live.filter(~cut)
     counts = live.group_by("user_id").len()
-    df = (best.select("user_id", pl.col("sample_idx").alias("chosen_idx"), pl.col("reward").alias("chosen_reward"))
-          .join(worst.select("user_id", pl.col("sample_idx").alias("rejected_idx"),
-                             pl.col("reward").alias("rejected_reward")), on="user_id")
-          .join(counts, on="user_id")
-          .with_columns((pl.col("chosen_reward") - pl.col("rejected_reward")).alias("margin"))
-          .sort("user_id"))
+    if length_tolerance >= 0:
+        side = live.select("user_id", "sample_idx", "reward", "n_tokens")
+        cand = (side.join(side, on="user_id", suffix="_r")
+                .filter((pl.col("sample_idx") != pl.col("sample_idx_r"))
+                        & ((pl.col("n_tokens") - pl.col("n_tokens_r")).abs() <= length_tolerance))
+                .with_columns((pl.col("reward") - pl.col("reward_r")).alias("margin"))
+                .sort(["user_id", "margin", "sample_idx", "sample_idx_r"], descending=[False, True, False, False])
+                .group_by("user_id", maintain_order=True).first()
+                .select("user_id", pl.col("sample_idx").alias("chosen_idx"), pl.col("reward").alias("chosen_reward"),
+                        pl.col("sample_idx_r").alias("rejected_idx"), pl.col("reward_r").alias("rejected_reward"),
+                        "margin"))
+        df = counts.join(cand, on="user_id", how="left").sort("user_id")
+        far = (df["len"] >= 2) & df["margin"].is_null()
+        dropped["no_pair_within_length"] += int(far.sum())
+        df = df.filter(~far)
+    else:
+        best = live.sort(["user_id", "reward", "sample_idx"], descending=[False, True, False]).group_by(
+            "user_id", maintain_order=True).first()
+        worst = live.sort(["user_id", "reward", "sample_idx"]).group_by("user_id", maintain_order=True).first()
+        df = (best.select("user_id", pl.col("sample_idx").alias("chosen_idx"), pl.col("reward").alias("chosen_reward"))
+              .join(worst.select("user_id", pl.col("sample_idx").alias("rejected_idx"),
+                                 pl.col("reward").alias("rejected_reward")), on="user_id")
+              .join(counts, on="user_id")
+              .with_columns((pl.col("chosen_reward") - pl.col("rejected_reward")).alias("margin"))
+              .sort("user_id"))
     single = df["len"] < 2
-    tie = ~single & (df["margin"] <= 0)
+    tie = ~single & (df["margin"].fill_null(0) <= 0)
     small = ~single & ~tie & (df["margin"] <= min_margin)
     dropped["single_profile"] += int(single.sum())
     dropped["tie"] += int(tie.sum())
     dropped["margin_below_min"] += int(small.sum())
-    keep = df.filter(~(single | tie | small)).drop("len")
+    keep = df.filter(~(single | tie | small)).select("user_id", "chosen_idx", "chosen_reward", "rejected_idx",
+                                                     "rejected_reward", "margin")
     return keep, +dropped
+
+
+# pairing options that enter the fingerprint only when set, so pairs made before they existed stay finished
+_PAIRING_DEFAULTS = {"length_tolerance": -1, "ended_only": False}
+
+
+def pairs_config(recipe: Recipe) -> dict:
+    """The pairs section as the stage's fingerprint sees it."""
+    return {k: v for k, v in recipe.to_dict()["pairs"].items() if _PAIRING_DEFAULTS.get(k, object()) != v}
 
 
 def to_trl(chosen: pl.DataFrame, profiles: pl.DataFrame, round: int) -> pl.DataFrame:
@@ -112,7 +152,7 @@ def pairs_stage(recipe: Recipe, profiles_dir, scores_dir, out_dir, round: int, *
     """Build round `round`'s preference pairs from a sample stage's profiles and a score stage's rewards."""
     cfg = recipe.pairs
     out_dir = Path(out_dir)
-    config = {"pairs": recipe.to_dict()["pairs"], "round": round}
+    config = {"pairs": pairs_config(recipe), "round": round}
     with Stage(out_dir, "pairs", config, inputs=[profiles_dir, scores_dir], force=force) as st:
         if st.done:
             return out_dir
@@ -121,14 +161,17 @@ def pairs_stage(recipe: Recipe, profiles_dir, scores_dir, out_dir, round: int, *
         if scores.is_empty():
             raise StageError(f"{scores_dir}: no scored profiles of split(s) {cfg.splits}; check pairs.splits "
                              f"against sample.splits in the recipe")
-        picked, dropped = select_pairs(scores, cfg.min_margin)
+        extra = profiles.select("user_id", "sample_idx", "n_tokens", "finish_reason")
+        scores = scores.join(extra, on=["user_id", "sample_idx"], how="left")
+        picked, dropped = select_pairs(scores, cfg.min_margin, cfg.length_tolerance, cfg.ended_only)
         pairs = to_trl(picked, profiles.filter(pl.col("split").is_in(cfg.splits)), round)
         if pairs.height < picked.height:
             raise StageError(f"{scores_dir} scores profiles that {profiles_dir} does not hold "
                              f"({picked.height - pairs.height} users); rerun the score stage with --force")
         # the held-out users' pairs: never trained on; DPO reports its implicit-reward accuracy on them
         held_scores = read_artifact(scores_dir, "scores", "score").filter(pl.col("split").is_in(cfg.heldout_splits))
-        held = to_trl(select_pairs(held_scores, cfg.min_margin)[0],
+        held_scores = held_scores.join(extra, on=["user_id", "sample_idx"], how="left")
+        held = to_trl(select_pairs(held_scores, cfg.min_margin, cfg.length_tolerance, cfg.ended_only)[0],
                       profiles.filter(pl.col("split").is_in(cfg.heldout_splits)), round)
         for todo in st.todo(1):
             if cfg.llamafactory_export:

@@ -29,6 +29,21 @@ def test_derangement_has_no_fixed_point():
         d(1, rng)
 
 
+def test_check_personal_splits_own_from_swapped():
+    """A judge that pays 1 only for a profile naming the user it is judged for: own 1, swapped 0, per user."""
+    m = load("check_personal")
+    users = np.array([3, 5, 8, 9])
+    uid = np.repeat(users, 2)
+    texts = [f"u{u}" if j == 0 else "generic" for u in users for j in range(2)]
+
+    def reward(texts, judged_for):
+        return {"reward": np.array([1.0 if t == f"u{v}" else 0.0 for t, v in zip(texts, judged_for)])}
+
+    perms = [m.derangement(len(users), np.random.default_rng(s)) for s in range(3)]
+    own, swapped = m.own_and_swapped(reward, texts, uid, users, perms)
+    assert own == {3: 0.5, 5: 0.5, 8: 0.5, 9: 0.5} and swapped == {3: 0.0, 5: 0.0, 8: 0.0, 9: 0.0}
+
+
 def _stage(d, **kw):
     d.mkdir(parents=True, exist_ok=True)
     (d / "stage.json").write_text(json.dumps(kw))

@@ -33,6 +33,15 @@ def test_ties_single_profiles_and_small_margins_dropped_by_reason():
     assert picked.filter(pl.col("user_id") == 5)["rejected_idx"].item() == 0
 
 
+def test_unjudged_profiles_never_become_a_pair():
+    """A NaN reward (a user with no held-out positives) is no evidence: before this, polars sorted NaN first and a
+    user whose rewards were all NaN became a pair with margin NaN."""
+    nan = float("nan")
+    picked, dropped = select_pairs(_scores({1: [nan, nan, nan], 2: [0.3, nan, 0.1]}))
+    assert picked.select("user_id", "chosen_idx", "rejected_idx").rows() == [(2, 0, 2)]
+    assert dict(dropped) == {"no_reward": 4}
+
+
 def test_margin_equal_to_min_margin_is_dropped():
     picked, dropped = select_pairs(_scores({1: [0.25, 0.5]}), min_margin=0.25)
     assert picked.is_empty() and dropped["margin_below_min"] == 1
@@ -50,6 +59,45 @@ def _stage_inputs(tmp_path, rewards, texts=None, split="train"):
     prof = write_stage(tmp_path / "sample", "sample", "profiles", profile_rows(texts, split))
     sc = write_stage(tmp_path / "score", "score", "scores", score_rows(rewards, split))
     return prof, sc
+
+
+def test_length_tolerance_picks_the_best_pair_of_like_lengths():
+    """User 1: the best (0.9) is long, so within 5 tokens the pair is 0.6 (20 tokens) over 0.1 (22); user 2 has no
+    two profiles within 5 tokens; user 3's like-length pair ties. Worked by hand."""
+    sc = _scores({1: [0.6, 0.9, 0.1, 0.3], 2: [0.2, 0.8], 3: [0.5, 0.5, 0.9]}).with_columns(
+        n_tokens=pl.Series([20, 90, 22, 60, 10, 50, 30, 31, 80]))
+    picked, dropped = select_pairs(sc, length_tolerance=5)
+    assert picked["user_id"].to_list() == [1]
+    assert picked.row(0, named=True) == pytest.approx(
+        {"user_id": 1, "chosen_idx": 0, "chosen_reward": 0.6, "rejected_idx": 2, "rejected_reward": 0.1, "margin": 0.5})
+    assert dict(dropped) == {"no_pair_within_length": 1, "tie": 1}
+    # a tolerance wide enough for every pair is best vs worst again
+    wide, _ = select_pairs(sc, length_tolerance=1000)
+    plain, _ = select_pairs(sc)
+    assert wide.sort("user_id").equals(plain.select(wide.columns).sort("user_id"))
+
+
+def test_ended_only_leaves_cut_profiles_out():
+    sc = _scores({1: [0.9, 0.5, 0.1], 2: [0.8, 0.2]}).with_columns(
+        finish_reason=pl.Series(["length", "eos", "sentence", "length", "eos"]))
+    picked, dropped = select_pairs(sc, ended_only=True)
+    assert picked.select("user_id", "chosen_idx", "rejected_idx").rows() == [(1, 1, 2)]
+    assert dict(dropped) == {"cut_at_limit": 2, "single_profile": 1}
+
+
+def test_pairing_options_reach_the_stage_and_its_fingerprint_only_when_set(tmp_path):
+    from rlrf.pairs import pairs_config
+
+    assert "length_tolerance" not in pairs_config(load_recipe(None)) and "ended_only" not in pairs_config(load_recipe(None))
+    recipe = load_recipe(None, ["pairs.length_tolerance=0"])
+    assert pairs_config(recipe)["length_tolerance"] == 0
+    # profile_rows counts words as tokens: user 1's two profiles are 5 words each, user 3's 5 and 6
+    prof, sc = _stage_inputs(tmp_path, {1: [0.2, 0.9], 3: [0.7, 0.1]}, texts={1: ["a b c d e", "f g h i j"], 3: ["a b c d e", "a b c d e f"]})
+    out = pairs_stage(recipe, prof, sc, tmp_path / "pairs", round=1)
+    assert read_artifact(out, "pairs")["user_id"].to_list() == [1]
+    assert read_stage_json(out)["dropped"] == {"no_pair_within_length": 1}
+    with pytest.raises(ValueError, match="pairs.length_tolerance"):
+        load_recipe(None, ["pairs.length_tolerance=-2"])
 
 
 def test_stage_writes_trl_rows_and_llamafactory_export(tmp_path):
