@@ -23,7 +23,7 @@ import numpy as np
 import polars as pl
 
 from rlrf import runs
-from rlrf.config import Recipe
+from rlrf.config import Recipe, fingerprint
 from rlrf.plots import pyplot, save_png
 from rlrf.stats import paired, paired_bootstrap, verdict
 from rlrf.store import Stage, StageError, atomic_path, read_artifact, read_stage_json, write_parquet
@@ -142,11 +142,8 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
     if not (reranker / "model.json").is_file() and recipe.score.reward != "reranker":
         reranker = None  # a round without a reranker judge (GRPO's): the training-free judges only
     d = recipe.to_dict()
-    from rlrf.reward import score_config
-
-    # keys that came later enter only when set, so checks made before them stay up to date
-    rounds = {key: v for key, v in d["rounds"].items() if not (key == "trainer" and v == "dpo")}
-    config = {"rounds": rounds, "sample": d["sample"], "encode": d["encode"], "score": score_config(recipe),
+    config = {"rounds": fingerprint(recipe.rounds), "sample": d["sample"], "encode": d["encode"],
+              "score": fingerprint(recipe.score),
               "round": k, "old": weights_hash(old_gen), "new": weights_hash(new_gen)}
     # the reranker's fingerprint is an input; the sides' sub-stages live inside this stage's directory, so a
     # --force here wipes them too before they are redone

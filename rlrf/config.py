@@ -20,15 +20,31 @@ from typing import Any
 
 import yaml
 
+from rlrf.prompts import INSTRUCTIONS
+
 
 class ConfigError(ValueError):
     """A recipe or override a person must fix; the message says what, where and how."""
 
 
-def _f(default: Any, help: str, **kw) -> Any:
+def _f(default: Any, help: str, late: bool = False, **kw) -> Any:
+    """A recipe key with its help text. `late=True` marks a key added after stages that read its section had
+    already run: `fingerprint` leaves it out while it holds its default, so those stages stay up to date."""
+    meta = {"help": help, **({"late": True} if late else {})}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+def fingerprint(section, drop: tuple[str, ...] = ()) -> dict:
+    """A recipe section as a stage fingerprints it: every key but those in `drop` (keys that change speed, not
+    results) and the `late` keys that hold their default."""
+    out = dataclasses.asdict(section)
+    for f in dataclasses.fields(section):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if f.name in drop or (f.metadata.get("late") and out[f.name] == default):
+            out.pop(f.name)
+    return out
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -60,9 +76,9 @@ class PrepareConfig:
     list_size: int = _f(10, "items per list after padding with never-rated items")
     min_history: int = _f(2, "users with fewer prompt-history items are dropped (and counted)")
     history_genres: bool = _f(False, "each prompt-history line also names the item's genres (categories for books): "
-                                     "what a small LLM needs in its prompt to write a profile about this user's genres")
+                                     "what a small LLM needs in its prompt to write a profile about this user's genres", late=True)
     instruction: str = _f("kar", "the prompt's closing request: kar (KAR's multi-factor analysis) | genres (name the "
-                                 "genres most frequent among the user's highest-rated items, and two of them: short)")
+                                 "genres most frequent among the user's highest-rated items, and two of them: short)", late=True)
     split: list = _f([0.8, 0.1, 0.1], "train / valid / test share of users")
     amazon_user_core: int = _f(60, "Amazon-Books: keep users with at least this many ratings (KAR)")
     amazon_item_core: int = _f(40, "Amazon-Books: keep items with at least this many ratings (KAR)")
@@ -73,8 +89,8 @@ class PrepareConfig:
                "prepare.split", f"needs three non-negative shares summing to 1, got {self.split}")
         _check(0 < self.chunk_size <= self.list_size, "prepare.chunk_size", "must be in (0, list_size]")
         _check(self.shards >= 1, "prepare.shards", "must be >= 1")
-        _check(self.instruction in ("kar", "genres"), "prepare.instruction",
-               f"unknown instruction {self.instruction!r}; choose kar or genres")
+        _check(self.instruction in INSTRUCTIONS, "prepare.instruction",
+               f"unknown instruction {self.instruction!r}; choose one of {', '.join(INSTRUCTIONS)}")
 
 
 @dataclass
@@ -97,7 +113,7 @@ class SampleConfig:
     item_knowledge: bool = _f(False, "also generate KAR item texts with the LLM (slow); off = metadata texts")
     trim: str = _f("none", "a profile cut by max_new_tokens: none (kept mid-sentence) | sentence (cut back to its last "
                            "sentence end, finish_reason 'sentence'), so DPO compares profiles that end instead of two "
-                           "cut-off texts that both learn to stop mid-word")
+                           "cut-off texts that both learn to stop mid-word", late=True)
 
     def __post_init__(self):
         _check(self.backend in ("hf", "vllm"), "sample.backend", f"unknown backend {self.backend!r}; choose hf or vllm")
@@ -145,7 +161,7 @@ class RerankerConfig:
                          "turns it on for the evaluation rerankers")
     without_profile: str = _f("drop", "train lists of users with no profile: drop (KAR needs every user's knowledge) "
                                       "| zero (kept with a zero profile vector, so the item side learns from every "
-                                      "train list when the sample stage drew only some users)")
+                                      "train list when the sample stage drew only some users)", late=True)
     threads: int = _f(1, "torch threads for training and the reward forward: the model is tiny, so a second "
                          "thread mostly waits (and thrashes on a busy 2-core machine)")
     batch_size: int = _f(256, "lists per step")
@@ -184,7 +200,7 @@ class ScoreConfig:
                                  "popularity; reads no other word)")
     contrast: int = _f(0, "the personal reward: the judge on the profile's own user minus its mean on this many other "
                           "users of the same split (0 = off): what would serve any user (naming nothing, the popular "
-                          "genres) scores ~0 and only what is specific to the user counts; retrieval | lexical | genres")
+                          "genres) scores ~0 and only what is specific to the user counts; retrieval | lexical | genres", late=True)
     judges: int = _f(1, "seeds in the reranker judge's ensemble (each cross-fitted over reranker.folds, averaged): more "
                         "is less noise, one reranker training per seed and fold; an independent twin of as many "
                         "seeds measures the judge's reliability")
@@ -224,9 +240,9 @@ class PairsConfig:
     llamafactory_export: bool = _f(True, "also write a LLaMA-Factory sharegpt ranking dataset + dataset_info.json")
     length_tolerance: int = _f(-1, "tokens: the pair is the largest-margin one whose profiles differ by at most this "
                                    "much in length, so a reward that grows with length cannot teach DPO 'longer' "
-                                   "(-1 = off: best vs worst)")
+                                   "(-1 = off: best vs worst)", late=True)
     ended_only: bool = _f(False, "leave profiles cut at sample.max_new_tokens out of the pairs (a cut profile is "
-                                 "often a copied history list, which the retrieval rewards pay for)")
+                                 "often a copied history list, which the retrieval rewards pay for)", late=True)
 
     def __post_init__(self):
         _check(self.min_margin >= 0, "pairs.min_margin", "must be >= 0 (ties are always dropped)")
@@ -337,7 +353,7 @@ class RoundsConfig:
     learning_check_n: int = _f(2, "profiles per valid user per generator in the is-it-learning check")
     bootstrap: int = _f(2000, "bootstrap resamples for the 95% interval")
     trainer: str = _f("dpo", "what makes generator k from generator k-1: dpo (the round's pairs; RLRF4Rec) | grpo (online, "
-                             "from the reward itself; the grpo stage)")
+                             "from the reward itself; the grpo stage)", late=True)
 
     def __post_init__(self):
         _check(self.trainer in ("dpo", "grpo"), "rounds.trainer", f"dpo | grpo; got {self.trainer!r}")

@@ -24,7 +24,7 @@ import numpy as np
 import polars as pl
 
 from rlrf import runs, stats
-from rlrf.config import Recipe
+from rlrf.config import Recipe, fingerprint
 from rlrf.store import STAGE_JSON, Stage, StageError, read_artifact, read_stage_json, write_json
 
 # All generators are sampled with this round argument, so their seeds (recipe.seed, user, round, idx)
@@ -187,7 +187,6 @@ def evaluate_stage(recipe: Recipe, *, force: bool = False, recipe_path: str = "<
     from rlrf.plots import plot_rewards, plot_rounds
     from rlrf.rerank import train_stage
     from rlrf.reward import score_stage
-    from rlrf.prepare import prepare_config
     from rlrf.sample import sample_stage
 
     last = gens[-1]
@@ -197,7 +196,7 @@ def evaluate_stage(recipe: Recipe, *, force: bool = False, recipe_path: str = "<
     reward_reranker = runs.reranker_dir(recipe, last)  # what generator `last` was tuned against
     d = recipe.to_dict()
     config = {s: d[s] for s in ("data", "prepare", "sample", "encode", "reranker", "score", "rounds", "evaluate")}
-    config["prepare"] = prepare_config(recipe.prepare)
+    config["prepare"] = fingerprint(recipe.prepare)
     # a round redone with the same config writes new weights under the same fingerprint: hash them too,
     # so finished results are never reported for a generator that has since changed
     config["generator_hashes"] = {str(k): weights_hash(runs.generator_dir(recipe, k)) for k in gens[1:]}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import polars as pl
 
-from rlrf.config import Recipe
+from rlrf.config import Recipe, fingerprint
 from rlrf.schema import SCHEMAS
 from rlrf.store import Stage, StageError, read_artifact, write_json
 
@@ -45,13 +45,11 @@ def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance
         dropped["empty_profile"] += n_empty
     live = scores.filter(~pl.col("empty_text"))
     unjudged = live["reward"].is_nan() | live["reward"].is_null()  # e.g. a user with no held-out positives
-    if int(unjudged.sum()):
-        dropped["no_reward"] += int(unjudged.sum())
-        live = live.filter(~unjudged)
+    dropped["no_reward"] += int(unjudged.sum())
+    live = live.filter(~unjudged)
     if ended_only:
         cut = live["finish_reason"] == "length"
-        if int(cut.sum()):
-            dropped["cut_at_limit"] += int(cut.sum())
+        dropped["cut_at_limit"] += int(cut.sum())
         live = live.filter(~cut)
     counts = live.group_by("user_id").len()
     if length_tolerance >= 0:
@@ -88,15 +86,6 @@ def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance
     keep = df.filter(~(single | tie | small)).select("user_id", "chosen_idx", "chosen_reward", "rejected_idx",
                                                      "rejected_reward", "margin")
     return keep, +dropped
-
-
-# pairing options that enter the fingerprint only when set, so pairs made before they existed stay finished
-_PAIRING_DEFAULTS = {"length_tolerance": -1, "ended_only": False}
-
-
-def pairs_config(recipe: Recipe) -> dict:
-    """The pairs section as the stage's fingerprint sees it."""
-    return {k: v for k, v in recipe.to_dict()["pairs"].items() if _PAIRING_DEFAULTS.get(k, object()) != v}
 
 
 def to_trl(chosen: pl.DataFrame, profiles: pl.DataFrame, round: int) -> pl.DataFrame:
@@ -152,27 +141,31 @@ def pairs_stage(recipe: Recipe, profiles_dir, scores_dir, out_dir, round: int, *
     """Build round `round`'s preference pairs from a sample stage's profiles and a score stage's rewards."""
     cfg = recipe.pairs
     out_dir = Path(out_dir)
-    config = {"pairs": pairs_config(recipe), "round": round}
+    config = {"pairs": fingerprint(cfg), "round": round}
     with Stage(out_dir, "pairs", config, inputs=[profiles_dir, scores_dir], force=force) as st:
         if st.done:
             return out_dir
         profiles = read_artifact(profiles_dir, "profiles", "sample")
-        scores = read_artifact(scores_dir, "scores", "score").filter(pl.col("split").is_in(cfg.splits))
+        # every split's scores with the profile's length and finish (what the pairing options look at), read once
+        every = read_artifact(scores_dir, "scores", "score").join(
+            profiles.select("user_id", "sample_idx", "n_tokens", "finish_reason"), on=["user_id", "sample_idx"],
+            how="left")
+
+        def pick(splits: list[str]) -> tuple[pl.DataFrame, pl.DataFrame, Counter]:
+            scores = every.filter(pl.col("split").is_in(splits))
+            picked, dropped = select_pairs(scores, cfg.min_margin, cfg.length_tolerance, cfg.ended_only)
+            return scores, picked, dropped
+
+        scores, picked, dropped = pick(cfg.splits)
         if scores.is_empty():
             raise StageError(f"{scores_dir}: no scored profiles of split(s) {cfg.splits}; check pairs.splits "
                              f"against sample.splits in the recipe")
-        extra = profiles.select("user_id", "sample_idx", "n_tokens", "finish_reason")
-        scores = scores.join(extra, on=["user_id", "sample_idx"], how="left")
-        picked, dropped = select_pairs(scores, cfg.min_margin, cfg.length_tolerance, cfg.ended_only)
         pairs = to_trl(picked, profiles.filter(pl.col("split").is_in(cfg.splits)), round)
         if pairs.height < picked.height:
             raise StageError(f"{scores_dir} scores profiles that {profiles_dir} does not hold "
                              f"({picked.height - pairs.height} users); rerun the score stage with --force")
         # the held-out users' pairs: never trained on; DPO reports its implicit-reward accuracy on them
-        held_scores = read_artifact(scores_dir, "scores", "score").filter(pl.col("split").is_in(cfg.heldout_splits))
-        held_scores = held_scores.join(extra, on=["user_id", "sample_idx"], how="left")
-        held = to_trl(select_pairs(held_scores, cfg.min_margin, cfg.length_tolerance, cfg.ended_only)[0],
-                      profiles.filter(pl.col("split").is_in(cfg.heldout_splits)), round)
+        held = to_trl(pick(cfg.heldout_splits)[1], profiles.filter(pl.col("split").is_in(cfg.heldout_splits)), round)
         for todo in st.todo(1):
             if cfg.llamafactory_export:
                 write_llamafactory(pairs, out_dir, round)

@@ -33,7 +33,7 @@ import polars as pl
 from tqdm import tqdm
 
 from rlrf import prompts, runs, schema
-from rlrf.config import Recipe
+from rlrf.config import Recipe, fingerprint
 from rlrf.data import DataError, Dataset, load_dataset
 from rlrf.store import Stage
 
@@ -44,7 +44,7 @@ DEFAULT_HISTORY_MAX = {"movies": 30, "books": 15}
 def prepare_stage(recipe: Recipe, out_dir: str | Path | None = None, *, force: bool = False) -> Path:
     """Run the prepare stage into out_dir (default runs/<run>/prepare); returns the stage directory."""
     out_dir = Path(out_dir) if out_dir is not None else runs.prepare_dir(recipe)
-    config = {"seed": recipe.seed, "data": dataclasses.asdict(recipe.data), "prepare": prepare_config(recipe.prepare)}
+    config = {"seed": recipe.seed, "data": dataclasses.asdict(recipe.data), "prepare": fingerprint(recipe.prepare)}
     with Stage(out_dir, "prepare", config, force=force) as st:
         if st.done:
             return out_dir
@@ -56,19 +56,6 @@ def prepare_stage(recipe: Recipe, out_dir: str | Path | None = None, *, force: b
             st.write_shard(i, plan.shard(i, n_shards))
         st.finish(extra=plan.summary())
     return out_dir
-
-
-# prompt options that enter the fingerprint only when set, so runs prepared before they existed stay finished
-_PROMPT_DEFAULTS = {"history_genres": False, "instruction": "kar"}
-
-
-def prepare_config(p) -> dict:
-    """The prepare section as the stage's fingerprint sees it."""
-    d = dataclasses.asdict(p)
-    for k, default in _PROMPT_DEFAULTS.items():
-        if d.get(k) == default:
-            d.pop(k)
-    return d
 
 
 def _natural(raw_ids: list[str]) -> list[str]:

@@ -38,7 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 from rlrf import runs
-from rlrf.config import Recipe, RerankerConfig
+from rlrf.config import Recipe, RerankerConfig, fingerprint
 from rlrf.rerank_data import RerankData, load_data
 from rlrf.store import Stage, StageError, atomic_path, write_json
 from rlrf.threads import torch_threads
@@ -415,11 +415,8 @@ def train_stage(recipe: Recipe, out_dir: str | Path, knowledge_dir: str | Path |
     knowledge_dir = knowledge_dir if cfg.knowledge else None
     out_dir = Path(out_dir)
     d = recipe.to_dict()
-    # threads changes speed, not results; retrain_each_round only picks where the stage lives; without_profile
-    # enters only when not the default, so rerankers trained before it existed stay up to date
-    config = {"seed": recipe.seed,
-              "reranker": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("threads", "retrain_each_round")
-                           and not (k == "without_profile" and v == "drop")},
+    # threads changes speed, not results; retrain_each_round only picks where the stage lives
+    config = {"seed": recipe.seed, "reranker": fingerprint(cfg, drop=("threads", "retrain_each_round")),
               "encode": d["encode"] if cfg.knowledge else None}
     inputs = [runs.prepare_dir(recipe)] + ([knowledge_dir] if knowledge_dir else [])
     with Stage(out_dir, "train-reranker", config, inputs=inputs, force=force) as st, torch_threads(cfg.threads):

@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from rlrf import runs, schema
-from rlrf.config import Recipe
+from rlrf.config import Recipe, fingerprint
 from rlrf.store import Stage, StageError, read_artifact, read_stage_json
 
 METRICS = tuple(f"{m}@{k}" for m in ("ndcg", "map") for k in (1, 3, 5, 7))
@@ -308,12 +308,6 @@ JUDGE_COLUMNS = {"retrieval": ("retrieval_a", "retrieval_b"), "lexical": ("lexic
 REWARD_COLUMN = {"retrieval": "retrieval", "lexical": "lexical", "genres": "genres", "reranker": "judge_a"}
 
 
-def score_config(recipe: Recipe) -> dict:
-    """The score section as stages fingerprint it: score.contrast enters only when on, so stages scored before
-    it existed stay up to date."""
-    return {k: v for k, v in recipe.to_dict()["score"].items() if not (k == "contrast" and v == 0)}
-
-
 def reward_column(cfg) -> str:
     """The scores column that is score.reward's reward: its personal part when score.contrast is on."""
     return REWARD_COLUMN[cfg.reward] + ("_personal" if cfg.contrast > 0 else "")
@@ -363,7 +357,7 @@ def score_stage(recipe: Recipe, profiles_dir: str | Path, encode_dir: str | Path
     out_dir = Path(out_dir)
     if cfg.reward == "reranker" and reranker_dir is None:
         raise StageError("score.reward=reranker needs a trained judge (train-reranker stage); or set score.reward=retrieval")
-    config = {"seed": recipe.seed, "score": score_config(recipe), "splits": splits}
+    config = {"seed": recipe.seed, "score": fingerprint(recipe.score), "splits": splits}
     inputs = [profiles_dir, encode_dir, prep] + ([reranker_dir] if reranker_dir is not None else [])
     with (Stage(out_dir, "score", config, inputs=inputs, force=force) as st, torch_threads(recipe.reranker.threads)):
         if st.done:

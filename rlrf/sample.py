@@ -28,7 +28,7 @@ import polars as pl
 from tqdm import tqdm
 
 from rlrf import prompts as kar, runs, schema
-from rlrf.config import Recipe
+from rlrf.config import Recipe, fingerprint
 from rlrf.generate import Sampling, open_backend
 from rlrf.llm import resolve_model, weights_hash
 from rlrf.store import Stage, StageError, parse_shard, read_artifact
@@ -114,10 +114,8 @@ def _sample_config(recipe: Recipe, splits=None, n=None, max_users=None):
 def _stage_config(recipe: Recipe, cfg, generator: str, round: int, ghash: str) -> dict:
     """The sample stage's fingerprinted config: what decides which text each (user, sample_idx) gets, plus layout.
     threads only changes speed, so it stays out (a rerun with other threads resumes)."""
-    # trim enters only when on, so stages sampled before it existed stay up to date
     return {"seed": recipe.seed, "run": recipe.run, "round": round, "generator": str(generator),
-            "generator_hash": ghash, "sample": {k: v for k, v in dataclasses.asdict(cfg).items()
-                                                if k != "threads" and not (k == "trim" and v == "none")}}
+            "generator_hash": ghash, "sample": fingerprint(cfg, drop=("threads",))}
 
 
 def sample_stage(recipe: Recipe, out_dir: str | Path, generator: str, round: int, *, splits=None, n=None,

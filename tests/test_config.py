@@ -102,3 +102,16 @@ def test_overrides_may_stand_anywhere_on_a_stage_command_line():
     assert (recipe.run, recipe.sample.n, recipe.dpo.beta, args.round, args.force) == ("x", 3, 0.5, 2, True)
     recipe, args = stage_args("t", ["run=y", "--recipe", tiny], rounds=False)
     assert recipe.run == "y"
+
+
+def test_fingerprint_leaves_out_dropped_keys_and_late_keys_at_their_default():
+    """Stages finished before a `late` key existed stay up to date: the key enters their fingerprint only when set."""
+    from rlrf.config import fingerprint
+
+    r = load_recipe(None)
+    assert "threads" not in fingerprint(r.sample, drop=("threads",)) and "trim" not in fingerprint(r.sample)
+    assert fingerprint(r.sample)["n"] == r.sample.n
+    assert "contrast" not in fingerprint(r.score) and "trainer" not in fingerprint(r.rounds)
+    on = load_recipe(None, ["score.reward=lexical", "score.contrast=5", "sample.trim=sentence", "rounds.trainer=grpo"])
+    assert fingerprint(on.score)["contrast"] == 5 and fingerprint(on.sample)["trim"] == "sentence"
+    assert fingerprint(on.rounds)["trainer"] == "grpo"

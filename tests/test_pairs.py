@@ -86,11 +86,11 @@ def test_ended_only_leaves_cut_profiles_out():
 
 
 def test_pairing_options_reach_the_stage_and_its_fingerprint_only_when_set(tmp_path):
-    from rlrf.pairs import pairs_config
+    from rlrf.config import fingerprint
 
-    assert "length_tolerance" not in pairs_config(load_recipe(None)) and "ended_only" not in pairs_config(load_recipe(None))
+    assert "length_tolerance" not in fingerprint(load_recipe(None).pairs) and "ended_only" not in fingerprint(load_recipe(None).pairs)
     recipe = load_recipe(None, ["pairs.length_tolerance=0"])
-    assert pairs_config(recipe)["length_tolerance"] == 0
+    assert fingerprint(recipe.pairs)["length_tolerance"] == 0
     # profile_rows counts words as tokens: user 1's two profiles are 5 words each, user 3's 5 and 6
     prof, sc = _stage_inputs(tmp_path, {1: [0.2, 0.9], 3: [0.7, 0.1]}, texts={1: ["a b c d e", "f g h i j"], 3: ["a b c d e", "a b c d e f"]})
     out = pairs_stage(recipe, prof, sc, tmp_path / "pairs", round=1)

@@ -125,7 +125,7 @@ def test_prompt_options_name_genres_and_ask_for_them(tmp_path, fixture_run):
     """prepare.history_genres puts each history item's genres in its line, prepare.instruction=genres asks for
     the liked genres; everything else (lists, interactions) is the default run's, and the defaults leave the
     fingerprint as it was before the options existed."""
-    from rlrf.prepare import prepare_config
+    from rlrf.config import fingerprint
 
     r0, _, a0 = fixture_run
     r = make_recipe(tmp_path, "ml-100k-recbole", "t", "prepare.history_genres=true", "prepare.instruction=genres")
@@ -142,8 +142,8 @@ def test_prompt_options_name_genres_and_ask_for_them(tmp_path, fixture_run):
         assert p["prompt_tail"] == prompts.instruction("movies", "genres")
         assert p["prompt"] == prompts.join_prompt(p["prompt_head"], p["history_lines"], p["prompt_tail"])
     assert any("(" in line for line in a["prompts"]["history_lines"].explode().to_list())
-    assert "history_genres" not in prepare_config(r0.prepare) and "instruction" not in prepare_config(r0.prepare)
-    assert prepare_config(r.prepare)["history_genres"] is True and prepare_config(r.prepare)["instruction"] == "genres"
+    assert "history_genres" not in fingerprint(r0.prepare) and "instruction" not in fingerprint(r0.prepare)
+    assert fingerprint(r.prepare)["history_genres"] is True and fingerprint(r.prepare)["instruction"] == "genres"
     with pytest.raises(ValueError, match="prepare.instruction"):
         make_recipe(tmp_path, "ml-100k-recbole", "t2", "prepare.instruction=poem")
 
