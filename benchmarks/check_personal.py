@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 from pathlib import Path
 
@@ -78,25 +79,22 @@ def main() -> None:
     recipe = load_recipe(args.recipe, args.overrides)
     # each judge's plain reward: the personal part is what this script computes (score.contrast would subtract twice)
     recipe = dataclasses.replace(recipe, score=dataclasses.replace(recipe.score, contrast=0))
-    chk = runs.stage_dir(recipe, "check", args.round)
+    if args.sample:  # one generator: the round's own sample stage, its valid users
+        where = runs.stage_dir(recipe, "sample", args.round)
+        dirs, script = {"old": where}, "sample"
+    else:
+        where = runs.stage_dir(recipe, "check", args.round)
+        dirs, script = {side: where / side / "sample" for side in ("old", "new")}, "check"
     sides = {}
-    if args.sample:
-        d = runs.stage_dir(recipe, "sample", args.round)
+    for side, d in dirs.items():
         if not (d / "stage.json").is_file():
             sys.exit(f"check_personal: {d} is not a finished sample stage: run "
-                     f"`python pipelines/sample.py --recipe {args.recipe} --round {args.round}` first")
-        prof = read_artifact(d, "profiles", "sample")
-        sides["old"] = prof.filter(pl.col("split") == "valid").sort("user_id", "sample_idx")
-        if sides["old"].height == 0:
+                     f"`python pipelines/{script}.py --recipe {args.recipe} --round {args.round}` first")
+        prof = read_artifact(d, "profiles", "sample").filter(pl.col("split") == "valid")
+        if prof.height == 0:
             sys.exit(f"check_personal: {d} holds no valid users' profiles (sample.splits must include valid)")
-    where = runs.stage_dir(recipe, "sample", args.round) if args.sample else chk
-    for side in () if args.sample else ("old", "new"):
-        d = chk / side / "sample"
-        if not (d / "stage.json").is_file():
-            sys.exit(f"check_personal: {d} is not a finished sample stage: run "
-                     f"`python pipelines/check.py --recipe {args.recipe} --round {args.round}` first")
-        sides[side] = read_artifact(d, "profiles", "sample").sort("user_id", "sample_idx")
-    users = np.intersect1d(*(s_["user_id"].unique().to_numpy() for s_ in (sides["old"], sides.get("new", sides["old"]))))
+        sides[side] = prof.sort("user_id", "sample_idx")
+    users = functools.reduce(np.intersect1d, (prof["user_id"].unique().to_numpy() for prof in sides.values()))
     rng = np.random.default_rng(recipe.seed)
     perms = [derangement(len(users), rng) for _ in range(args.derangements)]
     what = "one generator, mean reward" if args.sample else "new - old, mean over users [95% paired bootstrap]"
