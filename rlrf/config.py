@@ -243,10 +243,17 @@ class PairsConfig:
                                    "(-1 = off: best vs worst)", late=True)
     ended_only: bool = _f(False, "leave profiles cut at sample.max_new_tokens out of the pairs (a cut profile is "
                                  "often a copied history list, which the retrieval rewards pay for)", late=True)
+    typicality_tolerance: float = _f(-1.0, "the chosen profile may be at most this much more typical than the rejected "
+                                           "one (typicality: the mean share of the split's other users whose profiles "
+                                           "use each of its word bigrams), so a reward that pays for what every "
+                                           "profile says cannot teach DPO to write alike for all (-1 = off; 0 = never "
+                                           "more typical)", late=True)
 
     def __post_init__(self):
         _check(self.min_margin >= 0, "pairs.min_margin", "must be >= 0 (ties are always dropped)")
         _check(self.length_tolerance >= -1, "pairs.length_tolerance", "must be >= 0 tokens, or -1 (off)")
+        _check(self.typicality_tolerance == -1 or 0 <= self.typicality_tolerance <= 1, "pairs.typicality_tolerance",
+               f"must be in [0, 1], or -1 (off); got {self.typicality_tolerance}")
         _check(set(self.splits) <= {"train", "valid", "test"} and self.splits, "pairs.splits",
                f"must be a non-empty subset of train, valid, test; got {self.splits}")
         _check(set(self.heldout_splits) <= {"train", "valid", "test"} and not set(self.heldout_splits) & set(self.splits),
@@ -257,6 +264,10 @@ class PairsConfig:
 class DPOConfig:
     backend: str = _f("trl", "trl | llamafactory (writes a LLaMA-Factory recipe and runs llamafactory-cli)")
     beta: float = _f(0.1, "DPO beta; smaller lets the policy move further from the reference")
+    sft_weight: float = _f(0.0, "RPO (Pang et al., 2024): add this weight x the chosen profile's mean token NLL to the "
+                                "DPO loss, so DPO cannot lower the chosen text's likelihood along with the rejected "
+                                "one's and move the mass to some other text (TRL loss_type [sigmoid, sft]; "
+                                "LLaMA-Factory pref_ftx). 0 = plain DPO", late=True)
     learning_rate: float = _f(5e-5, "AdamW learning rate")
     per_device_train_batch_size: int = _f(2, "pairs per forward")
     gradient_accumulation_steps: int = _f(8, "forwards per optimizer step")
@@ -287,6 +298,7 @@ class DPOConfig:
     def __post_init__(self):
         _check(self.backend in ("trl", "llamafactory"), "dpo.backend", f"unknown backend {self.backend!r}; choose trl or llamafactory")
         _check(self.beta > 0, "dpo.beta", "must be > 0")
+        _check(self.sft_weight >= 0, "dpo.sft_weight", "must be >= 0 (0 = plain DPO)")
         _check(self.learning_rate > 0, "dpo.learning_rate", "must be > 0")
         _check(self.dtype in ("auto", "bfloat16", "float32"), "dpo.dtype", "auto | bfloat16 | float32")
         _check(self.per_device_train_batch_size >= 1 and self.gradient_accumulation_steps >= 1,

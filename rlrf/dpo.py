@@ -17,7 +17,7 @@ import csv
 import shutil
 from pathlib import Path
 
-from rlrf.config import Recipe
+from rlrf.config import Recipe, fingerprint
 from rlrf.llm import SAFE_MODEL, SAFE_TOKENIZER
 from rlrf.machine import has_cuda
 from rlrf.store import Stage, StageError, atomic_path, read_artifact
@@ -49,6 +49,9 @@ def trl_args(cfg, output_dir: Path, seed: int, bf16: bool):
     return TRLDPOConfig(
         output_dir=str(output_dir),
         beta=cfg.beta,
+        # RPO: the chosen side's NLL beside the DPO loss (TRL sums the listed losses with their weights)
+        loss_type=["sigmoid", "sft"] if cfg.sft_weight > 0 else ["sigmoid"],
+        loss_weights=[1.0, cfg.sft_weight] if cfg.sft_weight > 0 else None,
         learning_rate=cfg.learning_rate,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -295,7 +298,7 @@ def dpo_stage(recipe: Recipe, pairs_dir, generator: str, out_dir, *, force: bool
 
     pairs_dir, out_dir = Path(pairs_dir), Path(out_dir)
     model_dir = resolve_model(generator)
-    config = {"dpo": recipe.to_dict()["dpo"], "seed": recipe.seed, "generator": str(generator),
+    config = {"dpo": fingerprint(recipe.dpo), "seed": recipe.seed, "generator": str(generator),
               "generator_hash": weights_hash(model_dir)}
     with Stage(out_dir, "dpo", config, inputs=[pairs_dir], force=force) as st:
         if st.done:

@@ -133,6 +133,8 @@ def llamafactory_recipe(recipe: Recipe, pairs_dir: Path, model_dir: Path, out_di
         "data_seed": recipe.seed,
         "report_to": "none",
     }
+    if cfg.sft_weight > 0:  # RPO: LLaMA-Factory's SFT term in the DPO loss (the chosen side's mean token NLL)
+        lf["pref_ftx"] = cfg.sft_weight
     if cfg.template != "auto":
         lf["template"] = cfg.template
     return lf

@@ -15,6 +15,7 @@ from pathlib import Path
 import polars as pl
 
 from rlrf.config import Recipe, fingerprint
+from rlrf.quality import distinct_n, typicality
 from rlrf.schema import SCHEMAS
 from rlrf.store import Stage, StageError, read_artifact, write_json
 
@@ -27,9 +28,9 @@ def dataset_name(round: int) -> str:
 
 
 def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance: int = -1,
-                 ended_only: bool = False) -> tuple[pl.DataFrame, Counter]:
+                 ended_only: bool = False, typicality_tolerance: float = -1.0) -> tuple[pl.DataFrame, Counter]:
     """Best and worst profile per user from a scores frame (user_id, sample_idx, reward, empty_text; plus
-    n_tokens with `length_tolerance`, finish_reason with `ended_only`).
+    n_tokens with `length_tolerance`, finish_reason with `ended_only`, typicality with `typicality_tolerance`).
 
     Returns one row per kept user (user_id, chosen_idx, rejected_idx, chosen_reward, rejected_reward,
     margin) and the users dropped by reason. Empty profiles are left out before picking (an empty
@@ -37,7 +38,9 @@ def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance
     no held-out positives), and with `ended_only` so are profiles cut at the token
     limit (finish_reason "length"). With `length_tolerance` >= 0 the pair is the largest-margin one whose two
     profiles differ by at most that many tokens, so a reward that grows with length cannot teach DPO "longer".
-    Equal rewards resolve to the lowest sample_idx for both picks, so the choice is deterministic.
+    With `typicality_tolerance` >= 0 the chosen profile is at most that much more typical than the rejected one
+    (`rlrf.quality.typicality`), so a reward that pays for what every user's profile says cannot teach DPO to
+    write alike for everyone. Equal rewards resolve to the lowest sample_idx for both picks, so the choice is deterministic.
     """
     dropped: Counter = Counter()
     n_empty = int(scores["empty_text"].sum())
@@ -52,11 +55,17 @@ def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance
         dropped["cut_at_limit"] += int(cut.sum())
         live = live.filter(~cut)
     counts = live.group_by("user_id").len()
-    if length_tolerance >= 0:
-        side = live.select("user_id", "sample_idx", "reward", "n_tokens")
-        cand = (side.join(side, on="user_id", suffix="_r")
-                .filter((pl.col("sample_idx") != pl.col("sample_idx_r"))
-                        & ((pl.col("n_tokens") - pl.col("n_tokens_r")).abs() <= length_tolerance))
+    if length_tolerance >= 0 or typicality_tolerance >= 0:
+        cols = ["n_tokens"] * (length_tolerance >= 0) + ["typicality"] * (typicality_tolerance >= 0)
+        side = live.select("user_id", "sample_idx", "reward", *cols)
+        allowed = pl.col("sample_idx") != pl.col("sample_idx_r")
+        if length_tolerance >= 0:
+            allowed &= (pl.col("n_tokens") - pl.col("n_tokens_r")).abs() <= length_tolerance
+        if typicality_tolerance >= 0:
+            allowed &= pl.col("typicality") - pl.col("typicality_r") <= typicality_tolerance
+        # never a pair whose chosen profile has the lower reward (typicality is one-sided: a user may have only those)
+        allowed &= pl.col("reward") >= pl.col("reward_r")
+        cand = (side.join(side, on="user_id", suffix="_r").filter(allowed)
                 .with_columns((pl.col("reward") - pl.col("reward_r")).alias("margin"))
                 .sort(["user_id", "margin", "sample_idx", "sample_idx_r"], descending=[False, True, False, False])
                 .group_by("user_id", maintain_order=True).first()
@@ -65,7 +74,7 @@ def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance
                         "margin"))
         df = counts.join(cand, on="user_id", how="left").sort("user_id")
         far = (df["len"] >= 2) & df["margin"].is_null()
-        dropped["no_pair_within_length"] += int(far.sum())
+        dropped["no_pair_within_tolerance" if typicality_tolerance >= 0 else "no_pair_within_length"] += int(far.sum())
         df = df.filter(~far)
     else:
         best = live.sort(["user_id", "reward", "sample_idx"], descending=[False, True, False]).group_by(
@@ -86,6 +95,22 @@ def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance
     keep = df.filter(~(single | tie | small)).select("user_id", "chosen_idx", "chosen_reward", "rejected_idx",
                                                      "rejected_reward", "margin")
     return keep, +dropped
+
+
+def sides(pairs: pl.DataFrame, scores: pl.DataFrame) -> dict:
+    """What the pairs teach besides the reward: chosen vs rejected mean tokens, corpus distinct-2 and mean typicality.
+    `scores` holds n_tokens and typicality per (user_id, sample_idx). DPO learns whatever tells the two sides apart."""
+    if pairs.is_empty():
+        return {}
+    side = scores.select("user_id", "sample_idx", "n_tokens", "typicality")
+    out = {}
+    for name in ("chosen", "rejected"):
+        d = pairs.select("user_id", pl.col(f"{name}_idx").alias("sample_idx"),
+                         pl.col(name).list.first().struct.field("content").alias("text")).join(
+            side, on=["user_id", "sample_idx"], how="left")
+        out[name] = {"mean_tokens": float(d["n_tokens"].mean()), "distinct_2": distinct_n(d["text"].to_list()),
+                     "typicality": float(d["typicality"].mean())}
+    return out
 
 
 def to_trl(chosen: pl.DataFrame, profiles: pl.DataFrame, round: int) -> pl.DataFrame:
@@ -147,13 +172,19 @@ def pairs_stage(recipe: Recipe, profiles_dir, scores_dir, out_dir, round: int, *
             return out_dir
         profiles = read_artifact(profiles_dir, "profiles", "sample")
         # every split's scores with the profile's length and finish (what the pairing options look at), read once
+        # typicality among the profiles of the same split (what a split's corpus distinct-2 is made of)
+        profiles = pl.concat([part.with_columns(typicality=pl.Series(
+            typicality(part["text"].to_list(), part["user_id"].to_list()), dtype=pl.Float64))
+            for part in profiles.partition_by("split", maintain_order=True)]) if profiles.height else \
+            profiles.with_columns(typicality=pl.lit(None, pl.Float64))
         every = read_artifact(scores_dir, "scores", "score").join(
-            profiles.select("user_id", "sample_idx", "n_tokens", "finish_reason"), on=["user_id", "sample_idx"],
-            how="left")
+            profiles.select("user_id", "sample_idx", "n_tokens", "finish_reason", "typicality"),
+            on=["user_id", "sample_idx"], how="left")
 
         def pick(splits: list[str]) -> tuple[pl.DataFrame, pl.DataFrame, Counter]:
             scores = every.filter(pl.col("split").is_in(splits))
-            picked, dropped = select_pairs(scores, cfg.min_margin, cfg.length_tolerance, cfg.ended_only)
+            picked, dropped = select_pairs(scores, cfg.min_margin, cfg.length_tolerance, cfg.ended_only,
+                                           cfg.typicality_tolerance)
             return scores, picked, dropped
 
         scores, picked, dropped = pick(cfg.splits)
@@ -172,6 +203,7 @@ def pairs_stage(recipe: Recipe, profiles_dir, scores_dir, out_dir, round: int, *
             st.write_shard(todo, {"pairs": pairs, "heldout_pairs": held}, counters=dict(dropped))
         users = scores["user_id"].n_unique()
         info = st.finish(extra={"users": users, "mean_margin": float(pairs["margin"].mean() or 0.0),
+                                "sides": sides(pairs, every),
                                 "heldout_pairs": held.height, "heldout_splits": cfg.heldout_splits,
                                 "llamafactory_dataset": dataset_name(round) if cfg.llamafactory_export else None})
         if info is not None and pairs.is_empty():

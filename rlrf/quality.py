@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 
 import numpy as np
 import polars as pl
@@ -39,6 +40,26 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
         total += len(grams)
         seen.update(grams)
     return len(seen) / total if total else 0.0
+
+
+def typicality(texts: list[str], user_ids: list[int]) -> np.ndarray:
+    """Per text: the mean, over its distinct word bigrams, of the share of the *other* users whose texts use that
+    bigram (0 = nothing it says is said for anyone else, 1 = every bigram is in every other user's texts).
+
+    The per-profile side of corpus distinct-2: a set of profiles whose typicality rises has a falling distinct-2.
+    A user's own texts do not count for one another (N profiles of one user share their history's words). A text
+    with no bigram scores 0; with a single user every text scores 0."""
+    grams = [set(zip(w, w[1:])) for w in (words(t) for t in texts)]
+    per_user: dict = {}
+    for u, g in zip(user_ids, grams):
+        per_user.setdefault(u, set()).update(g)
+    users_of: Counter = Counter()
+    for g in per_user.values():
+        users_of.update(g)
+    others = len(per_user) - 1
+    if others < 1:
+        return np.zeros(len(texts))
+    return np.array([float(np.mean([users_of[b] - 1 for b in g])) / others if g else 0.0 for g in grams])
 
 
 def padded(text: str) -> str:

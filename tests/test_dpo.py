@@ -105,6 +105,26 @@ def test_lora_parameters_change_and_loss_is_logged(trained):
     assert held["pairs"] == 4 and held["accuracy"] > 0.5 and held["low"] < held["accuracy"] <= held["high"] <= 1
 
 
+def test_sft_weight_adds_the_chosen_nll_and_keeps_chosen_likely(trained, tmp_path):
+    """dpo.sft_weight (RPO) reaches TRL as loss_type [sigmoid, sft]: the first step's loss is log 2 plus the weight
+    x the chosen profiles' mean token NLL, and after the same steps from the same seed the chosen profiles are
+    more likely than under plain DPO (which may lower chosen and rejected together)."""
+    from rlrf.dpo import dpo_stage
+
+    _, model_dir, pairs, plain = trained
+    out = dpo_stage(load_recipe(None, TINY + ["dpo.sft_weight=5"]), pairs, str(model_dir), tmp_path / "dpo")
+    rows = list(csv.DictReader(open(out / "train_log.csv")))
+    base = list(csv.DictReader(open(plain / "train_log.csv")))
+    first = rows[0]
+    # step 1: the policy is the reference, so the DPO part is log 2 and logps/chosen is the chosen NLL summed per
+    # pair; the tiny model's random chosen NLL is far above 0, so the loss is far above plain DPO's log 2
+    assert float(base[0]["loss"]) == pytest.approx(0.6931, abs=0.01)
+    assert float(first["loss"]) > 0.6931 + 5 * 1.0
+    assert float(rows[-1]["logps/chosen"]) > float(base[-1]["logps/chosen"])
+    assert read_stage_json(out)["config"]["dpo"]["sft_weight"] == 5
+    assert "sft_weight" not in read_stage_json(plain)["config"]["dpo"]  # a late key: old runs keep their fingerprint
+
+
 def test_merged_model_differs_from_base_loads_and_generates(trained):
     from safetensors.torch import load_file
 
@@ -195,7 +215,7 @@ def test_llamafactory_backend_writes_its_recipe_and_says_how_to_install(trained,
     assert str(path) in msg
     lf = yaml.safe_load(path.read_text())
     assert lf["stage"] == "dpo" and lf["finetuning_type"] == "lora" and lf["pref_loss"] == "sigmoid"
-    assert lf["pref_beta"] == 0.1 and lf["template"] == "chatml" and lf["lora_rank"] == 4
+    assert lf["pref_beta"] == 0.1 and lf["template"] == "chatml" and lf["lora_rank"] == 4 and "pref_ftx" not in lf
     # LLaMA-Factory ignores `gradient_checkpointing: false`; bf16 on a CPU needs use_cpu (dtype=float32 here)
     assert lf["disable_gradient_checkpointing"] is True and "gradient_checkpointing" not in lf
     assert lf["use_cpu"] is not torch.cuda.is_available() and lf["bf16"] is False
@@ -203,6 +223,12 @@ def test_llamafactory_backend_writes_its_recipe_and_says_how_to_install(trained,
     assert lf["dataset"] in info and info[lf["dataset"]]["ranking"] is True
     assert lf["model_name_or_path"] == str(model_dir.resolve())
     assert lf["output_dir"] == str((tmp_path / "dpo" / "checkpoints").resolve())
+    # dpo.sft_weight (RPO) is LLaMA-Factory's pref_ftx
+    with pytest.raises(StageError):
+        dpo_stage(load_recipe(None, TINY + ["dpo.backend=llamafactory", "dpo.template=chatml", "dpo.sft_weight=0.5",
+                                            "dpo.llamafactory_cli=/nonexistent/llamafactory-cli"]),
+                  pairs, str(model_dir), tmp_path / "dpo_rpo")
+    assert yaml.safe_load((tmp_path / "dpo_rpo" / "llamafactory_dpo.yaml").read_text())["pref_ftx"] == 0.5
 
 
 def test_llamafactory_cutoff_holds_the_longest_pair_and_auto_leaves_the_template_to_the_tokenizer(trained, tmp_path):

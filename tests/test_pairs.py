@@ -85,6 +85,43 @@ def test_ended_only_leaves_cut_profiles_out():
     assert dict(dropped) == {"cut_at_limit": 2, "single_profile": 1}
 
 
+def test_typicality_tolerance_never_pairs_a_more_typical_chosen():
+    """User 1: the best (0.9) is the most typical, so with tolerance 0 the pair is 0.5 (typicality 0.1) over 0.1
+    (0.2); with tolerance 0.35 the best may be up to 0.35 more typical: 0.9 over 0.1 (0.5 - 0.2 = 0.3). User 2's
+    only ordered pair has the more typical profile on top: no pair. Worked by hand."""
+    sc = _scores({1: [0.9, 0.5, 0.1], 2: [0.8, 0.2]}).with_columns(
+        typicality=pl.Series([0.5, 0.1, 0.2, 0.9, 0.1]))
+    picked, dropped = select_pairs(sc, typicality_tolerance=0.0)
+    assert picked.select("user_id", "chosen_idx", "rejected_idx").rows() == [(1, 1, 2)]
+    assert picked["margin"].to_list() == pytest.approx([0.4])
+    assert dict(dropped) == {"no_pair_within_tolerance": 1}
+    loose, _ = select_pairs(sc, typicality_tolerance=0.35)
+    assert loose.select("user_id", "chosen_idx", "rejected_idx").rows() == [(1, 0, 2)]
+    # with length too, both must hold: user 1's 0.1 is 38 tokens longer than the rest and 0.9 is 0.4 more typical
+    # than 0.5: no pair is left
+    both, dropped = select_pairs(sc.with_columns(n_tokens=pl.Series([10, 12, 50, 10, 10])), length_tolerance=5,
+                                 typicality_tolerance=0.35)
+    assert both.is_empty() and dropped["no_pair_within_tolerance"] == 2
+    with pytest.raises(ValueError, match="pairs.typicality_tolerance"):
+        load_recipe(None, ["pairs.typicality_tolerance=1.5"])
+
+
+def test_stage_reports_what_tells_chosen_from_rejected(tmp_path):
+    """Every user's chosen profile says what the others' say ("likes drama films"), the rejected ones are their own:
+    the summary shows the chosen side more typical and less diverse; with typicality_tolerance=0 no pair is left."""
+    texts = {u: ["likes drama films", f"only {w} here"] for u, w in ((1, "noir"), (2, "westerns"), (3, "musicals"))}
+    prof, sc = _stage_inputs(tmp_path, {1: [0.9, 0.1], 2: [0.8, 0.2], 3: [0.7, 0.3]}, texts=texts)
+    out = pairs_stage(load_recipe(None), prof, sc, tmp_path / "pairs", round=1)
+    sides = read_stage_json(out)["sides"]
+    assert sides["chosen"]["typicality"] == pytest.approx(1.0) and sides["rejected"]["typicality"] == pytest.approx(0.0)
+    assert sides["chosen"]["distinct_2"] == pytest.approx(2 / 6) and sides["rejected"]["distinct_2"] == pytest.approx(1.0)
+    assert sides["chosen"]["mean_tokens"] == sides["rejected"]["mean_tokens"] == 3
+    recipe = load_recipe(None, ["pairs.typicality_tolerance=0"])
+    out = pairs_stage(recipe, prof, sc, tmp_path / "pairs_t", round=1)
+    assert read_artifact(out, "pairs").is_empty()
+    assert read_stage_json(out)["dropped"] == {"no_pair_within_tolerance": 3}
+
+
 def test_pairing_options_reach_the_stage_and_its_fingerprint_only_when_set(tmp_path):
     from rlrf.config import fingerprint
 

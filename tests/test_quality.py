@@ -16,6 +16,7 @@ from rlrf.quality import (
     normalize_title,
     perplexity,
     profile_quality,
+    typicality,
     words,
 )
 
@@ -32,6 +33,18 @@ def test_distinct_2_by_hand():
     assert distinct_n([], 2) == 0.0
     # a generator repeating one profile for everyone has distinct-2 falling with the number of users
     assert distinct_n(["likes action movies"] * 4, 2) == pytest.approx(2 / 8)
+
+
+def test_typicality_by_hand():
+    # bigrams: user 1 {ab, bc} and {ab}; user 2 {ab, bd}; user 3 {xy}. Users using each: ab 2, bc 1, bd 1, xy 1.
+    # Per text: the mean over its bigrams of (users using it - the text's own user) / (3 - 1 other users).
+    t = typicality(["a b c", "a b", "a b d", "x y"], [1, 1, 2, 3])
+    assert t.tolist() == pytest.approx([(1 + 0) / 2 / 2, 1 / 2, (1 + 0) / 2 / 2, 0.0])
+    # a user's own profiles never make each other typical; one user alone, or no bigram, is 0
+    assert typicality(["likes action movies"] * 3, [1, 1, 1]).tolist() == [0.0, 0.0, 0.0]
+    assert typicality(["drama", "likes drama"], [1, 2]).tolist() == [0.0, 0.0]
+    # the same profile for every user is as typical as can be
+    assert typicality(["likes action movies"] * 3, [1, 2, 3]).tolist() == [1.0, 1.0, 1.0]
 
 
 def test_words_keep_hyphens_and_apostrophes():
