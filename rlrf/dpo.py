@@ -54,6 +54,8 @@ def trl_args(cfg, output_dir: Path, seed: int, bf16: bool):
         loss_weights=[1.0, cfg.sft_weight] if cfg.sft_weight > 0 else None,
         learning_rate=cfg.learning_rate,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
+        # the held-out pairs' evaluation: TRL's default (8) held more than a training step at the demo's batch of 4
+        per_device_eval_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
@@ -170,13 +172,21 @@ def group_by_length(dataset, batch_size: int, seed: int, megabatch: int = 50):
 def _checkpoint_callback():
     from transformers import TrainerCallback
 
+    from rlrf.memory import trim_freed_memory
     from rlrf.store import _maybe_die
 
     class CheckpointIsAShard(TrainerCallback):
-        """A saved checkpoint is this stage's shard: RLRF_KILL_AFTER_SHARDS kills right after it (resume tests)."""
+        """A saved checkpoint is this stage's shard: RLRF_KILL_AFTER_SHARDS kills right after it (resume tests).
+        After each step and evaluation the heap's freed pages go back to the system (rlrf.memory)."""
 
         def on_save(self, args, state, control, **kw):
             _maybe_die()
+
+        def on_step_end(self, args, state, control, **kw):
+            trim_freed_memory()
+
+        def on_evaluate(self, args, state, control, **kw):
+            trim_freed_memory()
 
     return CheckpointIsAShard()
 
@@ -237,6 +247,7 @@ def merge(model_dir: Path, adapter_dir: Path, out: Path) -> Path:
 def train_trl(recipe: Recipe, pairs_dir: Path, model_dir: Path, out_dir: Path, log=print) -> dict:
     import torch
     from trl import DPOTrainer
+
 
     cfg = recipe.dpo
     bf16 = use_bf16(cfg.dtype)

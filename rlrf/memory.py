@@ -79,6 +79,25 @@ def dpo_peak_mb(shape: Shape, *, batch: int, max_length: int, completion_tokens:
     return RUNTIME_MB + (shape.params * bytes_per + tokens * per_token + attn + logits) / 2**20
 
 
+def trim_freed_memory() -> bool:
+    """Hand the heap's freed pages back to the system (glibc `malloc_trim(0)`); False where there is no glibc.
+
+    glibc serves torch's large tensors by mmap until the first such free, then raises its mmap threshold (up to
+    32 MB) and serves them from the heap, whose freed holes it keeps: measured on the demo's dpo stage (batch 2),
+    resident memory climbed from 2.6 GB after the first steps to 4.2 GB by the last with the live tensors
+    unchanged. Trimming after each optimizer step ends that climb for a few milliseconds a step. (A fixed mmap
+    threshold, the other cure, made each step 50% slower here: every large tensor then comes as fresh zeroed
+    pages.)"""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def machine_mb() -> tuple[float | None, float | None]:
     """(free now, in all) in MB: /proc/meminfo's MemAvailable and MemTotal, capped by a cgroup v2 memory limit;
     (None, None) where neither can be read."""

@@ -45,3 +45,27 @@ def test_preflight_refuses_what_cannot_fit_and_warns_when_memory_is_taken():
 def test_machine_mb_reads_this_machine():
     free, total = machine_mb()
     assert total is None or 0 < free <= total
+
+
+def test_trim_freed_memory_gives_heap_holes_back_and_is_a_no_op_without_glibc(monkeypatch):
+    """Many mid-size blocks freed in the middle of the heap stay resident until trimmed."""
+    import ctypes
+    import sys
+
+    from rlrf import memory
+
+    def rss_mb():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+    if sys.platform.startswith("linux"):
+        keep, drop = [], []
+        for i in range(4000):  # 64 KB blocks (under glibc's mmap threshold), every other one kept: holes
+            (keep if i % 2 else drop).append(bytearray(64 * 1024))
+        del drop
+        before = rss_mb()
+        assert memory.trim_freed_memory() in (True, False)
+        assert rss_mb() < before - 50  # ~125 MB of freed holes handed back
+        del keep
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: (_ for _ in ()).throw(OSError("no libc")))
+    assert memory.trim_freed_memory() is False
