@@ -248,7 +248,6 @@ def train_trl(recipe: Recipe, pairs_dir: Path, model_dir: Path, out_dir: Path, l
     import torch
     from trl import DPOTrainer
 
-
     cfg = recipe.dpo
     bf16 = use_bf16(cfg.dtype)
     torch.manual_seed(recipe.seed)
