@@ -12,6 +12,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from rlrf.config import Recipe, fingerprint
@@ -97,6 +98,18 @@ def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance
     return keep, +dropped
 
 
+def with_typicality(profiles: pl.DataFrame) -> pl.DataFrame:
+    """The profiles with a `typicality` column (`rlrf.quality.typicality`), measured among the profiles of the same
+    split: what that split's corpus distinct-2 is made of."""
+    typ = np.zeros(profiles.height)
+    split = profiles["split"].to_numpy()
+    for name in np.unique(split):
+        at = split == name
+        part = profiles.filter(pl.Series(at))
+        typ[at] = typicality(part["text"].to_list(), part["user_id"].to_list())
+    return profiles.with_columns(typicality=pl.Series(typ, dtype=pl.Float64))
+
+
 def sides(pairs: pl.DataFrame, scores: pl.DataFrame) -> dict:
     """What the pairs teach besides the reward: chosen vs rejected mean tokens, corpus distinct-2 and mean typicality.
     `scores` holds n_tokens and typicality per (user_id, sample_idx). DPO learns whatever tells the two sides apart."""
@@ -170,13 +183,8 @@ def pairs_stage(recipe: Recipe, profiles_dir, scores_dir, out_dir, round: int, *
     with Stage(out_dir, "pairs", config, inputs=[profiles_dir, scores_dir], force=force) as st:
         if st.done:
             return out_dir
-        profiles = read_artifact(profiles_dir, "profiles", "sample")
-        # every split's scores with the profile's length and finish (what the pairing options look at), read once
-        # typicality among the profiles of the same split (what a split's corpus distinct-2 is made of)
-        profiles = pl.concat([part.with_columns(typicality=pl.Series(
-            typicality(part["text"].to_list(), part["user_id"].to_list()), dtype=pl.Float64))
-            for part in profiles.partition_by("split", maintain_order=True)]) if profiles.height else \
-            profiles.with_columns(typicality=pl.lit(None, pl.Float64))
+        profiles = with_typicality(read_artifact(profiles_dir, "profiles", "sample"))
+        # every split's scores with what the pairing options look at (length, finish, typicality), read once
         every = read_artifact(scores_dir, "scores", "score").join(
             profiles.select("user_id", "sample_idx", "n_tokens", "finish_reason", "typicality"),
             on=["user_id", "sample_idx"], how="left")
