@@ -65,6 +65,19 @@ def test_shipped_recipes_load(path):
     assert r.run and r.seed == 1234
 
 
+def test_the_llamafactory_recipe_is_the_demo_but_for_its_dpo_backend():
+    """The two are compared (README: time of a round with either backend), so nothing but the backend may differ."""
+    recipes = Path(__file__).resolve().parent.parent / "recipes"
+    demo = load_recipe(recipes / "ml100k_smollm2.yaml").to_dict()
+    lf = load_recipe(recipes / "llamafactory_dpo_smollm2.yaml").to_dict()
+    assert (lf["dpo"]["backend"], lf["dpo"]["share_prompt"]) == ("llamafactory", False)
+    assert lf["run"] != demo["run"]
+    for key in ("backend", "share_prompt"):  # share_prompt is the trl backend's packed forward
+        del lf["dpo"][key], demo["dpo"][key]
+    del lf["run"], demo["run"]
+    assert lf == demo
+
+
 def test_section_hash_tracks_only_named_sections():
     a, b = load_recipe(None), load_recipe(None, ["dpo.beta=0.5"])
     assert a.section_hash("data", "prepare") == b.section_hash("data", "prepare")
