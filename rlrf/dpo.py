@@ -317,12 +317,22 @@ def dpo_stage(recipe: Recipe, pairs_dir, generator: str, out_dir, *, force: bool
         if pairs.is_empty():
             raise StageError(f"{pairs_dir}: no preference pairs (every user was dropped; see its stage.json "
                              f"'dropped'). Raise sample.n or sample.temperature, or lower pairs.min_margin.")
-        if recipe.dpo.backend == "llamafactory":
-            from rlrf.llamafactory import run_llamafactory
-
-            extra = run_llamafactory(recipe, pairs_dir, model_dir, out_dir, log=st.log)
-        else:
-            estimate = check_memory(recipe, model_dir, st.log)
-            extra = {**train_trl(recipe, pairs_dir, model_dir, out_dir, log=st.log), "memory_estimate_mb": estimate}
+        extra = BACKENDS[recipe.dpo.backend](recipe, pairs_dir, model_dir, out_dir, st.log)
         st.finish(extra=extra, rows={"pairs": pairs.height})
     return out_dir
+
+
+def _trl(recipe: Recipe, pairs_dir: Path, model_dir: Path, out_dir: Path, log) -> dict:
+    estimate = check_memory(recipe, model_dir, log)
+    return {**train_trl(recipe, pairs_dir, model_dir, out_dir, log=log), "memory_estimate_mb": estimate}
+
+
+def _llamafactory(recipe: Recipe, pairs_dir: Path, model_dir: Path, out_dir: Path, log) -> dict:
+    from rlrf.llamafactory import run_llamafactory
+
+    return run_llamafactory(recipe, pairs_dir, model_dir, out_dir, log=log)
+
+
+# dpo.backend -> trainer(recipe, pairs_dir, model_dir, out_dir, log) -> the stage summary's extra keys; each leaves
+# out_dir/adapter, out_dir/merged (the next round's generator), train_log.csv and loss.png
+BACKENDS = {"trl": _trl, "llamafactory": _llamafactory}

@@ -268,10 +268,15 @@ def _strip_eos(ids: list[int], finish_reason: str, tok) -> list[int]:
 
 def open_backend(backend: str, model: str, dtype: str = "auto", batch_size: int = 64, threads: int = 0,
                  pad_to: int = 0):
-    """The sample stage's backend: hf (CPU or one GPU) or vllm."""
-    if backend == "hf":
-        return HFBackend(model, dtype, batch_size, threads, pad_to)
-    if backend == "vllm":
-        return VLLMBackend(model, dtype)
-    raise ValueError(f"sample.backend={backend!r}: choose hf or vllm")
+    """The sample stage's backend (BACKENDS): hf (CPU or one GPU) or vllm."""
+    if backend not in BACKENDS:
+        raise ValueError(f"sample.backend={backend!r}: choose one of {', '.join(BACKENDS)}")
+    return BACKENDS[backend](model, dtype, batch_size, threads, pad_to)
+
+
+# sample.backend -> opener(model, dtype, batch_size, threads, pad_to)
+BACKENDS = {
+    "hf": lambda model, dtype, batch_size, threads, pad_to: HFBackend(model, dtype, batch_size, threads, pad_to),
+    "vllm": lambda model, dtype, batch_size, threads, pad_to: VLLMBackend(model, dtype),
+}
 

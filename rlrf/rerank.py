@@ -3,12 +3,8 @@
 Each candidate item is the concatenation of its id embedding, its attribute (first genre) embedding
 (32 each) and, with knowledge on, the hybrid-expert adaptor's output for two tasks: user preference
 (driven by the user's profile embedding) and item fact (driven by the item text embedding), 32 dims
-each. With knowledge off the same code is the base model. The backbone reads the whole list:
-
-- DLCM: a GRU (hidden 64) over the list; item i scores V . (o_i * tanh(W s + b)), o_i the GRU output
-  at i and s its final state (DLCM's local perception function Phi, as KAR uses it).
-- PRM: sinusoidal position encoding, one 2-head self-attention block, an MLP 200-80, one logit
-  (the sigmoid lives in the loss; ranking by logits is ranking by sigmoids).
+each. With knowledge off the same code is the base model. A backbone (rlrf/backbones.py: DLCM, PRM) reads
+the whole list of candidate vectors and gives each a logit.
 
 With `history` > 0 (reranker.history; evaluate.history for the evaluation rerankers) each candidate also
 gets user-history features: its id and attribute embeddings times the mean embedding of the user's liked
@@ -26,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,14 +33,13 @@ from torch import nn
 from tqdm import tqdm
 
 from rlrf import runs
+from rlrf.backbones import BACKBONES, mlp
 from rlrf.config import Recipe, RerankerConfig, fingerprint
 from rlrf.rerank_data import RerankData, load_data
 from rlrf.store import Stage, StageError, atomic_path, write_json
 from rlrf.threads import torch_threads
 
 KS = (1, 3, 5, 7)
-
-
 
 
 # ----------------------------------------------------------------------------- models
@@ -86,15 +80,6 @@ class RerankerSpec:
         return cls(**d)
 
 
-def _mlp(sizes: list[int], last_act: bool = True) -> nn.Sequential:
-    layers = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if last_act or i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
 class HybridExpertAdaptor(nn.Module):
     """KAR's hybrid-expert adaptor: per task, n_shared experts (shared by all tasks) plus n_dedicated
     experts of its own, mixed by a softmax gate computed from that task's vector."""
@@ -102,8 +87,8 @@ class HybridExpertAdaptor(nn.Module):
     def __init__(self, d_in: int, n_tasks: int = 2, n_shared: int = 2, n_dedicated: int = 5,
                  hidden: int = 128, out: int = 32):
         super().__init__()
-        self.shared = nn.ModuleList(_mlp([d_in, hidden, out]) for _ in range(n_shared))
-        self.dedicated = nn.ModuleList(nn.ModuleList(_mlp([d_in, hidden, out]) for _ in range(n_dedicated))
+        self.shared = nn.ModuleList(mlp([d_in, hidden, out]) for _ in range(n_shared))
+        self.dedicated = nn.ModuleList(nn.ModuleList(mlp([d_in, hidden, out]) for _ in range(n_dedicated))
                                        for _ in range(n_tasks))
         self.gates = nn.ModuleList(nn.Linear(d_in, n_shared + n_dedicated) for _ in range(n_tasks))
 
@@ -111,45 +96,6 @@ class HybridExpertAdaptor(nn.Module):
         experts = torch.stack([e(x) for e in (*self.shared, *self.dedicated[t])], dim=-2)  # (..., E, out)
         gate = torch.softmax(self.gates[t](x), dim=-1).unsqueeze(-1)                      # (..., E, 1)
         return (gate * experts).sum(-2)
-
-
-class DLCM(nn.Module):
-    def __init__(self, d_in: int, hidden: int = 64):
-        super().__init__()
-        self.gru = nn.GRU(d_in, hidden, batch_first=True)
-        self.phi_w = nn.Linear(hidden, hidden)
-        self.phi_v = nn.Linear(hidden, 1, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        o, s = self.gru(x)                                   # o (B, L, H), s (1, B, H)
-        ctx = torch.tanh(self.phi_w(s[-1])).unsqueeze(1)     # (B, 1, H)
-        return self.phi_v(o * ctx).squeeze(-1)
-
-
-def sinusoidal(length: int, dim: int) -> torch.Tensor:
-    pos = torch.arange(length, dtype=torch.float32).unsqueeze(1)
-    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    pe = torch.zeros(length, dim)
-    pe[:, 0::2] = torch.sin(pos * div)
-    pe[:, 1::2] = torch.cos(pos * div[: dim // 2])
-    return pe
-
-
-class PRM(nn.Module):
-    def __init__(self, d_in: int, list_size: int, heads: int = 2, mlp: tuple = (200, 80)):
-        super().__init__()
-        self.register_buffer("pe", sinusoidal(list_size, d_in), persistent=False)
-        self.attn = nn.MultiheadAttention(d_in, heads, batch_first=True)
-        self.norm1 = nn.LayerNorm(d_in)
-        self.ffn = nn.Sequential(nn.Linear(d_in, d_in), nn.ReLU(), nn.Linear(d_in, d_in))
-        self.norm2 = nn.LayerNorm(d_in)
-        self.head = nn.Sequential(_mlp([d_in, *mlp]), nn.Linear(mlp[-1], 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.pe[: x.shape[1]]
-        x = self.norm1(x + self.attn(x, x, x, need_weights=False)[0])
-        x = self.norm2(x + self.ffn(x))
-        return self.head(x).squeeze(-1)
 
 
 class Reranker(nn.Module):
@@ -177,12 +123,9 @@ class Reranker(nn.Module):
                                                spec.expert_hidden, spec.expert_out)
             d += 2 * spec.expert_out
         self.dropout = nn.Dropout(spec.dropout)
-        if spec.backbone == "dlcm":
-            self.backbone = DLCM(d, spec.gru_hidden)
-        elif spec.backbone == "prm":
-            self.backbone = PRM(d, spec.list_size, spec.prm_heads, spec.prm_mlp)
-        else:
-            raise ValueError(f"unknown backbone {spec.backbone!r}; choose dlcm or prm")
+        if spec.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {spec.backbone!r}; choose one of {', '.join(BACKBONES)}")
+        self.backbone = BACKBONES[spec.backbone](d, spec)
 
     def history_features(self, user_ids: torch.Tensor, item_ids: torch.Tensor, cand_item: torch.Tensor,
                          cand_attr: torch.Tensor) -> torch.Tensor:

@@ -259,11 +259,27 @@ def judge_scorer(recipe: Recipe, reranker_dir: str | Path, judge: str = "a", kno
 def load_reward(recipe: Recipe, round: int = 1, kind: str | None = None) -> ProfileReward:
     """The reward of round `round` as a plain function of profile texts and user ids (score.reward by default)."""
     kind = kind or recipe.score.reward
-    if kind in TEXT_SPACES:
-        scorer, embed = text_space(recipe, kind)
-        return ProfileReward(scorer, embed, kind)
-    scorer = retrieval_scorer(recipe) if kind == "retrieval" else judge_scorer(recipe, runs.reranker_dir(recipe, round))
-    return ProfileReward(scorer, text_embedder(recipe), kind)
+    if kind not in REWARDS:
+        raise ValueError(f"no reward {kind!r}; choose one of {', '.join(REWARDS)}")
+    return REWARDS[kind](recipe, round, kind)
+
+
+def _text_reward(recipe: Recipe, round: int, kind: str) -> ProfileReward:
+    scorer, embed = text_space(recipe, kind)
+    return ProfileReward(scorer, embed, kind)
+
+
+def _retrieval_reward(recipe: Recipe, round: int, kind: str) -> ProfileReward:
+    return ProfileReward(retrieval_scorer(recipe), text_embedder(recipe), kind)
+
+
+def _reranker_reward(recipe: Recipe, round: int, kind: str) -> ProfileReward:
+    return ProfileReward(judge_scorer(recipe, runs.reranker_dir(recipe, round)), text_embedder(recipe), kind)
+
+
+# score.reward -> loader(recipe, round, kind) -> ProfileReward
+REWARDS = {"reranker": _reranker_reward, "retrieval": _retrieval_reward, "lexical": _text_reward,
+           "genres": _text_reward}
 
 
 # ----------------------------------------------------------------------------- the stage

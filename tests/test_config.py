@@ -128,3 +128,39 @@ def test_fingerprint_leaves_out_dropped_keys_and_late_keys_at_their_default():
     on = load_recipe(None, ["score.reward=lexical", "score.contrast=5", "sample.trim=sentence", "rounds.trainer=grpo"])
     assert fingerprint(on.score)["contrast"] == 5 and fingerprint(on.sample)["trim"] == "sentence"
     assert fingerprint(on.rounds)["trainer"] == "grpo"
+
+
+def test_each_key_with_fixed_values_is_dispatched_from_a_table_of_exactly_those_values():
+    """A value is typed once (config's Literal) and its dispatch table holds exactly those values: a new backbone,
+    reward or backend is one entry in the table plus its name in the Literal."""
+    from typing import get_args
+
+    from rlrf import backbones, config, dpo, generate, reward
+
+    tables = {config.Backbone: [backbones.BACKBONES], config.SampleBackend: [generate.BACKENDS],
+              config.DPOBackend: [dpo.BACKENDS], config.Reward: [reward.REWARDS, reward.REWARD_COLUMN,
+                                                                   reward.JUDGE_COLUMNS]}
+    for literal, dicts in tables.items():
+        for table in dicts:
+            assert set(table) == set(get_args(literal))
+
+
+@pytest.mark.parametrize("override,msg", [
+    ("reranker.backbone=gru", r"reranker.backbone: unknown value 'gru'; choose dlcm or prm"),
+    ("evaluate.backbones=[dlcm,gru]", r"evaluate.backbones: unknown value 'gru'; each must be dlcm or prm"),
+    ("sample.dtype=fp16", r"sample.dtype: unknown value 'fp16'; choose auto, bfloat16 or float32"),
+    ("score.reward=bm25", r"score.reward: unknown value 'bm25'; choose reranker, retrieval, lexical or genres"),
+    ("grpo.reward=reranker", r"grpo.reward: .*cross-fitted on the sample stage's users"),
+    ("rounds.trainer=ppo", r"rounds.trainer: unknown value 'ppo'; choose dpo or grpo"),
+    ("dpo.backend=true", r"dpo.backend: expected a string, got True"),
+])
+def test_a_value_outside_its_choices_names_the_key_and_the_choices(override, msg):
+    with pytest.raises(ConfigError, match=msg):
+        load_recipe(None, [override])
+
+
+def test_a_section_built_in_code_is_checked_like_a_recipe():
+    from rlrf.config import RerankerConfig
+
+    with pytest.raises(ConfigError, match="reranker.backbone: unknown value 'gru'"):
+        RerankerConfig(backbone="gru")
