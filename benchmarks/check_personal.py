@@ -22,15 +22,14 @@ import argparse
 import dataclasses
 import functools
 import sys
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 
 from rlrf import runs
+from rlrf.artifacts import read_artifact
 from rlrf.config import load_recipe
 from rlrf.stats import paired_bootstrap
-from rlrf.store import read_artifact
 
 JUDGES = ("retrieval", "lexical", "genres")
 

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from rlrf.artifacts import read_artifact
 from rlrf.retrieval import Genres, Lexical, RetrievalReward, catalogue_ndcg, unit
 from rlrf.stats import paired_bootstrap
-from rlrf.store import read_artifact
 
 ALPHAS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 

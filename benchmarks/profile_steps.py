@@ -44,12 +44,12 @@ def report(prof, rows: int, wall: float, title: str) -> None:
 
 def profile_sample(rows: int) -> None:
     from rlrf import runs
+    from rlrf.artifacts import read_artifact
     from rlrf.config import load_recipe
     from rlrf.generate import HFBackend, Sampling
     from rlrf.llm import resolve_model
     from rlrf.prepare import prepare_stage
     from rlrf.sample import fit_prompt, select_users
-    from rlrf.store import read_artifact
 
     recipe = load_recipe("recipes/ml100k_smollm2.yaml", [])
     prepare_stage(recipe)

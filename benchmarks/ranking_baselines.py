@@ -21,10 +21,10 @@ import time
 import numpy as np
 import polars as pl
 
+from rlrf.artifacts import read_artifact
 from rlrf.config import load_recipe
 from rlrf.metrics import ranking_metrics
 from rlrf.prepare import prepare_stage
-from rlrf.store import read_artifact
 
 KS = (1, 3, 5, 7)
 

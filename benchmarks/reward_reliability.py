@@ -62,9 +62,9 @@ def main() -> None:
     a = p.parse_args()
     recipe = load_recipe(a.recipe, a.overrides)
     k = a.round
+    from rlrf.artifacts import read_artifact
     from rlrf.encode import load_knowledge
     from rlrf.reward import judge_scorer, retrieval_scorer
-    from rlrf.store import read_artifact
     from rlrf.threads import torch_threads
 
     enc = runs.stage_dir(recipe, "encode", k)

@@ -22,12 +22,12 @@ import time
 import torch
 
 from rlrf import runs
+from rlrf.artifacts import read_artifact
 from rlrf.config import load_recipe
 from rlrf.generate import HFBackend, Sampling
 from rlrf.llm import resolve_model
 from rlrf.prepare import prepare_stage
 from rlrf.sample import fit_prompt, select_users
-from rlrf.store import read_artifact
 
 N, NEW_TOKENS, BASELINE_BATCH = 4, 64, 16
 

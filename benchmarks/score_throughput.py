@@ -27,12 +27,12 @@ import polars as pl
 import torch
 
 from rlrf import runs
+from rlrf.artifacts import read_artifact
 from rlrf.config import load_recipe
 from rlrf.encode import EmbeddingCache, encode_texts, encoder_id, load_encoder
 from rlrf.rerank import build_model, load_reranker, torch_threads
 from rlrf.rerank_data import RerankData, item_tables
 from rlrf.reward import reward_profiles
-from rlrf.store import read_artifact
 
 GENRES = ["dramas", "comedies", "thrillers", "westerns", "science fiction", "musicals", "war films", "romances"]
 

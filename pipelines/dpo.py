@@ -10,7 +10,7 @@ LLaMA-Factory recipe there instead and runs `llamafactory-cli train` on it (`mak
 from rlrf import runs
 from rlrf.cli import run_main, stage_args
 from rlrf.dpo import dpo_stage
-from rlrf.store import StageError
+from rlrf.errors import StageError
 
 
 def main() -> None:

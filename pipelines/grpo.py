@@ -10,8 +10,8 @@ that the check, the next round and evaluate take this stage's generator as gener
 
 from rlrf import runs
 from rlrf.cli import run_main, stage_args
+from rlrf.errors import StageError
 from rlrf.grpo import grpo_stage
-from rlrf.store import StageError
 
 
 def main() -> None:

@@ -7,9 +7,9 @@ user prompt in parts). The protocol is in rlrf/prepare.py's docstring; drops are
 stage.json. A rerun with the same recipe does nothing; a killed run resumes its missing shards.
 """
 
+from rlrf.artifacts import read_stage_json
 from rlrf.cli import run_main, stage_args
 from rlrf.prepare import prepare_stage
-from rlrf.store import read_stage_json
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ profiles, and the share of users whose N profiles all tie (they give the pairs s
 
 from rlrf import runs
 from rlrf.cli import run_main, stage_args
-from rlrf.reward import score_stage
+from rlrf.score import score_stage
 
 
 def main() -> None:

@@ -23,10 +23,13 @@ import numpy as np
 import polars as pl
 
 from rlrf import runs
-from rlrf.config import Recipe, fingerprint
+from rlrf.artifacts import read_artifact, read_stage_json
+from rlrf.config import Recipe
+from rlrf.errors import StageError
+from rlrf.files import atomic_path, write_parquet
 from rlrf.plots import pyplot, save_png
 from rlrf.stats import paired, paired_bootstrap, verdict
-from rlrf.store import Stage, StageError, atomic_path, read_artifact, read_stage_json, write_parquet
+from rlrf.store import Stage
 
 
 def judges(recipe: Recipe, columns) -> dict[str, str]:
@@ -57,8 +60,8 @@ def _side(recipe: Recipe, root: Path, generator: str, k: int, reranker: Path) ->
     The old generator's profiles are usually already in round k's sample stage (it samples generator k-1
     with round k's seeds, valid users included): they are taken from there instead of sampled again."""
     from rlrf.encode import encode_stage
-    from rlrf.reward import score_stage
     from rlrf.sample import reuse_profiles, sample_stage
+    from rlrf.score import score_stage
 
     rc = recipe.rounds
     want = dict(splits=["valid"], n=rc.learning_check_n, max_users=rc.learning_check_users)
@@ -141,10 +144,8 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
     reranker = runs.reranker_dir(recipe, k)
     if not (reranker / "model.json").is_file() and recipe.score.reward != "reranker":
         reranker = None  # a round without a reranker judge (GRPO's): the training-free judges only
-    d = recipe.to_dict()
-    config = {"rounds": fingerprint(recipe.rounds), "sample": d["sample"], "encode": d["encode"],
-              "score": fingerprint(recipe.score),
-              "round": k, "old": weights_hash(old_gen), "new": weights_hash(new_gen)}
+    config = {**recipe.sections("rounds", "sample", "encode", "score"), "round": k,
+              "old": weights_hash(old_gen), "new": weights_hash(new_gen)}
     # the reranker's fingerprint is an input; the sides' sub-stages live inside this stage's directory, so a
     # --force here wipes them too before they are redone
     with Stage(out, "check", config, inputs=[reranker] if reranker else [], force=force) as st:

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from rlrf.config import ConfigError, Recipe, describe, load_recipe
-from rlrf.store import StageError, parse_shard
+from rlrf.errors import StageError
+from rlrf.store import parse_shard
 
 STAGES = ("prepare", "sample", "encode", "train-reranker", "score", "pairs", "dpo", "check", "evaluate")
 

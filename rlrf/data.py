@@ -31,7 +31,7 @@ import polars as pl
 from tqdm import tqdm
 
 from rlrf.config import DataConfig, PrepareConfig
-from rlrf.store import StageError
+from rlrf.errors import StageError
 
 
 class DataError(StageError):

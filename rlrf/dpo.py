@@ -17,10 +17,13 @@ import csv
 import shutil
 from pathlib import Path
 
+from rlrf.artifacts import read_artifact
 from rlrf.config import Recipe, fingerprint
+from rlrf.errors import StageError
+from rlrf.files import atomic_path
 from rlrf.llm import SAFE_MODEL, SAFE_TOKENIZER
 from rlrf.machine import has_cuda
-from rlrf.store import Stage, StageError, atomic_path, read_artifact
+from rlrf.store import Stage
 
 LOG_COLUMNS = ("step", "epoch", "loss", "rewards/margins", "rewards/accuracies", "rewards/chosen",
                "rewards/rejected", "logps/chosen", "logps/rejected", "learning_rate", "grad_norm")

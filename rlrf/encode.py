@@ -28,8 +28,11 @@ import polars as pl
 from tqdm import tqdm
 
 from rlrf import runs, schema
+from rlrf.artifacts import read_artifact
 from rlrf.config import EncodeConfig, Recipe
-from rlrf.store import Stage, StageError, read_artifact, sweep_temporaries, write_json, write_parquet
+from rlrf.errors import StageError
+from rlrf.files import sweep_temporaries, write_json, write_parquet
+from rlrf.store import Stage
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 
@@ -176,7 +179,7 @@ def encode_stage(recipe: Recipe, profiles_dir: str | Path, out_dir: str | Path, 
     cfg = recipe.encode
     prepare_dir = runs.prepare_dir(recipe)
     out_dir = Path(out_dir)
-    config = {"seed": recipe.seed, "encode": recipe.to_dict()["encode"]}
+    config = {"seed": recipe.seed, **recipe.sections("encode")}
     with Stage(out_dir, "encode", config, inputs=[profiles_dir, prepare_dir], force=force) as st:
         if st.done:
             return out_dir

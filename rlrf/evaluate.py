@@ -24,8 +24,11 @@ import numpy as np
 import polars as pl
 
 from rlrf import runs, stats
-from rlrf.config import Recipe, fingerprint
-from rlrf.store import STAGE_JSON, Stage, StageError, read_artifact, read_stage_json, write_json
+from rlrf.artifacts import STAGE_JSON, read_artifact, read_stage_json
+from rlrf.config import Recipe
+from rlrf.errors import StageError
+from rlrf.files import write_json
+from rlrf.store import Stage
 
 # All generators are sampled with this round argument, so their seeds (recipe.seed, user, round, idx)
 # match and a difference between generators is the generator's, not the dice's.
@@ -186,17 +189,15 @@ def evaluate_stage(recipe: Recipe, *, force: bool = False, recipe_path: str = "<
     from rlrf.llm import weights_hash
     from rlrf.plots import plot_rewards, plot_rounds
     from rlrf.rerank import train_stage
-    from rlrf.reward import score_stage
     from rlrf.sample import sample_stage
+    from rlrf.score import score_stage
 
     last = gens[-1]
     ev = recipe.evaluate
     out = recipe.run_dir / "evaluate"
     prep = runs.prepare_dir(recipe)
     reward_reranker = runs.reranker_dir(recipe, last)  # what generator `last` was tuned against
-    d = recipe.to_dict()
-    config = {s: d[s] for s in ("data", "prepare", "sample", "encode", "reranker", "score", "rounds", "evaluate")}
-    config["prepare"] = fingerprint(recipe.prepare)
+    config = recipe.sections("data", "prepare", "sample", "encode", "reranker", "score", "rounds", "evaluate")
     # a round redone with the same config writes new weights under the same fingerprint: hash them too,
     # so finished results are never reported for a generator that has since changed
     config["generator_hashes"] = {str(k): weights_hash(runs.generator_dir(recipe, k)) for k in gens[1:]}

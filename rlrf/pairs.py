@@ -15,10 +15,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from rlrf.artifacts import read_artifact
 from rlrf.config import Recipe, fingerprint
+from rlrf.errors import StageError
+from rlrf.files import write_json
 from rlrf.quality import distinct_n, typicality
 from rlrf.schema import SCHEMAS
-from rlrf.store import Stage, StageError, read_artifact, write_json
+from rlrf.store import Stage
 
 LLAMAFACTORY_DIR = "llamafactory"
 

@@ -20,7 +20,7 @@ def pyplot():
 
 def save_png(fig, path: Path, dpi: int = 110) -> Path:
     """Lay out, write atomically (nothing half-written at `path`), close."""
-    from rlrf.store import atomic_path
+    from rlrf.files import atomic_path
 
     fig.tight_layout()
     with atomic_path(path) as tmp:

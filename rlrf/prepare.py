@@ -24,7 +24,6 @@ finishes the missing shards and gives exactly a clean run's rows.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import polars as pl
 from tqdm import tqdm
 
 from rlrf import prompts, runs, schema
-from rlrf.config import Recipe, fingerprint
+from rlrf.config import Recipe
 from rlrf.data import DataError, Dataset, load_dataset
 from rlrf.store import Stage
 
@@ -44,7 +43,7 @@ DEFAULT_HISTORY_MAX = {"movies": 30, "books": 15}
 def prepare_stage(recipe: Recipe, out_dir: str | Path | None = None, *, force: bool = False) -> Path:
     """Run the prepare stage into out_dir (default runs/<run>/prepare); returns the stage directory."""
     out_dir = Path(out_dir) if out_dir is not None else runs.prepare_dir(recipe)
-    config = {"seed": recipe.seed, "data": dataclasses.asdict(recipe.data), "prepare": fingerprint(recipe.prepare)}
+    config = {"seed": recipe.seed, **recipe.sections("data", "prepare")}
     with Stage(out_dir, "prepare", config, force=force) as st:
         if st.done:
             return out_dir

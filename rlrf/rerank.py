@@ -35,8 +35,10 @@ from tqdm import tqdm
 from rlrf import runs
 from rlrf.backbones import BACKBONES, mlp
 from rlrf.config import Recipe, RerankerConfig, fingerprint
+from rlrf.errors import StageError
+from rlrf.files import atomic_path, write_json
 from rlrf.rerank_data import RerankData, load_data
-from rlrf.store import Stage, StageError, atomic_path, write_json
+from rlrf.store import Stage
 from rlrf.threads import torch_threads
 
 KS = (1, 3, 5, 7)
@@ -305,7 +307,7 @@ def check_spec(saved: RerankerSpec, expected: RerankerSpec, where: str) -> None:
 def load_reranker(reranker_dir: str | Path, seed: int | None = None,
                   expect: RerankerSpec | None = None) -> tuple[Reranker, RerankerSpec]:
     """A trained reranker (first seed unless `seed`), checked against `expect` when given."""
-    from rlrf.store import read_stage_json
+    from rlrf.artifacts import read_stage_json
 
     reranker_dir = Path(reranker_dir)
     info = read_stage_json(reranker_dir, "train-reranker")
@@ -357,10 +359,9 @@ def train_stage(recipe: Recipe, out_dir: str | Path, knowledge_dir: str | Path |
                          "run pipelines/encode.py first or set reranker.knowledge=false for the base model")
     knowledge_dir = knowledge_dir if cfg.knowledge else None
     out_dir = Path(out_dir)
-    d = recipe.to_dict()
-    # threads changes speed, not results; retrain_each_round only picks where the stage lives
-    config = {"seed": recipe.seed, "reranker": fingerprint(cfg, drop=("threads", "retrain_each_round")),
-              "encode": d["encode"] if cfg.knowledge else None}
+    # retrain_each_round only picks where the stage lives
+    config = {"seed": recipe.seed, "reranker": fingerprint(cfg, drop=("retrain_each_round",)),
+              "encode": fingerprint(recipe.encode) if cfg.knowledge else None}
     inputs = [runs.prepare_dir(recipe)] + ([knowledge_dir] if knowledge_dir else [])
     with Stage(out_dir, "train-reranker", config, inputs=inputs, force=force) as st, torch_threads(cfg.threads):
         if st.done:

@@ -13,8 +13,9 @@ import numpy as np
 import polars as pl
 
 from rlrf import runs
+from rlrf.artifacts import read_artifact
 from rlrf.config import Recipe
-from rlrf.store import StageError, read_artifact
+from rlrf.errors import StageError
 
 if TYPE_CHECKING:
     from rlrf.rerank import RerankerSpec

@@ -16,7 +16,8 @@ profile, with ties broken by the item's popularity in the prompt histories, so a
 gets the popularity ranking). Each makes different mistakes, so each judges the others independently.
 
 The personal reward (`contrast` > 0): the same judge on the profile's own user minus its mean on `contrast`
-other users of the same split (fixed per user, so a user's N profiles are compared against the same others).
+other users of the same split (fixed per user, so a user's N profiles are compared against the same others);
+`contrast_weight` w < 1 takes off only w times that mean.
 A profile that would serve anyone (naming nothing, so the popularity ranking; naming the popular genres) earns
 about as much on another user's positives as on its own and scores about 0; only what is specific to its own
 user counts. On run `learn300` DPO learned exactly that generic part from the plain lexical and genres rewards
@@ -90,7 +91,7 @@ class RetrievalReward:
         self.no_item = (np.setdiff1d(np.arange(n_items), valid_items) if valid_items is not None
                         else np.zeros(0, np.int64))
         self.history = history
-        self.contrast, self.contrast_seed = 0, 0  # the personal reward: see `personal`
+        self.contrast, self.contrast_seed, self.contrast_weight = 0, 0, 1.0  # the personal reward: see `personal`
         self.lists: dict[int, dict] = {}
         self.split_of: dict[int, str] = {}
         self._pools: dict[str | None, np.ndarray] = {}
@@ -142,11 +143,13 @@ class RetrievalReward:
         return rng.choice(pool, size=min(m, len(pool)), replace=False)
 
     def personal(self, vecs: np.ndarray, user_ids, half: str | None = None, m: int | None = None,
-                 seed: int | None = None) -> np.ndarray:
-        """NDCG@k on the profile's own user minus its mean over `m` (default `contrast`) other users of the same
-        split; NaN where the user has no positive or no other user is left."""
+                 seed: int | None = None, weight: float | None = None) -> np.ndarray:
+        """NDCG@k on the profile's own user minus `weight` (default `contrast_weight`, 1) times its mean over `m`
+        (default `contrast`) other users of the same split; NaN where the user has no positive or no other user is
+        left."""
         m = self.contrast if m is None else m
         seed = self.contrast_seed if seed is None else seed
+        weight = self.contrast_weight if weight is None else weight
         if m < 1:
             raise ValueError("the personal reward needs m >= 1 other users")
         user_ids = np.asarray(user_ids, dtype=np.int64)
@@ -162,7 +165,7 @@ class RetrievalReward:
                 other[rows, j] = self.ndcg(vecs[rows], np.array([refs[i][j] for i in rows]), half)
         with np.errstate(invalid="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: no other user, NaN below
-            return own - np.nanmean(other, axis=1)
+            return own - weight * np.nanmean(other, axis=1)
 
     def ndcg(self, vecs: np.ndarray, user_ids, half: str | None = None) -> np.ndarray:
         """NDCG@k of each profile embedding (P, d) for its user; `half` in (None, "a", "b")."""

@@ -1,4 +1,4 @@
-"""The reward of a profile: one interface, three judges behind it, and the score stage that calls them.
+"""The reward of a profile: one interface and the judges behind it (REWARDS); the score stage (rlrf/score.py) calls it.
 
 The interface: `ProfileReward(texts, user_ids) -> {"reward": (P,), <metric>: (P,), ...}` embeds the profile
 texts with the run's encoder (through the embedding cache) and scores them; `as_reward_func()` wraps it as
@@ -16,10 +16,10 @@ Underneath, a scorer maps profile embeddings to rewards, `score_vectors(vecs, us
 The reranker reward of a profile = the reranker's ranking quality (score.metric, NDCG@5 by default) averaged
 over the profile's user's own lists (the lists of its split), with the profile's embedding as the
 user vector, plus score.tie_break * tanh(margin), margin = the mean score of the positives minus that of
-the negatives. NDCG@k is a step function of the scores: with SmolLM2-135M round-1 profiles, 28% of
-ML-100K valid/test users got the exact same NDCG@5 from four entirely different profiles (DLCM KAR;
-PRM 9%), so the pairs stage would drop them. The margin is continuous and never ties, and a 1e-6
-weight keeps it from reordering profiles whose metric differs (their gaps are >= 2e-5 measured). All profiles of a shard go through one batched forward per `score.batch_size` profiles:
+the negatives. NDCG@k is a step function of the scores: a user's entirely different profiles often get the
+exact same NDCG@5, and the pairs stage would drop that user. The margin is continuous and never ties, and a
+weight of 1e-6 keeps it from reordering profiles whose metric differs (their gaps are far larger). All profiles of
+a shard go through one batched forward per `score.batch_size` profiles:
 each list row carries the index of the profile it is scored for, the adaptor's user task runs once per
 profile and its item task once per distinct item, so a profile costs almost nothing beside encoding it.
 """
@@ -35,9 +35,10 @@ import polars as pl
 import torch
 from tqdm import tqdm
 
-from rlrf import runs, schema
-from rlrf.config import Recipe, fingerprint
-from rlrf.store import Stage, StageError, read_artifact, read_stage_json
+from rlrf import runs
+from rlrf.artifacts import read_artifact
+from rlrf.config import Recipe
+from rlrf.errors import StageError
 
 METRICS = tuple(f"{m}@{k}" for m in ("ndcg", "map") for k in (1, 3, 5, 7))
 
@@ -207,6 +208,7 @@ def retrieval_scorer(recipe: Recipe, item_vecs: np.ndarray | None = None, embed=
                                             recipe.score.retrieval_candidates, recipe.score.retrieval_k,
                                             tie_break=popularity_tie_break(inter, len(item_vecs)) if tie_break else None)
     scorer.contrast, scorer.contrast_seed = recipe.score.contrast, recipe.seed
+    scorer.contrast_weight = recipe.score.contrast_weight
     return scorer
 
 
@@ -282,9 +284,6 @@ REWARDS = {"reranker": _reranker_reward, "retrieval": _retrieval_reward, "lexica
            "genres": _text_reward}
 
 
-# ----------------------------------------------------------------------------- the stage
-
-
 def _expected_spec(recipe: Recipe, items: pl.DataFrame, lists: pl.DataFrame, know_dim: int, spec, n_users: int):
     from rlrf.encode import encoder_id
     from rlrf.rerank import RerankerSpec
@@ -295,151 +294,3 @@ def _expected_spec(recipe: Recipe, items: pl.DataFrame, lists: pl.DataFrame, kno
     return RerankerSpec(backbone=spec.backbone, knowledge=True, n_items=len(attr), n_attributes=int(attr.max()) + 1,
                         list_size=max(sizes) if sizes else 0, know_dim=know_dim, encoder=encoder_id(recipe.encode),
                         history=spec.history, n_users=n_users if spec.history else 0)
-
-
-def spread_summary(scores: pl.DataFrame) -> dict:
-    """Reward mean, within-user spread (max-min, std among a user's N) and the share of users whose N tie."""
-    ok = scores.filter(pl.col("reward").is_not_nan())
-    per_user = ok.group_by("user_id").agg(
-        pl.len().alias("n"), (pl.col("reward").max() - pl.col("reward").min()).alias("range"),
-        pl.col("reward").std(ddof=0).alias("std"))
-    multi = per_user.filter(pl.col("n") >= 2)
-    tie = multi.filter(pl.col("range") <= 1e-12)
-    f = lambda x: None if x is None else float(x)  # noqa: E731
-    return {
-        "reward_mean": f(ok["reward"].mean()), "reward_std": f(ok["reward"].std(ddof=0)),
-        "within_user_range_mean": f(multi["range"].mean()), "within_user_std_mean": f(multi["std"].mean()),
-        "users": per_user.height, "users_with_2plus": multi.height,
-        "all_tie_share": (tie.height / multi.height) if multi.height else None,
-        "empty_text": int(scores["empty_text"].sum()), "no_lists": int(scores["reward"].is_nan().sum()),
-    }
-
-
-# the judges that read the profile text in a space of their own (not the encoder's)
-TEXT_SPACES = ("lexical", "genres")
-# judge columns of the scores artifact: name -> (judge a's column, judge b's column)
-JUDGE_COLUMNS = {"retrieval": ("retrieval_a", "retrieval_b"), "lexical": ("lexical_a", "lexical_b"),
-                 "genres": ("genres_a", "genres_b"), "reranker": ("judge_a", "judge_b")}
-# the column of each score.reward
-REWARD_COLUMN = {"retrieval": "retrieval", "lexical": "lexical", "genres": "genres", "reranker": "judge_a"}
-
-
-def reward_column(cfg) -> str:
-    """The scores column that is score.reward's reward: its personal part when score.contrast is on."""
-    return REWARD_COLUMN[cfg.reward] + ("_personal" if cfg.contrast > 0 else "")
-
-
-def score_profiles(vecs: np.ndarray, user_ids: np.ndarray, retrieval, judges: dict, texts: list[str] | None = None,
-                   spaces: dict | None = None) -> dict[str, np.ndarray]:
-    """Every judge's reward of P profiles (embeddings `vecs`, `texts`): retrieval and each text space's (lexical,
-    genres; + their halves a, b) and the reranker judges a, b (with judge a's per-metric values); a judge that is
-    None is skipped. `spaces` = {name: (its RetrievalReward, texts -> vectors)}."""
-    out: dict[str, np.ndarray] = {}
-    sides = [("retrieval", retrieval, vecs)]
-    if texts is not None:
-        for name, (ret, embed) in (spaces or {}).items():
-            sides.append((name, ret, embed(texts) if len(texts) else np.zeros((0, 1), np.float32)))
-    for name, ret, v in sides:
-        if ret is None:
-            continue
-        out[name] = ret.ndcg(v, user_ids)
-        out[f"{name}_a"] = ret.ndcg(v, user_ids, "a")
-        out[f"{name}_b"] = ret.ndcg(v, user_ids, "b")
-        if ret.contrast > 0:  # the personal reward (score.contrast) of every training-free judge, halves too
-            for half, suffix in ((None, ""), ("a", "_a"), ("b", "_b")):
-                out[f"{name}_personal{suffix}"] = ret.personal(v, user_ids, half)
-    for j, judge in judges.items():
-        if judge is None:
-            continue
-        r = judge.score_vectors(vecs, user_ids)
-        out[f"judge_{j}"] = r["reward"]
-        if j == "a":
-            out.update({m: r[m] for m in (*METRICS, "margin")})
-            out["n_lists"] = r["n_lists"]
-    return out
-
-
-def score_stage(recipe: Recipe, profiles_dir: str | Path, encode_dir: str | Path, reranker_dir: str | Path | None,
-                out_dir: str | Path, *, force: bool = False, splits: list[str] | None = None) -> Path:
-    """One reward per profile of `profiles_dir` (embeddings from `encode_dir`): score.reward picks the `reward`
-    column; the retrieval reward and both reranker judges (`reranker_dir`, when given) are written beside it,
-    and the stage's summary holds their reliability. `splits` limits which users are scored."""
-    from rlrf.encode import load_knowledge
-    from rlrf.reliability import describe, reliability
-    from rlrf.threads import torch_threads
-
-    cfg = recipe.score
-    prep = runs.prepare_dir(recipe)
-    out_dir = Path(out_dir)
-    if cfg.reward == "reranker" and reranker_dir is None:
-        raise StageError("score.reward=reranker needs a trained judge (train-reranker stage); or set score.reward=retrieval")
-    config = {"seed": recipe.seed, "score": fingerprint(recipe.score), "splits": splits}
-    inputs = [profiles_dir, encode_dir, prep] + ([reranker_dir] if reranker_dir is not None else [])
-    with (Stage(out_dir, "score", config, inputs=inputs, force=force) as st, torch_threads(recipe.reranker.threads)):
-        if st.done:
-            info = read_stage_json(out_dir)
-        else:
-            profiles = read_artifact(profiles_dir, "profiles", "sample")
-            if splits is not None:
-                profiles = profiles.filter(pl.col("split").is_in(splits))
-            ut, it, cache = load_knowledge(recipe, encode_dir, sample_idx=None)
-            items = read_artifact(prep, "items", "prepare")
-            item_vecs = np.zeros((int(items["item_id"].max()) + 1, cache.vectors.shape[1]), np.float32)
-            item_vecs[it["item_id"].to_numpy()] = cache.get(it["text_hash"].to_list())
-            retrieval = retrieval_scorer(recipe, item_vecs)
-            spaces = {name: text_space(recipe, name) for name in TEXT_SPACES}
-            judges = ({j: judge_scorer(recipe, reranker_dir, j, item_vecs.shape[1]) for j in ("a", "b")}
-                      if reranker_dir is not None else {})
-            prof = (profiles.select("run", "round", "split", "user_id", "sample_idx", "text")
-                    .join(ut.select("user_id", "sample_idx", "text_hash"), on=["user_id", "sample_idx"], how="left"))
-            missing = prof.filter(pl.col("text_hash").is_null())
-            if missing.height:
-                raise StageError(f"{missing.height} profiles of {profiles_dir} have no embedding in {encode_dir} "
-                                 f"(e.g. user {missing['user_id'][0]}); rerun the encode stage on these profiles")
-            for i in tqdm(st.todo(cfg.shards), desc="score shards", disable=st.quiet):
-                part = prof.filter((pl.col("user_id") % cfg.shards) == i).sort("user_id", "sample_idx")
-                vecs = cache.get(part["text_hash"].to_list()) if part.height else np.zeros((0, 1), np.float32)
-                cols = score_profiles(vecs, part["user_id"].to_numpy(), retrieval, judges,
-                                      part["text"].fill_null("").to_list(), spaces)
-                reward = cols[reward_column(cfg)]
-                n_lists = cols.get("n_lists", np.zeros(part.height, np.int64))
-                df = part.select("run", "round", "split", "user_id", "sample_idx").with_columns(
-                    pl.Series("reward", reward, dtype=pl.Float64),
-                    pl.Series("n_lists", n_lists, dtype=pl.Int32),
-                    (part["text"].fill_null("").str.strip_chars().str.len_chars() == 0).alias("empty_text"),
-                    *[pl.Series(c, v, dtype=pl.Float64) for c, v in cols.items() if c != "n_lists"],
-                )
-                st.write_shard(i, {"scores": df},
-                               counters={"profiles_without_heldout": int(np.isnan(reward).sum())})
-            scores = st.written("scores")
-            scores = schema.empty("scores") if scores is None else scores
-            summary = {"reward": cfg.reward, "metric": cfg.metric if cfg.reward == "reranker" else
-                       f"{cfg.reward} ndcg@{cfg.retrieval_k} ({cfg.retrieval_candidates})"
-                       + (f", personal: own user minus {cfg.contrast} others" if cfg.contrast else ""),
-                       "tie_break": cfg.tie_break, **spread_summary(scores)}
-            if "ndcg@5" in scores.columns and cfg.reward == "reranker":
-                # the same without the tie break: how often the metric alone cannot tell a user's profiles apart
-                summary["metric_all_tie_share"] = spread_summary(
-                    scores.with_columns(pl.col(cfg.metric).alias("reward")))["all_tie_share"]
-            twins = dict(JUDGE_COLUMNS)
-            twins.update({f"{n} personal": (f"{n}_personal_a", f"{n}_personal_b") for n in ("retrieval", *TEXT_SPACES)
-                          if f"{n}_personal_a" in scores.columns})
-            rel = reliability(scores, twins, trained_on="judge_a" if "judge_a" in scores.columns else None,
-                              resamples=recipe.rounds.bootstrap, seed=recipe.seed)
-            from rlrf.reliability import agreement
-
-            # do the other judges confirm the pairs the reward picks? (the reward's pairs, each other judge's verdict)
-            mine = reward_column(cfg)
-            for other in ("retrieval", "lexical", "genres", "judge_a", *(c for c in scores.columns
-                                                                        if c.endswith("_personal"))):
-                if other != mine and {mine, other} <= set(scores.columns):
-                    rel[f"{mine} pairs under {other}"] = {
-                        "agreement": agreement(scores, mine, other, recipe.rounds.bootstrap, recipe.seed)}
-            info = st.finish({"summary": summary, "reliability": rel, "reliability_line": describe(rel)})
-    s = info["summary"]
-    spread = "n/a" if s["within_user_range_mean"] is None else f"{s['within_user_range_mean']:.4f}"
-    print(f"score: {info['rows'].get('scores', 0)} profiles, reward {s['metric']} mean "
-          f"{(s['reward_mean'] or float('nan')):.4f}, within-user range {spread}, all-tie users "
-          f"{'n/a' if s['all_tie_share'] is None else format(s['all_tie_share'], '.1%')} | {info['reliability_line']} "
-          f"-> {out_dir}")
-    return out_dir

@@ -28,10 +28,12 @@ import polars as pl
 from tqdm import tqdm
 
 from rlrf import prompts as kar, runs, schema
+from rlrf.artifacts import read_artifact
 from rlrf.config import Recipe, fingerprint
+from rlrf.errors import StageError
 from rlrf.generate import Sampling, open_backend
 from rlrf.llm import resolve_model, weights_hash
-from rlrf.store import Stage, StageError, parse_shard, read_artifact
+from rlrf.store import Stage, parse_shard
 
 
 def user_seed(seed: int, user_id: int, round: int, kind: str = "user") -> int:
@@ -112,10 +114,9 @@ def _sample_config(recipe: Recipe, splits=None, n=None, max_users=None):
 
 
 def _stage_config(recipe: Recipe, cfg, generator: str, round: int, ghash: str) -> dict:
-    """The sample stage's fingerprinted config: what decides which text each (user, sample_idx) gets, plus layout.
-    threads only changes speed, so it stays out (a rerun with other threads resumes)."""
+    """The sample stage's fingerprinted config: what decides which text each (user, sample_idx) gets, plus layout."""
     return {"seed": recipe.seed, "run": recipe.run, "round": round, "generator": str(generator),
-            "generator_hash": ghash, "sample": fingerprint(cfg, drop=("threads",))}
+            "generator_hash": ghash, "sample": fingerprint(cfg)}
 
 
 def sample_stage(recipe: Recipe, out_dir: str | Path, generator: str, round: int, *, splits=None, n=None,

@@ -14,7 +14,7 @@ counters and wall time; readers refuse a stage directory that has none.
         st.finish()
 
 Every file a stage leaves is checksummed: a shard's marker records the size and sha256 of the parts it wrote,
-and stage.json's `files` those of every file in the stage directory. `read_artifact` compares sizes (hashes
+and stage.json's `files` those of every file in the stage directory. `read_artifact` (rlrf/artifacts.py) compares sizes (hashes
 with RLRF_VERIFY=1) and names the part and the command that rebuilds it when one is missing, truncated,
 changed or unreadable; `rlrf verify RUN` hashes a whole run (rlrf/verify.py).
 
@@ -25,93 +25,27 @@ run side by side while a second whole run (or the same slice twice) is refused.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
 import sys
 import time
 from collections import Counter
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import polars as pl
 
+from rlrf.artifacts import FINGERPRINT, STAGE_JSON, read_json, read_stage_json, stage_files
+from rlrf.errors import StageError
+from rlrf.files import file_digest, file_problem, sweep_temporaries, write_json, write_parquet
 from rlrf.machine import machine
 
-STAGE_JSON = "stage.json"
-FINGERPRINT = "_fingerprint.json"
 SHARDS = "_shards"
 PACKAGES = ("rlrf", "torch", "transformers", "trl", "peft", "sentence-transformers", "polars", "numpy")
-
-
-class StageError(RuntimeError):
-    """A stage cannot run as asked; the message says why and what to do."""
-
-
-class ArtifactError(StageError):
-    """A finished stage's file is missing, truncated, changed or unreadable; the message names the file and the
-    command that rebuilds it."""
-
-
-def file_digest(path: str | Path, with_hash: bool = True) -> dict:
-    """{"bytes": size, "sha256": hex} of one file (the hash read in 1 MiB chunks; left out with with_hash=False)."""
-    path = Path(path)
-    out: dict = {"bytes": path.stat().st_size}
-    if with_hash:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        out["sha256"] = h.hexdigest()
-    return out
-
-
-def stage_files(stage_dir: str | Path) -> list[str]:
-    """Every file a stage left in its directory (relative, sorted): all but its own stage.json and fingerprint,
-    and hidden names (locks, temporaries of a writer that was killed)."""
-    root = Path(stage_dir)
-    out = []
-    for p in root.rglob("*"):
-        rel = p.relative_to(root)
-        if p.is_file() and not any(part.startswith(".") for part in rel.parts) \
-                and str(rel) not in (STAGE_JSON, FINGERPRINT):
-            out.append(rel.as_posix())
-    return sorted(out)
-
-
-def rebuild_hint(stage_dir: str | Path, info: dict | None = None) -> str:
-    """The command that rebuilds a stage's output: --force on the stage that made it, or, for a sub-stage nested in
-    another (check's and evaluate's), removing it and rerunning the outer stage, which redoes only that part."""
-    stage_dir = Path(stage_dir)
-    outer = None
-    for parent in stage_dir.parents:
-        if (parent / FINGERPRINT).is_file():
-            outer = parent
-    rnd = next((p.split("_", 1)[1] for p in reversed(stage_dir.parts) if p.startswith("round_")), None)
-    if outer is not None:
-        name = (_read_json(outer / FINGERPRINT) or {}).get("stage") or outer.name
-        cmd = _stage_command(name, rnd)
-        return f"remove {stage_dir} and rerun `{cmd}` (it redoes only that part)"
-    name = (info or {}).get("stage") or (_read_json(stage_dir / FINGERPRINT) or {}).get("stage") or stage_dir.name
-    return f"rerun `{_stage_command(name, rnd, force=True)}`"
-
-
-def _stage_command(name: str, rnd: str | None, force: bool = False) -> str:
-    rounds = name not in ("prepare", "train-reranker", "evaluate")
-    return (f"python pipelines/{name.replace('-', '_')}.py --recipe <recipe>"
-            + (f" --round {rnd}" if rnd and rounds else "") + (" --force" if force else ""))
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def fingerprint(config: Any, inputs: Iterable[Path] = ()) -> str:
@@ -132,74 +66,6 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling path; rename it onto `path` only if the block succeeds.
-
-    A directory that already stands at `path` (a stage stopped after writing it, then resumed) is swapped out:
-    renamed aside, replaced, then removed, so `path` never holds a mix of the two. A full disk (or quota) while
-    writing is a StageError naming the file, with nothing left at `path` or beside it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        try:
-            yield tmp
-            _maybe_die_writing(path)
-        except Exception as e:
-            if _disk_full(e):
-                raise StageError(f"no space left on the device writing {path}; nothing was kept of it: free disk "
-                                 f"space (or point runs_dir / RLRF_CACHE elsewhere) and rerun the same command to "
-                                 f"resume") from None
-            raise
-        if tmp.is_dir() and path.is_dir():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink()
-
-
-def _disk_full(e: BaseException) -> bool:
-    """ENOSPC / EDQUOT, as Python raises them (OSError) or as polars wraps them (its IO error, "os error 28")."""
-    import errno
-
-    if isinstance(e, OSError):
-        return e.errno in (errno.ENOSPC, errno.EDQUOT)
-    text = str(e)
-    return f"os error {errno.ENOSPC}" in text or f"os error {errno.EDQUOT}" in text
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def write_parquet(path: str | Path, df: pl.DataFrame) -> None:
-    with atomic_path(path) as tmp:
-        df.write_parquet(tmp)
-
-
-def read_stage_json(stage_dir: Path, produced_by: str | None = None) -> dict:
-    """The finished stage's summary; an actionable error when the stage has not finished."""
-    p = Path(stage_dir) / STAGE_JSON
-    if not p.is_file():
-        what = produced_by or Path(stage_dir).name
-        partial = " (it started but did not finish; rerun it to resume)" if Path(stage_dir).exists() else ""
-        raise StageError(
-            f"{stage_dir} has no finished '{what}' output{partial}: "
-            f"run `python pipelines/{what.replace('-', '_')}.py --recipe <recipe>` first (or `make round1`)."
-        )
-    return json.loads(p.read_text())
 
 
 class Stage:
@@ -327,7 +193,7 @@ class Stage:
         redoes that shard). None when no done shard wrote a part of it."""
         frames = []
         for i in self.done_shards():
-            marker = _read_json(self._marker(i)) or {}
+            marker = read_json(self._marker(i)) or {}
             rel = self.part(artifact, i).relative_to(self.dir).as_posix()
             recorded = marker.get("files", {}).get(rel)
             if recorded is None:
@@ -356,7 +222,7 @@ class Stage:
     def _shard_intact(self, i: int) -> bool:
         """Whether shard i's parts are all there at the size its marker recorded; a shard whose part went missing
         or was cut short (a disk that failed, a hand that deleted it) is done again instead of trusted."""
-        marker = _read_json(self._marker(i))
+        marker = read_json(self._marker(i))
         if marker is None:
             self.log(f"{self.name}: shard {i}'s marker is unreadable; redoing the shard")
             self._marker(i).unlink()
@@ -472,127 +338,6 @@ def _maybe_die() -> None:
 
 
 _shards_written = 0
-
-
-def _maybe_die_writing(path: Path) -> None:
-    """Fault injection: RLRF_KILL_WRITING=<text> sends SIGKILL to this process when a write through atomic_path whose
-    destination contains <text> has been written in full under its temporary name but not yet renamed into place,
-    i.e. a kill -9 in the middle of writing that file (the merged model, an embedding-cache part, a shard's part)."""
-    want = os.environ.get("RLRF_KILL_WRITING")
-    if want and want in str(path):
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-_TEMPORARY = re.compile(r"^\..+\.(tmp|old)-(\d+)$")
-
-
-def sweep_temporaries(root: str | Path, min_age_s: float = 0.0) -> int:
-    """Remove what a killed writer left under `root`: atomic_path's `.<name>.tmp-<pid>` (a file or a folder written
-    in part or in full, never renamed into place) and `.<name>.old-<pid>` (a folder being replaced). Only the
-    temporaries of processes that are gone and at least `min_age_s` old are touched; returns how many went."""
-    gone = 0
-    for p in sorted(Path(root).rglob(".*"), key=lambda q: len(q.parts)):
-        m = _TEMPORARY.match(p.name)
-        if not m or not os.path.lexists(p) or _alive(int(m.group(2))):
-            continue
-        try:
-            if time.time() - p.lstat().st_mtime < min_age_s:
-                continue
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-            gone += 1
-        except FileNotFoundError:
-            pass
-    return gone
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def read_artifact(stage_dir: str | Path, artifact: str, produced_by: str | None = None) -> pl.DataFrame:
-    """All shards of a finished stage's artifact, schema-checked (see rlrf.schema)."""
-    from rlrf import schema
-
-    stage_dir = Path(stage_dir)
-    info = read_stage_json(stage_dir, produced_by)
-    df = pl.concat(read_parts(stage_dir, artifact, info), how="vertical")
-    schema.check(df, artifact, where=str(stage_dir / artifact), produced_by=produced_by)
-    return df
-
-
-def verify_env() -> bool:
-    """RLRF_VERIFY=1: readers hash every part they read against its recorded sha256 (sizes are always compared)."""
-    return os.environ.get("RLRF_VERIFY", "") not in ("", "0")
-
-
-def read_parts(stage_dir: str | Path, artifact: str, info: dict | None = None,
-               verify: bool | None = None) -> list[pl.DataFrame]:
-    """Each parquet part of a finished stage's artifact, checked against stage.json's checksums: a part missing, of
-    another size (or, with verify / RLRF_VERIFY=1, another sha256), one the stage never wrote, or one parquet
-    cannot read is an ArtifactError naming the part and the command that rebuilds it."""
-    stage_dir = Path(stage_dir)
-    info = read_stage_json(stage_dir) if info is None else info
-    verify = verify_env() if verify is None else verify
-    where = f"{info.get('stage', stage_dir.name)} output {stage_dir}"
-
-    def damaged(what: str, fix: str = "") -> ArtifactError:  # the rebuild command is looked up only when needed
-        return ArtifactError(f"{where}: {what}; {fix}{rebuild_hint(stage_dir, info)}")
-
-    files = sorted((stage_dir / artifact).glob("part-*.parquet"))
-    manifest = info.get("files")  # None: finished before rlrf recorded checksums; nothing to compare
-    if manifest is not None:
-        listed = sorted(k for k in manifest if k.startswith(f"{artifact}/part-"))
-        present = {f.relative_to(stage_dir).as_posix() for f in files}
-        for rel in listed:
-            if rel not in present:
-                raise damaged(f"part {stage_dir / rel} is missing")
-        for rel in sorted(present - set(listed)):
-            raise damaged(f"part {stage_dir / rel} was not written by the stage that finished there (stage.json "
-                          f"does not list it)", fix="remove it, or ")
-    if not files:
-        raise ArtifactError(f"{stage_dir / artifact} has no parquet parts although the stage finished; "
-                            f"{rebuild_hint(stage_dir, info)}")
-    out = []
-    for f in files:
-        rel = f.relative_to(stage_dir).as_posix()
-        if manifest is not None:
-            problem = file_problem(f, manifest[rel], verify)
-            if problem:
-                raise damaged(f"part {f} {problem}")
-        try:
-            out.append(pl.read_parquet(f))
-        except Exception as e:  # polars' ComputeError, an OSError, ...: one clear line instead of a traceback
-            raise damaged(f"part {f} is unreadable ({first_line(e)})") from None
-    return out
-
-
-def first_line(e: BaseException) -> str:
-    """An exception's message cut to its first line (polars' run to many), or its type where it has none."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def file_problem(path: Path, want: dict, verify: bool) -> str | None:
-    """What is wrong with one file against its recorded digest, or None."""
-    if not path.is_file():
-        return "is missing"
-    size = path.stat().st_size
-    if size != want["bytes"]:
-        return (f"is {size:,} bytes where the stage wrote {want['bytes']:,} "
-                f"({'truncated' if size < want['bytes'] else 'changed'})")
-    if verify and "sha256" in want and file_digest(path)["sha256"] != want["sha256"]:
-        return "has changed since the stage wrote it (sha256 differs)"
-    return None
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:

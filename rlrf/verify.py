@@ -7,7 +7,9 @@ from pathlib import Path
 
 import polars as pl
 
-from rlrf.store import FINGERPRINT, STAGE_JSON, StageError, file_problem, first_line, read_stage_json, rebuild_hint
+from rlrf.artifacts import FINGERPRINT, STAGE_JSON, read_stage_json, rebuild_hint
+from rlrf.errors import StageError
+from rlrf.files import file_problem, first_line
 
 
 def verify_stage(stage_dir: str | Path) -> tuple[str, list[str], int]:

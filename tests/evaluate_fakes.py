@@ -18,8 +18,9 @@ import torch
 
 from rlrf import runs
 from rlrf.config import load_recipe
+from rlrf.files import write_json
 from rlrf.schema import SCHEMAS
-from rlrf.store import Stage, write_json
+from rlrf.store import Stage
 
 REPO = Path(__file__).resolve().parent.parent
 USERS = {1: "train", 2: "train", 3: "valid", 4: "test", 5: "test"}
@@ -65,7 +66,7 @@ def _gen_index(path) -> int:
 
 
 def modules(work: WorkLog) -> dict[str, types.ModuleType]:
-    """Fake rlrf.sample / rlrf.encode / rlrf.rerank / rlrf.reward / rlrf.llm modules."""
+    """Fake rlrf.sample / rlrf.encode / rlrf.rerank / rlrf.score / rlrf.llm modules."""
 
     def sample_stage(recipe, out_dir, generator, round, *, splits=None, n=None, max_users=None, force=False,
                      shard=None):
@@ -135,7 +136,7 @@ def modules(work: WorkLog) -> dict[str, types.ModuleType]:
 
     out = {}
     for name, fns in (("rlrf.sample", [sample_stage]), ("rlrf.encode", [encode_stage]), ("rlrf.rerank", [train_stage]),
-                      ("rlrf.reward", [score_stage]), ("rlrf.llm", [load_generator, weights_hash])):
+                      ("rlrf.score", [score_stage]), ("rlrf.llm", [load_generator, weights_hash])):
         out[name] = types.ModuleType(name)
         for fn in fns:
             setattr(out[name], fn.__name__, fn)

@@ -117,7 +117,7 @@ def fake_vector(text: str, dim: int = 8) -> np.ndarray:
 
 def write_fake_encode(recipe, profiles_dir: Path, out_dir: Path, dim: int = 8) -> Path:
     """An encode stage output whose vectors come from `fake_vector` instead of a text encoder."""
-    from rlrf.store import read_artifact
+    from rlrf.artifacts import read_artifact
 
     enc = encoder_id(recipe.encode)
     cache = EmbeddingCache(runs.embeddings_cache(recipe), enc)

@@ -91,9 +91,10 @@ def test_old_side_profiles_are_taken_from_the_rounds_sample_when_it_has_them(tmp
     import polars as pl
 
     from rlrf import runs, sample
+    from rlrf.artifacts import read_artifact
     from rlrf.config import load_recipe
     from rlrf.schema import SCHEMAS
-    from rlrf.store import Stage, read_artifact
+    from rlrf.store import Stage
 
     monkeypatch.setattr(sample, "weights_hash", lambda p: "w0")
     monkeypatch.setattr(sample, "resolve_model", lambda g: g)

@@ -135,11 +135,11 @@ def test_each_key_with_fixed_values_is_dispatched_from_a_table_of_exactly_those_
     reward or backend is one entry in the table plus its name in the Literal."""
     from typing import get_args
 
-    from rlrf import backbones, config, dpo, generate, reward
+    from rlrf import backbones, config, dpo, generate, reward, score
 
     tables = {config.Backbone: [backbones.BACKBONES], config.SampleBackend: [generate.BACKENDS],
-              config.DPOBackend: [dpo.BACKENDS], config.Reward: [reward.REWARDS, reward.REWARD_COLUMN,
-                                                                   reward.JUDGE_COLUMNS]}
+              config.DPOBackend: [dpo.BACKENDS], config.Reward: [reward.REWARDS, score.REWARD_COLUMN,
+                                                                   score.JUDGE_COLUMNS]}
     for literal, dicts in tables.items():
         for table in dicts:
             assert set(table) == set(get_args(literal))
@@ -164,3 +164,17 @@ def test_a_section_built_in_code_is_checked_like_a_recipe():
 
     with pytest.raises(ConfigError, match="reranker.backbone: unknown value 'gru'"):
         RerankerConfig(backbone="gru")
+
+
+def test_speed_keys_are_in_no_fingerprint():
+    """Keys marked speed=True (threads) change how fast a stage runs, not what it writes: every stage's sections
+    are the same with any value of them, so a rerun with other threads resumes."""
+    import dataclasses
+
+    from rlrf.config import Recipe
+
+    a, b = load_recipe(None), load_recipe(None, ["sample.threads=1", "reranker.threads=2"])
+    names = [f.name for f in dataclasses.fields(Recipe) if dataclasses.is_dataclass(getattr(a, f.name))]
+    assert a.sections(*names) == b.sections(*names)
+    assert a.section_hash("sample", "reranker") == b.section_hash("sample", "reranker")
+    assert a.sections("sample") != load_recipe(None, ["sample.n=8"]).sections("sample")

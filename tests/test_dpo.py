@@ -13,9 +13,10 @@ import pytest
 import torch
 import yaml
 
+from rlrf.artifacts import read_stage_json
 from rlrf.config import load_recipe
+from rlrf.errors import StageError
 from rlrf.pairs import pairs_stage
-from rlrf.store import StageError, read_stage_json
 from tests.loop_fixtures import profile_rows, score_rows, write_stage
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,8 +10,8 @@ import polars as pl
 import pytest
 
 from rlrf import runs
+from rlrf.artifacts import read_artifact
 from rlrf.encode import EmbeddingCache, encode_stage, encoder_id, text_key, within_user_cosine
-from rlrf.store import read_artifact
 from tests.reward_fixtures import one_torch_thread  # noqa: F401  (autouse)
 from tests.reward_fixtures import make_recipe, write_prepare, write_profiles
 

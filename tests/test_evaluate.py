@@ -16,6 +16,7 @@ import pytest
 
 from rlrf import runs
 from rlrf.config import load_recipe
+from rlrf.errors import StageError
 from rlrf.evaluate import (
     assemble_tables,
     bootstrap_ci,
@@ -27,7 +28,8 @@ from rlrf.evaluate import (
     reward_summary,
     summarize,
 )
-from rlrf.store import Stage, StageError, write_json
+from rlrf.files import write_json
+from rlrf.store import Stage
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -82,7 +82,7 @@ def _out(stage: str) -> str:
 # conftest's tiny_round1, test_encode, test_reward, test_dpo, test_evaluate); these cover the rest of a round.
 
 def _frames(stage_dir: Path, artifacts: list[str]) -> dict:
-    from rlrf.store import read_artifact
+    from rlrf.artifacts import read_artifact
 
     return {a: read_artifact(stage_dir, a) for a in artifacts}
 

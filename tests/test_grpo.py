@@ -89,8 +89,8 @@ def test_length_term_is_flat_inside_the_range_and_weighted_in_trl(tmp_path):
 
 def test_grpo_refuses_the_reranker_reward_and_wrong_trainer(tmp_path):
     from rlrf.config import ConfigError, load_recipe
+    from rlrf.errors import StageError
     from rlrf.grpo import grpo_stage
-    from rlrf.store import StageError
 
     with pytest.raises(ConfigError, match="grpo.reward"):
         load_recipe(None, ["grpo.reward=reranker"])

@@ -9,9 +9,11 @@ import polars as pl
 import pytest
 
 from rlrf.cli import main as cli_main
+from rlrf.errors import StageError
+from rlrf.files import write_json
 from rlrf.inspect import columns, main, resolve_run, wrap
 from rlrf.schema import SCHEMAS
-from rlrf.store import Stage, StageError, write_json
+from rlrf.store import Stage
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -151,7 +153,7 @@ def test_artifacts_doc_lists_every_column():
 
 
 def test_rollouts_audit_shows_the_highest_rewarded_first(run_dir, capsys):
-    from rlrf.store import write_parquet
+    from rlrf.files import write_parquet
 
     with pytest.raises(SystemExit):
         main(["rollouts", str(run_dir)])

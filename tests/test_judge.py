@@ -11,9 +11,10 @@ import torch
 
 import rlrf.reward
 from rlrf import runs
+from rlrf.artifacts import read_artifact
+from rlrf.errors import StageError
 from rlrf.judge import RerankerJudge, fold_of, judge_seeds, member_roles, train_judges_stage
 from rlrf.reward import ProfileReward, judge_scorer, retrieval_scorer
-from rlrf.store import StageError, read_artifact
 from tests.reward_fixtures import one_torch_thread  # noqa: F401  (autouse)
 from tests.reward_fixtures import (GENRES, fake_vector, make_recipe, profile_texts, taste, write_fake_encode,
                                    write_prepare, write_profiles)

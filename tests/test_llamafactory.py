@@ -68,6 +68,8 @@ def test_round1_leaves_the_trl_backends_outputs_from_llamafactory(lf_round1):
     assert info["backend"] == "llamafactory" and info["versions"]["llamafactory"] == "0.9.5"
     assert info["resumed_from"].endswith("checkpoint-1") and info["steps"] == recipe["max_steps"] == 2
     assert "Resuming training from" in (dpo / "llamafactory.log").read_text()
+    # LLaMA-Factory's own memory (a child process, outside the stage's peak_rss_mb): at least a model's worth
+    assert info["llamafactory_peak_rss_mb"] > 200
     # the recipe LLaMA-Factory ran: the template from the tokenizer, no checkpointing, CPU-safe precision
     assert "template" not in recipe and recipe["disable_gradient_checkpointing"] is True
     assert recipe["use_cpu"] is True and recipe["cutoff_len"] >= info["longest_pair_tokens"]
@@ -128,7 +130,7 @@ def test_a_template_that_renders_other_text_is_refused(lf_round1, tmp_path):
     """LLaMA-Factory's built-in chatml has no default system message, SmolLM2's chat template has one."""
     from rlrf.config import load_recipe
     from rlrf.dpo import dpo_stage
-    from rlrf.store import StageError
+    from rlrf.errors import StageError
 
     recipe = load_recipe(REPO / "recipes" / "tiny.yaml", ARGS + ["dpo.template=chatml"])
     with pytest.raises(StageError) as e:
@@ -144,7 +146,7 @@ def test_versions_llamafactory_rejects_are_named_with_their_range(lf_round1, tmp
     put first on the LLaMA-Factory Python's path, so LLaMA-Factory's own check sees it."""
     from rlrf.config import load_recipe
     from rlrf.dpo import dpo_stage
-    from rlrf.store import StageError
+    from rlrf.errors import StageError
 
     dist = tmp_path / "shadow" / "transformers-9.9.9.dist-info"
     dist.mkdir(parents=True)
@@ -161,7 +163,7 @@ def test_versions_llamafactory_rejects_are_named_with_their_range(lf_round1, tmp
 def test_a_failed_run_leaves_no_generator_and_shows_its_log_tail(lf_round1, tmp_path):
     from rlrf.config import load_recipe
     from rlrf.dpo import dpo_stage
-    from rlrf.store import StageError
+    from rlrf.errors import StageError
 
     out = tmp_path / "dpo"
     (out / "merged").mkdir(parents=True)  # an earlier attempt's generator, which the next round would load

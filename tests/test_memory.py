@@ -2,8 +2,8 @@
 
 import pytest
 
+from rlrf.errors import StageError
 from rlrf.memory import Shape, dpo_peak_mb, machine_mb, preflight, sample_peak_mb
-from rlrf.store import StageError
 
 SMOLLM2 = {"hidden_size": 576, "num_hidden_layers": 30, "intermediate_size": 1536, "num_attention_heads": 9,
            "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "tie_word_embeddings": True}

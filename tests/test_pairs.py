@@ -5,9 +5,9 @@ import json
 import polars as pl
 import pytest
 
+from rlrf.artifacts import read_artifact, read_stage_json
 from rlrf.config import load_recipe
 from rlrf.pairs import dataset_name, pairs_stage, select_pairs
-from rlrf.store import read_artifact, read_stage_json
 from tests.loop_fixtures import profile_rows, score_rows, write_stage
 
 

@@ -13,9 +13,11 @@ import polars as pl
 import pytest
 
 from rlrf import prompts
+from rlrf.artifacts import read_artifact, read_stage_json
 from rlrf.config import load_recipe
+from rlrf.errors import StageError
 from rlrf.prepare import prepare_stage
-from rlrf.store import SHARDS, StageError, read_artifact, read_stage_json
+from rlrf.store import SHARDS
 
 FIX = Path(__file__).parent / "fixtures"
 ARTIFACTS = {"users": ["user_id"], "items": ["item_id"], "interactions": ["user_id", "position"],

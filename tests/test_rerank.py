@@ -11,8 +11,9 @@ from rlrf import runs
 from rlrf.metrics import ranking_metrics
 from rlrf.rerank import (HybridExpertAdaptor, Reranker, RerankerSpec, build_model, check_spec, fit, load_reranker,
                          train_stage)
+from rlrf.artifacts import read_artifact
+from rlrf.errors import StageError
 from rlrf.rerank_data import load_data
-from rlrf.store import StageError, read_artifact
 from tests.reward_fixtures import one_torch_thread  # noqa: F401  (autouse)
 from tests.reward_fixtures import make_recipe, profile_texts, write_fake_encode, write_prepare, write_profiles
 

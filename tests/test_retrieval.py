@@ -322,6 +322,29 @@ def test_personal_reward_counts_only_what_is_specific_to_the_user(tmp_path):
         scorer.personal(np.zeros((1, len(GENRES)), np.float32), [1], m=0)
 
 
+def test_contrast_weight_takes_off_that_share_of_the_other_users_mean(tmp_path):
+    """score.contrast_weight w: own - w * mean(others); w = 1 is the personal part, w = 0 the plain judge, and the
+    reward is linear in w in between (by hand from the judge's own NDCGs)."""
+    from rlrf.config import ConfigError, load_recipe
+    from rlrf.reward import load_reward
+    from tests.reward_fixtures import GENRES, make_recipe, write_prepare
+
+    users = list(range(1, 41))
+    texts = [f"Loves {GENRES[(u * 7) % len(GENRES)]} films." for u in users]
+    got = {}
+    for w in (0.0, 0.5, 1.0):
+        recipe = make_recipe(tmp_path / str(w), "score.reward=genres", "score.retrieval_k=10", "score.contrast=5",
+                             f"score.contrast_weight={w}")
+        write_prepare(recipe)
+        got[w] = load_reward(recipe)(texts, users)
+    plain, personal = got[0.0]["retrieval_ndcg@10"], got[1.0]["reward"]
+    assert np.allclose(got[0.0]["reward"], plain, equal_nan=True)
+    assert np.allclose(got[0.5]["reward"], (plain + personal) / 2, equal_nan=True)
+    assert not np.allclose(plain, personal, equal_nan=True)
+    with pytest.raises(ConfigError, match="score.contrast_weight"):
+        load_recipe(None, ["score.reward=lexical", "score.contrast=5", "score.contrast_weight=2"])
+
+
 def test_contrast_is_refused_for_the_reranker_reward():
     from rlrf.config import ConfigError, load_recipe
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from rlrf import runs
-from rlrf.rerank import train_stage
+from rlrf.artifacts import read_artifact
+from rlrf.errors import StageError
 from rlrf.judge import train_judges_stage
-from rlrf.reward import (METRICS, profile_rewards, reward_profiles, score_lists, score_stage, spread_summary,
-                         with_tie_break)
-from rlrf.store import StageError, read_artifact
+from rlrf.rerank import train_stage
+from rlrf.reward import METRICS, profile_rewards, reward_profiles, score_lists, with_tie_break
+from rlrf.score import score_stage, spread_summary
 from tests.reward_fixtures import one_torch_thread  # noqa: F401  (autouse)
 from tests.reward_fixtures import (make_recipe, profile_texts, write_fake_encode, write_prepare,
                                    write_profiles)
@@ -166,7 +167,7 @@ def test_score_resume_after_kill_gives_the_clean_rows(scored_run, tmp_path):
     rer = runs.reranker_dir(recipe, 2)
     clean = read_artifact(score_stage(recipe, prof, enc, rer, tmp_path / "clean"), "scores").sort("user_id", "sample_idx")
     killed = tmp_path / "killed"
-    code = (f"from tests.reward_fixtures import make_recipe; from rlrf.reward import score_stage; import torch; "
+    code = (f"from tests.reward_fixtures import make_recipe; from rlrf.score import score_stage; import torch; "
             f"torch.set_num_threads(1); "
             f"score_stage(make_recipe({str(tmp_path)!r}), {str(prof)!r}, {str(enc)!r}, {str(rer)!r}, {str(killed)!r})")
     env = {**os.environ, "RLRF_KILL_AFTER_SHARDS": "2"}

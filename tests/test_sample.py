@@ -12,11 +12,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from rlrf import schema, store
+from rlrf import files, schema
+from rlrf.artifacts import read_artifact
 from rlrf.config import load_recipe
+from rlrf.errors import StageError
 from rlrf.llm import ModelError
 from rlrf.sample import fit_prompt, sample_stage, select_users, user_seed, user_shards
-from rlrf.store import StageError, read_artifact
 from tests.fixtures_llm import fake_prepare, smollm2_dir, tiny_model  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
@@ -276,7 +277,7 @@ def test_a_half_done_stage_cut_the_old_way_is_refused_not_mixed(setup, tiny_mode
     for i in (1, 2):
         (d / "_shards" / f"{i:05d}.json").unlink()
         (d / "profiles" / f"part-{i:05d}.parquet").unlink()
-    store.write_parquet(d / "profiles" / "part-00000.parquet", done.filter(pl.col("user_id") % 3 == 0))
+    files.write_parquet(d / "profiles" / "part-00000.parquet", done.filter(pl.col("user_id") % 3 == 0))
     with pytest.raises(StageError, match=r"shard 0 does not hold the users.*--force"):
         sample_stage(r, d, str(tiny_model), 1)
     # --force samples it again from scratch: the same rows as a clean run

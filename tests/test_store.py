@@ -10,7 +10,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from rlrf.store import Stage, StageError, atomic_path, parse_shard, read_artifact, read_stage_json
+from rlrf.artifacts import read_artifact, read_stage_json
+from rlrf.errors import StageError
+from rlrf.files import atomic_path
+from rlrf.store import Stage, parse_shard
 
 pytestmark = pytest.mark.faults
 
@@ -213,7 +216,7 @@ def test_a_run_that_failed_before_writing_anything_does_not_need_force(tmp_path)
 def test_atomic_path_replaces_a_directory_left_by_an_interrupted_run(tmp_path):
     """A stage stopped after writing a directory (e.g. the DPO adapter) and resumed writes it again: the new one
     replaces the old whole, and nothing else is left beside it."""
-    from rlrf.store import atomic_path
+    from rlrf.files import atomic_path
 
     target = tmp_path / "adapter"
     target.mkdir()
@@ -256,7 +259,7 @@ def test_markers_and_stage_json_record_size_and_sha256_of_every_file(tmp_path):
     ("garbage", r"part .*part-00001.parquet is unreadable"),
 ])
 def test_a_damaged_part_is_a_named_error_with_the_command_that_rebuilds_it(tmp_path, damage, what):
-    from rlrf.store import ArtifactError
+    from rlrf.errors import ArtifactError
 
     out = _finished_toy(tmp_path)
     part = out / "users" / "part-00001.parquet"
@@ -276,7 +279,8 @@ def test_a_damaged_part_is_a_named_error_with_the_command_that_rebuilds_it(tmp_p
 
 
 def test_a_flipped_byte_is_found_by_hash_when_asked(tmp_path, monkeypatch):
-    from rlrf.store import ArtifactError, read_parts
+    from rlrf.artifacts import read_parts
+    from rlrf.errors import ArtifactError
 
     out = _finished_toy(tmp_path)
     part = out / "users" / "part-00002.parquet"
@@ -295,7 +299,7 @@ def test_a_flipped_byte_is_found_by_hash_when_asked(tmp_path, monkeypatch):
 
 
 def test_a_nested_stage_names_its_outer_stage_as_the_fix(tmp_path):
-    from rlrf.store import rebuild_hint
+    from rlrf.artifacts import rebuild_hint
 
     outer = tmp_path / "runs" / "demo" / "round_2" / "check"
     with Stage(outer, "check", {}, quiet=True):
@@ -322,7 +326,7 @@ def test_resume_redoes_a_done_shard_whose_part_went_missing_or_short(tmp_path):
     r = run_toy(tmp_path, out, n_shards=3)
     assert r.returncode == 0, r.stderr
     assert rows(out).equals(rows(clean))
-    from rlrf.store import read_parts
+    from rlrf.artifacts import read_parts
     assert sum(df.height for df in read_parts(out, "users", verify=True)) == 9
 
 
@@ -425,7 +429,7 @@ def test_disk_full_while_writing_a_part_is_a_clear_error_and_leaves_no_file(tmp_
             for i in st.todo(3):
                 st.write_shard(i, {"users": pl.DataFrame({"user_id": [i]})})
             st.finish()
-        from rlrf.store import read_parts
+        from rlrf.artifacts import read_parts
         assert sorted(pl.concat(read_parts(out, "users", verify=True))["user_id"].to_list()) == [0, 1, 2]
 
 
@@ -443,7 +447,7 @@ def test_a_write_killed_before_its_rename_leaves_only_a_temporary_that_the_rerun
 
 
 def test_sweep_temporaries_removes_only_what_dead_writers_left(tmp_path):
-    from rlrf.store import sweep_temporaries
+    from rlrf.files import sweep_temporaries
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()

@@ -1,103 +1,15 @@
-"""Typed recipe config: YAML recipes, `key.sub=value` overrides, validation, hashing.
-
-A recipe is one YAML file with a section per stage (see recipes/ml100k_smollm2.yaml). Each section is
-a dataclass below whose fields carry a help text and whose `__post_init__` validates. Unknown keys are
-errors that name the closest known key; values are type-checked (YAML's `5e-5` is a float here).
-"""
+"""The recipe's sections, one dataclass per stage: each field a key with its help text, each `__post_init__` the
+section's validation."""
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import hashlib
-import json
 import re
-import types
-import typing
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from dataclasses import dataclass
 
-import yaml
-
+from rlrf.config.keys import (Backbone, Candidates, DatasetName, DPOBackend, DType, GRPOLoss, Layout, Pooling,
+                              RerankLoss, Reward, SampleBackend, ScaleRewards, TextReward, Trainer, Trim,
+                              WithoutProfile, _check, _check_choices, _f)
 from rlrf.prompts import INSTRUCTIONS
-
-
-class ConfigError(ValueError):
-    """A recipe or override a person must fix; the message says what, where and how."""
-
-
-def _f(default: Any, help: str, late: bool = False, **kw) -> Any:
-    """A recipe key with its help text. `late=True` marks a key added after stages that read its section had
-    already run: `fingerprint` leaves it out while it holds its default, so those stages stay up to date."""
-    meta = {"help": help, **({"late": True} if late else {})}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
-    return field(default=default, metadata=meta, **kw)
-
-
-def fingerprint(section, drop: tuple[str, ...] = ()) -> dict:
-    """A recipe section as a stage fingerprints it: every key but those in `drop` (keys that change speed, not
-    results) and the `late` keys that hold their default."""
-    out = dataclasses.asdict(section)
-    for f in dataclasses.fields(section):
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        if f.name in drop or (f.metadata.get("late") and out[f.name] == default):
-            out.pop(f.name)
-    return out
-
-
-def _check(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
-
-
-# ----------------------------------------------------------------------------- allowed values
-# Each key with a fixed set of values is typed once, here, and the code that dispatches on it keys its table by the
-# same Literal (tests hold each table's keys equal to its Literal's values).
-
-DatasetName = Literal["ml-100k", "ml-1m", "amazon-books"]
-Layout = Literal["auto", "grouplens", "recbole", "amazon"]
-SampleBackend = Literal["hf", "vllm"]
-DType = Literal["auto", "bfloat16", "float32"]
-Trim = Literal["none", "sentence"]
-Pooling = Literal["auto", "mean", "cls"]
-Backbone = Literal["dlcm", "prm"]
-RerankLoss = Literal["bce", "listwise"]
-WithoutProfile = Literal["drop", "zero"]
-Reward = Literal["reranker", "retrieval", "lexical", "genres"]
-TextReward = Literal["", "retrieval", "lexical", "genres"]  # grpo.reward: "" = score.reward
-Candidates = Literal["catalogue", "lists"]
-DPOBackend = Literal["trl", "llamafactory"]
-ScaleRewards = Literal["group", "batch", "none"]
-GRPOLoss = Literal["dapo", "grpo", "dr_grpo", "bnpo"]
-Trainer = Literal["dpo", "grpo"]
-
-
-def choices(tp: Any) -> tuple | None:
-    """The values a Literal type allows (None for any other type)."""
-    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
-
-
-def _one_of(opts: tuple) -> str:
-    names = [repr(o) if o == "" else str(o) for o in opts]
-    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
-
-
-def _check_choices(section, prefix: str) -> None:
-    """ConfigError for the first Literal-typed key (or list of them) holding a value its type does not allow."""
-    hints = typing.get_type_hints(type(section))
-    for f in dataclasses.fields(section):
-        tp, value = hints[f.name], getattr(section, f.name)
-        if typing.get_origin(tp) is list and typing.get_args(tp):
-            opts = choices(typing.get_args(tp)[0])
-            bad = [v for v in value if opts is not None and v not in opts]
-            _check(not bad, f"{prefix}.{f.name}", f"unknown value {bad[0]!r}; each must be {_one_of(opts)}" if bad else "")
-        elif (opts := choices(tp)) is not None:
-            _check(value in opts, f"{prefix}.{f.name}", f"unknown value {value!r}; choose {_one_of(opts)}")
-
-
-# ----------------------------------------------------------------------------- sections
 
 
 @dataclass
@@ -150,7 +62,7 @@ class SampleConfig:
     batch_size: int = _f(64, "sequences per generate call (prompts x n); larger is faster until memory binds")
     dtype: DType = _f("auto", "auto (bf16 where the CPU has AMX/AVX512-bf16, else fp32) | bfloat16 | float32")
     threads: int = _f(0, "torch CPU threads for the hf backend; 0 = torch's default (all cores). 1 wins when "
-                         "other jobs share the cores")
+                         "other jobs share the cores", speed=True)
     shards: int = _f(8, "at most this many user shards (the unit of resume), each of whole generate batches")
     item_knowledge: bool = _f(False, "also generate KAR item texts with the LLM (slow); off = metadata texts")
     trim: Trim = _f("none", "a profile cut by max_new_tokens: none (kept mid-sentence) | sentence (cut back to its last "
@@ -203,7 +115,7 @@ class RerankerConfig:
                                       "| zero (kept with a zero profile vector, so the item side learns from every "
                                       "train list when the sample stage drew only some users)", late=True)
     threads: int = _f(1, "torch threads for training and the reward forward: the model is tiny, so a second "
-                         "thread mostly waits (and thrashes on a busy 2-core machine)")
+                         "thread mostly waits (and thrashes on a busy 2-core machine)", speed=True)
     batch_size: int = _f(256, "lists per step")
     epochs: int = _f(20, "max epochs; early stopping on valid MAP@5 usually ends sooner")
     patience: int = _f(3, "epochs without valid MAP@5 improvement before stopping")
@@ -238,6 +150,9 @@ class ScoreConfig:
     contrast: int = _f(0, "the personal reward: the judge on the profile's own user minus its mean on this many other "
                           "users of the same split (0 = off): what would serve any user (naming nothing, the popular "
                           "genres) scores ~0 and only what is specific to the user counts; retrieval | lexical | genres", late=True)
+    contrast_weight: float = _f(1.0, "how much of the other users' mean the personal reward takes off: own - w * others; "
+                                     "1 = the personal part alone, 0 = the plain judge, between = a reward that still "
+                                     "pays for what serves any user but less than for what serves this one", late=True)
     judges: int = _f(1, "seeds in the reranker judge's ensemble (each cross-fitted over reranker.folds, averaged): more "
                         "is less noise, one reranker training per seed and fold; an independent twin of as many "
                         "seeds measures the judge's reliability")
@@ -260,6 +175,7 @@ class ScoreConfig:
         _check_choices(self, "score")
         _check(self.judges >= 1, "score.judges", "must be >= 1")
         _check(self.contrast >= 0, "score.contrast", "must be >= 0 (0 = off)")
+        _check(0 <= self.contrast_weight <= 1, "score.contrast_weight", "must be in [0, 1]")
         _check(self.contrast == 0 or self.reward != "reranker", "score.contrast",
                "applies to the training-free rewards (retrieval | lexical | genres), not score.reward=reranker")
         _check(self.retrieval_k >= 1, "score.retrieval_k", "must be >= 1")
@@ -365,7 +281,7 @@ class GRPOConfig:
                             "bfloat16 | float32")
     save_steps: int = _f(5, "checkpoint every this many steps (the unit of resume)")
     gradient_checkpointing: bool = _f(True, "recompute activations in the backward (TRL's GRPO default: less memory, "
-                                            "more time); the 25-step demo measured with it on peaked at 5.2 GB")
+                                            "more time; README: Online has the demo's peak)")
     length_range: list = _f([], "[lo, hi] profile tokens (stop token included): a flat length term, 0 inside the range "
                                 "and -1 outside, added with grpo.length_weight (the profile-verbalizer works' format "
                                 "reward: keeps a policy from buying reward with length, and with hi < "
@@ -419,205 +335,3 @@ class EvaluateConfig:
         _check(len(self.seeds) >= 1, "evaluate.seeds", "needs at least one seed")
         _check(self.n >= 1, "evaluate.n", "must be >= 1")
         _check(self.history >= 0, "evaluate.history", "must be >= 0 (0 = no history features)")
-
-
-@dataclass
-class Recipe:
-    run: str = _f("demo", "run name: artifacts land in <runs_dir>/<run>/")
-    runs_dir: str = _f("runs", "where runs live")
-    seed: int = _f(1234, "the run's seed: splits, list padding, sampling, training")
-    data: DataConfig = _f(None, "dataset", init=True)
-    prepare: PrepareConfig = _f(None, "prepare stage")
-    sample: SampleConfig = _f(None, "sample stage")
-    encode: EncodeConfig = _f(None, "encode stage")
-    reranker: RerankerConfig = _f(None, "train-reranker stage")
-    score: ScoreConfig = _f(None, "score stage")
-    pairs: PairsConfig = _f(None, "pairs stage")
-    dpo: DPOConfig = _f(None, "dpo stage")
-    grpo: GRPOConfig = _f(None, "grpo stage (online RL from the same reward; rounds.trainer=grpo)")
-    rounds: RoundsConfig = _f(None, "round bookkeeping and the is-it-learning check")
-    evaluate: EvaluateConfig = _f(None, "evaluate stage")
-
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            if getattr(self, f.name) is None:
-                setattr(self, f.name, _hint(Recipe, f.name)())
-        _check(re.fullmatch(r"[A-Za-z0-9_.-]+", self.run) is not None, "run",
-               f"{self.run!r} must be letters, digits, '_', '-', '.' (it names a directory)")
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.runs_dir) / self.run
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def section_hash(self, *names: str) -> str:
-        """Hash of the named sections (and the seed): what a stage's output depends on."""
-        d = self.to_dict()
-        payload = {"seed": self.seed, **{n: d[n] for n in names}}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader whose floats include `5e-5` and `1e3` (YAML 1.1 wants `5.0e-5`)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                |\.[0-9_]+(?:[eE][-+][0-9]+)?
-                |[-+]?\.(?:inf|Inf|INF)
-                |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."),
-)
-
-
-def parse_value(text: str) -> Any:
-    """Parse a command-line value the way the recipe would (YAML scalar or flow list)."""
-    try:
-        return yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override value {text!r} is not a YAML value ({str(e).splitlines()[0]}); quote it "
-                          f"(key.sub='...')") from None
-
-
-def _hint(cls, name: str):
-    return typing.get_type_hints(cls)[name]
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], key)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return _build(tp, value, key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    if choices(tp) is not None:  # the section's __post_init__ checks the value against the choices
-        return _coerce(value, str, key)
-    if tp is list or origin is list:
-        if isinstance(value, (list, tuple)):
-            args = typing.get_args(tp)
-            return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
-        raise ConfigError(f"{key}: expected a list, got {value!r}")
-    return value
-
-
-def _build(cls, values: dict, prefix: str = ""):
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for k, v in values.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in names:
-            raise ConfigError(_unknown(key, k, names, prefix))
-        kwargs[k] = _coerce(v, _hint(cls, k), key)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except TypeError as e:  # pragma: no cover - defensive
-        raise ConfigError(f"{prefix or 'recipe'}: {e}") from e
-
-
-def _unknown(key: str, k: str, names: list[str], prefix: str) -> str:
-    close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.5)
-    hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
-    return f"unknown key {key!r}{hint} (known: {', '.join(names)})"
-
-
-def _set_path(tree: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted}: {p} is not a section")
-    node[parts[-1]] = value
-
-
-def shipped_recipes() -> dict[str, Path]:
-    """The recipes inside the package (rlrf.recipes: the repo's recipes/ directory), by name."""
-    from importlib.resources import files
-
-    root = Path(str(files("rlrf.recipes")))
-    return {p.stem: p for p in sorted(root.glob("*.yaml"))}
-
-
-def find_recipe(path: str | Path) -> Path:
-    """A recipe file: `path` itself, else the shipped recipe of that name (`tiny`, `tiny.yaml`, or
-    `recipes/tiny.yaml` outside a checkout), else a ConfigError listing the shipped ones."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    shipped = shipped_recipes()
-    name = p.name[:-5] if p.name.endswith(".yaml") else p.name
-    if name in shipped and (len(p.parts) == 1 or p.parent.name == "recipes"):
-        return shipped[name]
-    raise ConfigError(f"recipe {p} not found; give a YAML file or the name of a recipe shipped in recipes/ "
-                      f"({', '.join(shipped)}; `rlrf recipes` lists them, `rlrf recipes cp NAME` copies one)")
-
-
-def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Load a YAML recipe and apply `key.sub=value` overrides; validates everything."""
-    tree: dict = {}
-    if path is not None:
-        p = find_recipe(path)
-        try:
-            tree = yaml.load(p.read_text(), Loader=_Loader) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"recipe {p} is not valid YAML: {e}") from e
-        if not isinstance(tree, dict):
-            raise ConfigError(f"recipe {p}: the top level must be a mapping of sections")
-    for o in overrides:
-        if "=" not in o:
-            raise ConfigError(f"override {o!r} must look like key.sub=value (e.g. sample.n=4)")
-        k, v = o.split("=", 1)
-        _set_path(tree, k.strip(), parse_value(v))
-    where = f" (recipe {path})" if path else ""
-    try:
-        return _build(Recipe, tree)
-    except ConfigError as e:
-        raise ConfigError(f"{e}{where}") from None
-
-
-def describe(cls=Recipe, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """(key, default, help) for every field, for `--help` output and docs."""
-    rows = []
-    for f in dataclasses.fields(cls):
-        tp = _hint(cls, f.name)
-        key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(tp):
-            rows += describe(tp, key + ".")
-        else:
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            rows.append((key, default, f.metadata.get("help", "")))
-    return rows
