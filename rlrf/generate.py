@@ -276,7 +276,7 @@ def open_backend(backend: str, model: str, dtype: str = "auto", batch_size: int 
 
 # sample.backend -> opener(model, dtype, batch_size, threads, pad_to)
 BACKENDS = {
-    "hf": lambda model, dtype, batch_size, threads, pad_to: HFBackend(model, dtype, batch_size, threads, pad_to),
+    "hf": HFBackend,
     "vllm": lambda model, dtype, batch_size, threads, pad_to: VLLMBackend(model, dtype),
 }
 

@@ -25,6 +25,7 @@ from rlrf.errors import StageError
 from rlrf.files import atomic_path
 from rlrf.llm import SAFE_TOKENIZER
 from rlrf.machine import has_cuda
+from rlrf.store import peak_rss_mb
 
 LLAMAFACTORY_INSTALL = "make llamafactory-env"  # its own venv, .venv-llamafactory: LLaMA-Factory pins older transformers/trl
 
@@ -223,13 +224,6 @@ def _copy_adapter(src: Path, dst: Path) -> None:
             shutil.copy(src / name, tmp / name)
 
 
-def _children_peak_rss_mb() -> float:
-    """The largest resident memory any finished child of this process reached (its probe, llamafactory-cli train)."""
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)  # Linux: KiB
-
-
 def _run_logged(cmd: list[str], log: Path, env: dict) -> int:
     """Run `cmd`, its output both on this terminal and appended to `log` (tqdm's carriage returns kept)."""
     import sys
@@ -306,5 +300,5 @@ def run_llamafactory(recipe: Recipe, pairs_dir: Path, model_dir: Path, out_dir: 
             "steps": int(state["global_step"]), "pairs_used": len(expected),
             "train_loss": summary.get("train_loss"), "final": rows[-1] if rows else {}, "resumed_from": resume,
             # the stage's own peak_rss_mb is this process's; LLaMA-Factory trains in a child of its own
-            "llamafactory_peak_rss_mb": _children_peak_rss_mb(),
+            "llamafactory_peak_rss_mb": peak_rss_mb(children=True),
             "heldout": None, "generator_out": str(out_dir / "merged")}

@@ -143,13 +143,11 @@ class RetrievalReward:
         return rng.choice(pool, size=min(m, len(pool)), replace=False)
 
     def personal(self, vecs: np.ndarray, user_ids, half: str | None = None, m: int | None = None,
-                 seed: int | None = None, weight: float | None = None) -> np.ndarray:
-        """NDCG@k on the profile's own user minus `weight` (default `contrast_weight`, 1) times its mean over `m`
-        (default `contrast`) other users of the same split; NaN where the user has no positive or no other user is
-        left."""
+                 seed: int | None = None) -> np.ndarray:
+        """NDCG@k on the profile's own user minus `contrast_weight` (1 unless set) times its mean over `m` (default
+        `contrast`) other users of the same split; NaN where the user has no positive or no other user is left."""
         m = self.contrast if m is None else m
         seed = self.contrast_seed if seed is None else seed
-        weight = self.contrast_weight if weight is None else weight
         if m < 1:
             raise ValueError("the personal reward needs m >= 1 other users")
         user_ids = np.asarray(user_ids, dtype=np.int64)
@@ -165,7 +163,7 @@ class RetrievalReward:
                 other[rows, j] = self.ndcg(vecs[rows], np.array([refs[i][j] for i in rows]), half)
         with np.errstate(invalid="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: no other user, NaN below
-            return own - weight * np.nanmean(other, axis=1)
+            return own - self.contrast_weight * np.nanmean(other, axis=1)
 
     def ndcg(self, vecs: np.ndarray, user_ids, half: str | None = None) -> np.ndarray:
         """NDCG@k of each profile embedding (P, d) for its user; `half` in (None, "a", "b")."""

@@ -276,7 +276,7 @@ class Stage:
             "dropped": dict(dropped),
             "wall_s": round(time.time() - self._t0, 2),
             # the process's peak resident memory so far (a stage run by its own script: the stage's own peak)
-            "peak_rss_mb": _peak_rss_mb(),
+            "peak_rss_mb": peak_rss_mb(),
             "machine": machine(),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **(extra or {}),
@@ -319,10 +319,13 @@ def _stop_on_sigterm():
     return signal.signal(signal.SIGTERM, stop)
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb(children: bool = False) -> float:
+    """The largest resident memory this process reached, or (children=True) the largest any of its finished child
+    processes reached."""
     import resource
 
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
+    return round(resource.getrusage(who).ru_maxrss / 1024, 1)  # Linux: KiB
 
 
 def _maybe_die() -> None:

@@ -79,7 +79,8 @@ def _check_choices(section, prefix: str) -> None:
         tp, value = hints[f.name], getattr(section, f.name)
         if typing.get_origin(tp) is list and typing.get_args(tp):
             opts = choices(typing.get_args(tp)[0])
-            bad = [v for v in value if opts is not None and v not in opts]
-            _check(not bad, f"{prefix}.{f.name}", f"unknown value {bad[0]!r}; each must be {_one_of(opts)}" if bad else "")
+            bad = [v for v in value if v not in opts] if opts is not None else []
+            if bad:
+                raise ConfigError(f"{prefix}.{f.name}: unknown value {bad[0]!r}; each must be {_one_of(opts)}")
         elif (opts := choices(tp)) is not None:
             _check(value in opts, f"{prefix}.{f.name}", f"unknown value {value!r}; choose {_one_of(opts)}")
