@@ -1,7 +1,7 @@
 """python pipelines/check.py --recipe recipes/ml100k_smollm2.yaml --round 1
 
 Is it learning? Samples profiles for the valid users from generator k-1 and generator k with the same
-seeds (rounds.learning_check_users users, rounds.learning_check_n profiles each), scores both with round
+seeds (check.users users, check.n profiles each), scores both with round
 k's reward reranker and reports the paired difference of mean reward (new - old) with a bootstrap 95%
 interval: runs/<run>/round_<k>/check/{stage.json, summary.md, check.png}.
 """

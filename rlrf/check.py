@@ -35,15 +35,16 @@ from rlrf.store import Stage
 def judges(recipe: Recipe, columns) -> dict[str, str]:
     """name -> scores column of every judge present: first those independent of the reward the round learned
     from (the pair-picking reward; GRPO's reward)."""
-    names = {"retrieval": "retrieval (encoder cosine)", "genres": "genres (catalogue genres named)",
-             "lexical": "lexical (TF-IDF cosine)", "judge_ab": "reranker judges a+b (cross-fitted)"}
-    for n in ("retrieval", "genres", "lexical"):  # score.contrast: each judge's personal part (own user - others)
-        names[f"{n}_personal"] = names[n].split(" (")[0] + " personal (own user minus other users)"
-    picked = {"retrieval": "retrieval", "lexical": "lexical", "genres": "genres",
-              "reranker": "judge_ab"}[recipe.score.reward] + ("_personal" if recipe.score.contrast else "")
+    from rlrf.reward import REWARDS
+
+    names = {j.check_column or j.column: j.label for j in REWARDS.values()}
+    # score.contrast: each judge's personal part (own user minus other users)
+    names.update({f"{j.column}_personal": j.label.split(" (")[0] + " personal (own user minus other users)"
+                  for j in REWARDS.values() if j.personal})
+    judge = REWARDS[recipe.score.reward]
+    picked = (judge.check_column or judge.column) + ("_personal" if recipe.score.contrast else "")
     mark = " - GRPO's reward" if recipe.rounds.trainer == "grpo" else " - picked the pairs"
-    order = [c for c in ("retrieval", "genres", "lexical", "judge_ab", "retrieval_personal", "genres_personal",
-                         "lexical_personal") if c != picked] + [picked]
+    order = [c for c in names if c != picked] + [picked]
     found = {names[c] + (mark if c == picked else ""): c for c in order if c in columns}
     return found or {"the round's reward": "reward"}
 
@@ -60,17 +61,11 @@ def _side(recipe: Recipe, root: Path, generator: str, k: int, reranker: Path) ->
     The old generator's profiles are usually already in round k's sample stage (it samples generator k-1
     with round k's seeds, valid users included): they are taken from there instead of sampled again."""
     from rlrf.encode import encode_stage
-    from rlrf.sample import reuse_profiles, sample_stage
+    from rlrf.sample import sample_stage
     from rlrf.score import score_stage
 
-    rc = recipe.rounds
-    want = dict(splits=["valid"], n=rc.learning_check_n, max_users=rc.learning_check_users)
-    done = root / "sample" / "stage.json"
-    sampled_here = done.is_file() and "reused_from" not in json.loads(done.read_text()).get("config", {})
-    prof = None if sampled_here else reuse_profiles(recipe, runs.stage_dir(recipe, "sample", k), root / "sample",
-                                                    generator, k, **want)
-    if prof is None:
-        prof = sample_stage(recipe, root / "sample", generator, k, **want)
+    prof = sample_stage(recipe, root / "sample", generator, k, splits=["valid"], n=recipe.check.n,
+                        max_users=recipe.check.users, source=runs.stage_dir(recipe, "sample", k))
     enc = encode_stage(recipe, prof, root / "encode")
     return score_stage(recipe, prof, enc, reranker, root / "score")
 
@@ -144,7 +139,7 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
     reranker = runs.reranker_dir(recipe, k)
     if not (reranker / "model.json").is_file() and recipe.score.reward != "reranker":
         reranker = None  # a round without a reranker judge (GRPO's): the training-free judges only
-    config = {**recipe.sections("rounds", "sample", "encode", "score"), "round": k,
+    config = {**recipe.sections("check", "rounds", "sample", "encode", "score"), "round": k,
               "old": weights_hash(old_gen), "new": weights_hash(new_gen)}
     # the reranker's fingerprint is an input; the sides' sub-stages live inside this stage's directory, so a
     # --force here wipes them too before they are redone

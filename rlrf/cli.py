@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 from rlrf.config import ConfigError, Recipe, describe, load_recipe
+from rlrf.runs import STAGES, script
 from rlrf.errors import StageError
 from rlrf.store import parse_shard
 
-STAGES = ("prepare", "sample", "encode", "train-reranker", "score", "pairs", "dpo", "check", "evaluate")
 
 
 def stage_args(description: str, argv: list[str] | None = None, rounds: bool = True,
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: unknown command {cmd!r}" + (f"; did you mean {close[0]}?" if close else "") + "\n\n" + usage,
               file=sys.stderr)
         sys.exit(2)
-    module = f"rlrf.pipelines.{cmd.replace('-', '_')}"  # the repo's pipelines/, shipped inside the package
+    module = f"rlrf.pipelines.{script(cmd)}"  # the repo's pipelines/, shipped inside the package
     sys.argv = [f"rlrf {cmd}", *rest]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 

@@ -1,7 +1,7 @@
 """DPO forward with the prompt encoded once per pair (`dpo.share_prompt`).
 
 TRL's DPOTrainer feeds a batch of B pairs as 2B rows, [prompt + chosen] then [prompt + rejected], so the
-prompt (here ~75% of the tokens) goes through the model twice, in the policy forward, its backward and the
+prompt (most of a pair's tokens on the demo) goes through the model twice, in the policy forward, its backward and the
 reference forward. The two completions of a pair need the same prompt keys/values, so one row per pair
 
     [prompt | chosen | rejected]      positions 0..P-1 | P..P+C-1 | P..P+R-1

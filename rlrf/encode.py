@@ -3,11 +3,10 @@
 The user text is the LLM's answer only (`profiles.text`), never the prompt: MiniLM truncates at 256
 tokens and the KAR prompt alone (30 history titles with ratings) is longer than that, so a
 prompt + answer text would embed the prompt and give every profile of a user the same vector, hence
-the same reward, and the pairs stage nothing to learn from. Measured on 32 ML-100K users' SmolLM2-135M
-profiles (`benchmarks/score_throughput.py --truncation`): prompt + answer is 422 tokens on average and
-97% are truncated, and swapping the answer for another user's leaves the embedding at cosine 0.98;
-answer only is 89 tokens (none truncated) and the same swap gives cosine 0.50. The item text is the
-items artifact's `text`, followed by the LLM's item knowledge when sample.item_knowledge made one.
+the same reward, and the pairs stage nothing to learn from (`benchmarks/score_throughput.py --truncation`
+measures both: how many prompt + answer texts the encoder cuts, and how far swapping the answer moves the
+embedding). The item text is the items artifact's `text`, followed by the LLM's item knowledge when
+sample.item_knowledge made one.
 
 Embeddings live in an append-only cache shared by every stage and round of a run
 (rlrf.runs.embeddings_cache): a folder per encoder of parquet parts (key, embedding), each written to

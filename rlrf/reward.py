@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import polars as pl
@@ -219,18 +221,24 @@ def lexical_embedder(recipe: Recipe):
     return Lexical(read_artifact(runs.prepare_dir(recipe), "items", "prepare").sort("item_id")["text"].to_list())
 
 
-def text_space(recipe: Recipe, kind: str):
-    """(scorer, texts -> vectors) of a judge that reads the profile text itself: lexical or genres."""
+def _lexical_space(recipe: Recipe):
+    embed = lexical_embedder(recipe)
+    return retrieval_scorer(recipe, embed=embed), embed
+
+
+def _genres_space(recipe: Recipe):
     from rlrf.retrieval import Genres
 
-    if kind == "lexical":
-        embed = lexical_embedder(recipe)
-        scorer = retrieval_scorer(recipe, embed=embed)
-    elif kind == "genres":
-        embed = Genres(read_artifact(runs.prepare_dir(recipe), "items", "prepare"))
-        scorer = retrieval_scorer(recipe, item_vecs=embed.item_vecs, tie_break=True)
-    else:
-        raise ValueError(f"no text space {kind!r}: lexical | genres")
+    embed = Genres(read_artifact(runs.prepare_dir(recipe), "items", "prepare"))
+    return retrieval_scorer(recipe, item_vecs=embed.item_vecs, tie_break=True), embed
+
+
+def text_space(recipe: Recipe, kind: str):
+    """(scorer, texts -> vectors) of a judge that reads the profile text in a space of its own (REWARDS[kind].space)."""
+    judge = REWARDS.get(kind)
+    if judge is None or judge.space is None:
+        raise ValueError(f"no text space {kind!r}: {' | '.join(k for k, j in REWARDS.items() if j.space)}")
+    scorer, embed = judge.space(recipe)
     scorer.name = kind
     return scorer, embed
 
@@ -263,25 +271,34 @@ def load_reward(recipe: Recipe, round: int = 1, kind: str | None = None) -> Prof
     kind = kind or recipe.score.reward
     if kind not in REWARDS:
         raise ValueError(f"no reward {kind!r}; choose one of {', '.join(REWARDS)}")
-    return REWARDS[kind](recipe, round, kind)
-
-
-def _text_reward(recipe: Recipe, round: int, kind: str) -> ProfileReward:
+    if kind == "reranker":
+        return ProfileReward(judge_scorer(recipe, runs.reranker_dir(recipe, round)), text_embedder(recipe), kind)
+    if kind == "retrieval":
+        return ProfileReward(retrieval_scorer(recipe), text_embedder(recipe), kind)
     scorer, embed = text_space(recipe, kind)
     return ProfileReward(scorer, embed, kind)
 
 
-def _retrieval_reward(recipe: Recipe, round: int, kind: str) -> ProfileReward:
-    return ProfileReward(retrieval_scorer(recipe), text_embedder(recipe), kind)
+@dataclass(frozen=True)
+class Judge:
+    """One judge of a profile, as the score stage writes it and the check names it."""
+    column: str                  # its reward column in the scores artifact (as score.reward: the pair-picking one)
+    halves: tuple[str, str]      # its two independent halves (twins), whose agreement is its reliability
+    label: str                   # how the check and the reports name it
+    check_column: str = ""       # the column the check compares ("" = column)
+    space: Callable | None = None  # recipe -> (scorer, texts -> vectors): a judge reading the text in its own space
+    personal: bool = True        # has a personal part (score.contrast: own user minus other users)
 
 
-def _reranker_reward(recipe: Recipe, round: int, kind: str) -> ProfileReward:
-    return ProfileReward(judge_scorer(recipe, runs.reranker_dir(recipe, round)), text_embedder(recipe), kind)
-
-
-# score.reward -> loader(recipe, round, kind) -> ProfileReward
-REWARDS = {"reranker": _reranker_reward, "retrieval": _retrieval_reward, "lexical": _text_reward,
-           "genres": _text_reward}
+# score.reward -> its judge: adding a reward that reads the text in a space of its own is one `space` function and
+# one line here (and its name in rlrf/config/keys.py's Reward)
+REWARDS: dict[str, Judge] = {
+    "retrieval": Judge("retrieval", ("retrieval_a", "retrieval_b"), "retrieval (encoder cosine)"),
+    "genres": Judge("genres", ("genres_a", "genres_b"), "genres (catalogue genres named)", space=_genres_space),
+    "lexical": Judge("lexical", ("lexical_a", "lexical_b"), "lexical (TF-IDF cosine)", space=_lexical_space),
+    "reranker": Judge("judge_a", ("judge_a", "judge_b"), "reranker judges a+b (cross-fitted)", check_column="judge_ab",
+                      personal=False),
+}
 
 
 def _expected_spec(recipe: Recipe, items: pl.DataFrame, lists: pl.DataFrame, know_dim: int, spec, n_users: int):

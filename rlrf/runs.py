@@ -17,6 +17,15 @@ from pathlib import Path
 
 from rlrf.config import Recipe
 
+# Every stage, in the order a round runs them (grpo makes the generator instead of pairs + dpo when
+# rounds.trainer=grpo): each is `rlrf <name>` and pipelines/<name, "-" as "_">.py.
+STAGES = ("prepare", "sample", "encode", "train-reranker", "score", "pairs", "dpo", "grpo", "check", "evaluate")
+
+
+def script(stage: str) -> str:
+    """The stage's script under pipelines/ (shipped as rlrf.pipelines)."""
+    return stage.replace("-", "_")
+
 
 def prepare_dir(r: Recipe) -> Path:
     return r.run_dir / "prepare"

@@ -120,8 +120,11 @@ def _stage_config(recipe: Recipe, cfg, generator: str, round: int, ghash: str) -
 
 
 def sample_stage(recipe: Recipe, out_dir: str | Path, generator: str, round: int, *, splits=None, n=None,
-                 max_users=None, force: bool = False, shard=None) -> Path:
-    """Write the `profiles` artifact (N per user) for `generator` into out_dir; returns out_dir."""
+                 max_users=None, force: bool = False, shard=None, source: str | Path | None = None) -> Path:
+    """Write the `profiles` artifact (N per user) for `generator` into out_dir; returns out_dir.
+
+    `source`, a finished sample stage, is where the texts are taken from instead of sampled when it holds them all
+    (`from_source`): the stage's config, hence its fingerprint, is the same either way, because the texts are."""
     cfg = _sample_config(recipe, splits, n, max_users)
     out_dir = Path(out_dir)
     shard = parse_shard(shard) if isinstance(shard, str) else shard
@@ -137,9 +140,17 @@ def sample_stage(recipe: Recipe, out_dir: str | Path, generator: str, round: int
         if users.height == 0:
             raise StageError(f"sample: no users in splits {cfg.splits} of {prep} (sample.splits); "
                              f"check the prepare stage's output")
+        taken = (from_source(recipe, source, users, cfg, config)
+                 if source is not None and shard is None and not st.done_shards() else None)
+        if taken is not None:
+            for i in st.todo(1):
+                st.write_shard(i, {"profiles": taken})
+            st.finish(extra={**_summary(taken, cfg), "taken_from": str(source)})
+            print(f"sample round {round}: {taken.height} profiles of {users.height} users from {generator}, taken "
+                  f"from {source} (same seeds) -> {out_dir}")
+            return out_dir
         chunks = user_shards(users["user_id"].to_list(), max(1, cfg.batch_size // cfg.n), cfg.shards)
         n_shards = len(chunks) + (1 if cfg.item_knowledge else 0)
-        _check_layout(st, chunks, cfg.item_knowledge)
         todo = st.todo(n_shards)
         if todo and cfg.backend == "hf":
             _check_memory(model_dir, cfg, st.log)
@@ -168,60 +179,28 @@ def sample_stage(recipe: Recipe, out_dir: str | Path, generator: str, round: int
 _LAYOUT_KEYS = ("splits", "n", "max_users", "shards", "batch_size")
 
 
-def reuse_profiles(recipe: Recipe, src: str | Path, out_dir: str | Path, generator: str, round: int, *,
-                   splits: list[str], n: int, max_users: int) -> Path | None:
-    """Write into out_dir, as a finished sample stage, the profiles that sample_stage(recipe, out_dir, generator,
-    round, splits=..., n=..., max_users=...) would sample, taken from the finished sample stage `src` when
-    `src` has them all: same seed, round, generator weights and decoding, and every wanted user with at least
-    n profiles. A text's seed is (run seed, user, round, sample_idx), never the batch or the other users, so
-    the subset is what a fresh run samples. Returns None (and writes nothing) when `src` cannot serve.
+def from_source(recipe: Recipe, src: str | Path, users: pl.DataFrame, cfg, want: dict) -> pl.DataFrame | None:
+    """The profiles a sample stage of config `want` would sample for `users`, taken from the finished sample stage
+    `src` when it holds them all: same seed, run, round, generator weights and decoding, and every user with at least
+    cfg.n profiles. A text's seed is (run seed, user, round, sample_idx), never the batch or the other users, so the
+    subset is what sampling would write. None when `src` cannot serve (the caller samples instead).
 
-    The is-it-learning check uses it: its "old" side (generator k-1 on valid users, round k's seeds) is
-    a subset of round k's own sample stage, which saves sampling it a second time."""
-    src, out_dir = Path(src), Path(out_dir)
+    The is-it-learning check uses it: its "old" side (generator k-1 on valid users, round k's seeds) is a subset of
+    round k's own sample stage, which saves sampling it a second time."""
+    src = Path(src)
     if not (src / "stage.json").is_file():
         return None
     have = json.loads((src / "stage.json").read_text()).get("config", {})
-    cfg = _sample_config(recipe, list(splits), n, max_users)
-    want = _stage_config(recipe, cfg, generator, round, weights_hash(resolve_model(generator)))
     strip = lambda d: {k: v for k, v in d.items() if k not in _LAYOUT_KEYS}  # noqa: E731
     same = (all(have.get(k) == want[k] for k in ("seed", "run", "round", "generator_hash"))
             and strip(have.get("sample", {})) == strip(want["sample"]) and not cfg.item_knowledge
-            and int(have["sample"].get("n", 0)) >= n)
+            and int(have["sample"].get("n", 0)) >= cfg.n)
     if not same:
         return None
-    prep = runs.prepare_dir(recipe)
-    users = select_users(read_artifact(prep, "prompts", "prepare"), cfg.splits, cfg.max_users, recipe.seed)
     profiles = (read_artifact(src, "profiles", "sample")
-                .filter(pl.col("user_id").is_in(users["user_id"].implode()) & (pl.col("sample_idx") < n))
+                .filter(pl.col("user_id").is_in(users["user_id"].implode()) & (pl.col("sample_idx") < cfg.n))
                 .sort("user_id", "sample_idx"))
-    if profiles.height != users.height * n:
-        return None  # some wanted user was not sampled there (e.g. sample.max_users cut it)
-    with Stage(out_dir, "sample", {**want, "reused_from": str(src)}, inputs=[prep, src], quiet=True) as st:
-        if not st.done:
-            for i in st.todo(1):
-                st.write_shard(i, {"profiles": profiles})
-            st.finish(extra=_summary(profiles, cfg))
-    print(f"sample round {round}: {profiles.height} profiles of {users.height} users from {generator}, "
-          f"taken from {src} (same seeds) -> {out_dir}")
-    return out_dir
-
-
-def _check_layout(st: Stage, chunks: list[list[int]], item_knowledge: bool) -> None:
-    """Refuse to resume shards written under another user -> shard layout (rlrf before whole-batch shards
-    cut users by `user_id % shards`): their parts would mix with this layout's into missing or doubled users.
-    A finished stage never gets here (it is up to date), so only half-done stages are checked."""
-    for i in st.done_shards():
-        if i < len(chunks):
-            part = st.part("profiles", i)
-            ok = part.is_file() and sorted(pl.read_parquet(part, columns=["user_id"])["user_id"].unique()) \
-                == chunks[i]
-        else:
-            ok = item_knowledge and i == len(chunks) and st.part("item_knowledge", i).is_file()
-        if not ok:
-            raise StageError(f"{st.dir} holds sample shards cut another way (shard {i} does not hold the users this "
-                             f"version puts there: an older rlrf cut users by user_id % shards). Rerun the stage with "
-                             f"--force to sample it again from scratch, or finish it with the rlrf that started it.")
+    return profiles if profiles.height == users.height * cfg.n else None  # None: a user src did not sample
 
 
 def _all_done(st: Stage, n_shards: int) -> bool:

@@ -15,7 +15,7 @@ from rlrf import runs, schema
 from rlrf.artifacts import read_artifact, read_stage_json
 from rlrf.config import Recipe, fingerprint
 from rlrf.errors import StageError
-from rlrf.reward import METRICS, judge_scorer, retrieval_scorer, text_space
+from rlrf.reward import METRICS, REWARDS, judge_scorer, retrieval_scorer, text_space
 from rlrf.store import Stage
 
 
@@ -37,22 +37,9 @@ def spread_summary(scores: pl.DataFrame) -> dict:
     }
 
 
-# the judges that read the profile text in a space of their own (not the encoder's)
-TEXT_SPACES = ("lexical", "genres")
-
-
-# judge columns of the scores artifact: name -> (judge a's column, judge b's column)
-JUDGE_COLUMNS = {"retrieval": ("retrieval_a", "retrieval_b"), "lexical": ("lexical_a", "lexical_b"),
-                 "genres": ("genres_a", "genres_b"), "reranker": ("judge_a", "judge_b")}
-
-
-# the column of each score.reward
-REWARD_COLUMN = {"retrieval": "retrieval", "lexical": "lexical", "genres": "genres", "reranker": "judge_a"}
-
-
 def reward_column(cfg) -> str:
     """The scores column that is score.reward's reward: its personal part when score.contrast is on."""
-    return REWARD_COLUMN[cfg.reward] + ("_personal" if cfg.contrast > 0 else "")
+    return REWARDS[cfg.reward].column + ("_personal" if cfg.contrast > 0 else "")
 
 
 def score_profiles(vecs: np.ndarray, user_ids: np.ndarray, retrieval, judges: dict, texts: list[str] | None = None,
@@ -113,7 +100,7 @@ def score_stage(recipe: Recipe, profiles_dir: str | Path, encode_dir: str | Path
             item_vecs = np.zeros((int(items["item_id"].max()) + 1, cache.vectors.shape[1]), np.float32)
             item_vecs[it["item_id"].to_numpy()] = cache.get(it["text_hash"].to_list())
             retrieval = retrieval_scorer(recipe, item_vecs)
-            spaces = {name: text_space(recipe, name) for name in TEXT_SPACES}
+            spaces = {name: text_space(recipe, name) for name, j in REWARDS.items() if j.space is not None}
             judges = ({j: judge_scorer(recipe, reranker_dir, j, item_vecs.shape[1]) for j in ("a", "b")}
                       if reranker_dir is not None else {})
             prof = (profiles.select("run", "round", "split", "user_id", "sample_idx", "text")
@@ -148,17 +135,16 @@ def score_stage(recipe: Recipe, profiles_dir: str | Path, encode_dir: str | Path
                 # the same without the tie break: how often the metric alone cannot tell a user's profiles apart
                 summary["metric_all_tie_share"] = spread_summary(
                     scores.with_columns(pl.col(cfg.metric).alias("reward")))["all_tie_share"]
-            twins = dict(JUDGE_COLUMNS)
-            twins.update({f"{n} personal": (f"{n}_personal_a", f"{n}_personal_b") for n in ("retrieval", *TEXT_SPACES)
-                          if f"{n}_personal_a" in scores.columns})
+            twins = {name: j.halves for name, j in REWARDS.items()}  # each judge's two halves
+            twins.update({f"{n} personal": (f"{n}_personal_a", f"{n}_personal_b") for n, j in REWARDS.items()
+                          if j.personal and f"{n}_personal_a" in scores.columns})
             rel = reliability(scores, twins, trained_on="judge_a" if "judge_a" in scores.columns else None,
                               resamples=recipe.rounds.bootstrap, seed=recipe.seed)
             from rlrf.reliability import agreement
 
             # do the other judges confirm the pairs the reward picks? (the reward's pairs, each other judge's verdict)
             mine = reward_column(cfg)
-            for other in ("retrieval", "lexical", "genres", "judge_a", *(c for c in scores.columns
-                                                                        if c.endswith("_personal"))):
+            for other in (*(j.column for j in REWARDS.values()), *(c for c in scores.columns if c.endswith("_personal"))):
                 if other != mine and {mine, other} <= set(scores.columns):
                     rel[f"{mine} pairs under {other}"] = {
                         "agreement": agreement(scores, mine, other, recipe.rounds.bootstrap, recipe.seed)}

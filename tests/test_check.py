@@ -117,18 +117,30 @@ def test_old_side_profiles_are_taken_from_the_rounds_sample_when_it_has_them(tmp
             st.write_shard(i, {"profiles": pl.DataFrame(rows, schema=SCHEMAS["profiles"])})
         st.finish()
 
-    out = sample.reuse_profiles(recipe, src, tmp_path / "old" / "sample", "g0", 1, splits=["valid"], n=2, max_users=-1)
+    out = sample.sample_stage(recipe, tmp_path / "old" / "sample", "g0", 1, splits=["valid"], n=2, max_users=-1,
+                              source=src)
     got = read_artifact(out, "profiles", "sample").sort("user_id", "sample_idx")
     assert got["text"].to_list() == [f"u{u} s{i}" for u in (2, 3, 5) for i in (0, 1)]
-    assert json.loads((out / "stage.json").read_text())["config"]["reused_from"] == str(src)
-    # anything that changes the texts, or users / profiles the source lacks: sample instead
-    assert sample.reuse_profiles(recipe, src, tmp_path / "x1", "g0", 2, splits=["valid"], n=2, max_users=-1) is None
-    assert sample.reuse_profiles(recipe, src, tmp_path / "x2", "g0", 1, splits=["valid"], n=5, max_users=-1) is None
+    info = json.loads((out / "stage.json").read_text())
+    assert info["taken_from"] == str(src)
+    # the config (so the fingerprint) is what sampling would record: it says which texts, not where they came from
+    cfg = sample._sample_config(recipe, ["valid"], 2, -1)
+    assert info["config"] == sample._stage_config(recipe, cfg, "g0", 1, "w0") and "taken_from" not in info["config"]
+
+    # anything that changes the texts, or users / profiles the source lacks: the source cannot serve (so the stage
+    # samples instead)
+    def serves(r, round_, n):
+        c = sample._sample_config(r, ["valid"], n, -1)
+        users = sample.select_users(prompts, c.splits, c.max_users, r.seed)
+        return sample.from_source(r, src, users, c, sample._stage_config(r, c, "g0", round_, sample.weights_hash("g0")))
+
+    assert serves(recipe, 1, 2) is not None
+    assert serves(recipe, 2, 2) is None
+    assert serves(recipe, 1, 5) is None
     hot = load_recipe(None, [f"runs_dir={tmp_path}", "run=r", "sample.n=4", "sample.max_users=-1", "sample.temperature=0.7"])
-    assert sample.reuse_profiles(hot, src, tmp_path / "x3", "g0", 1, splits=["valid"], n=2, max_users=-1) is None
+    assert serves(hot, 1, 2) is None
     monkeypatch.setattr(sample, "weights_hash", lambda p: "w1")  # generator weights changed since
-    assert sample.reuse_profiles(recipe, src, tmp_path / "x4", "g0", 1, splits=["valid"], n=2, max_users=-1) is None
-    assert not any((tmp_path / x).exists() for x in ("x1", "x2", "x3", "x4"))
+    assert serves(recipe, 1, 2) is None
 
 
 def test_the_check_leads_with_the_judges_independent_of_the_pair_picker():

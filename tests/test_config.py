@@ -31,6 +31,16 @@ def test_unknown_key_names_the_closest_known_key():
         load_recipe(None, ["reranke.lr=0.1"])
 
 
+def test_a_key_that_moved_names_its_new_home(tmp_path):
+    with pytest.raises(ConfigError, match=r"rounds.learning_check_n is now check.n"):
+        load_recipe(None, ["rounds.learning_check_n=4"])
+    p = tmp_path / "old.yaml"
+    p.write_text("rounds:\n  learning_check_users: 10\n")
+    with pytest.raises(ConfigError, match=r"rounds.learning_check_users is now check.users.*old.yaml"):
+        load_recipe(p)
+    assert load_recipe(None, ["check.n=4", "check.users=10"]).check.n == 4
+
+
 def test_unknown_key_in_a_recipe_names_the_file(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("sample:\n  max_new_token: 10\n")
@@ -48,6 +58,8 @@ def test_unknown_key_in_a_recipe_names_the_file(tmp_path):
     ("score.metric=recall@5", "ndcg@k or map@k"),
     ("run=../escape", "names a directory"),
     ("sample.n", "key.sub=value"),
+    ("check.n=0", "check.n: must be >= 1"),
+    ("check.users=0", "check.users: must be -1"),
 ])
 def test_values_are_validated(override, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -135,14 +147,15 @@ def test_each_key_with_fixed_values_is_dispatched_from_a_table_of_exactly_those_
     reward or backend is one entry in the table plus its name in the Literal."""
     from typing import get_args
 
-    from rlrf import backbones, config, dpo, generate, reward, score
+    from rlrf import backbones, config, dpo, generate, reward
 
     tables = {config.Backbone: [backbones.BACKBONES], config.SampleBackend: [generate.BACKENDS],
-              config.DPOBackend: [dpo.BACKENDS], config.Reward: [reward.REWARDS, score.REWARD_COLUMN,
-                                                                   score.JUDGE_COLUMNS]}
+              config.DPOBackend: [dpo.BACKENDS], config.Reward: [reward.REWARDS]}
     for literal, dicts in tables.items():
         for table in dicts:
             assert set(table) == set(get_args(literal))
+    # grpo.reward: every training-free judge ("" = score.reward's)
+    assert set(get_args(config.TextReward)) == {""} | {k for k in reward.REWARDS if k != "reranker"}
 
 
 @pytest.mark.parametrize("override,msg", [

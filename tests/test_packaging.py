@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from rlrf.config import ConfigError, find_recipe, load_recipe, shipped_recipes
+from rlrf.runs import STAGES, script
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ("prepare", "sample", "encode", "train_reranker", "score", "pairs", "dpo", "check", "evaluate")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,12 @@ def test_the_wheel_carries_every_recipe_and_stage_script(wheel):
     for recipe in (REPO / "recipes").glob("*.yaml"):
         assert f"rlrf/recipes/{recipe.name}" in names
     for stage in STAGES:
-        assert f"rlrf/pipelines/{stage}.py" in names
+        assert f"rlrf/pipelines/{script(stage)}.py" in names
+
+
+def test_every_stage_script_is_a_cli_command_and_the_other_way_round():
+    scripts = {p.stem for p in (REPO / "pipelines").glob("*.py")} - {"__init__"}
+    assert scripts == {script(s) for s in STAGES}
 
 
 def test_installed_outside_the_repo_it_lists_copies_and_runs_the_tiny_recipes_prepare(wheel, tmp_path, ml100k_dir):

@@ -242,6 +242,27 @@ def test_text_space_reward_prefers_the_profile_naming_the_users_genre(tmp_path, 
         [float(reward(["loves Drama"], [4])["reward"][0])]
 
 
+def test_a_new_text_space_reward_is_one_function_and_one_registry_line(tmp_path, monkeypatch):
+    """A judge that reads the text in a space of its own: its `space` function and one REWARDS entry make it a reward
+    (load_reward, TRL's reward function), a judge the score stage writes with its halves, and a named judge of the
+    check."""
+    from rlrf import reward as rw
+    from rlrf.check import judges
+    from tests.reward_fixtures import GENRES, make_recipe, taste, write_prepare
+
+    monkeypatch.setitem(rw.REWARDS, "genres2", rw.Judge("genres2", ("genres2_a", "genres2_b"), "genres2 (a copy)",
+                                                        space=rw._genres_space))
+    recipe = make_recipe(tmp_path, "score.retrieval_k=10", "score.reward=lexical")
+    write_prepare(recipe)
+    reward = rw.load_reward(recipe, kind="genres2")
+    users = list(range(1, 41))
+    good = reward([f"This user loves {GENRES[taste(u)]} films." for u in users], users)["reward"]
+    bad = reward([f"This user loves {GENRES[(taste(u) + 1) % 4]} films." for u in users], users)["reward"]
+    assert reward.name == "genres2" and (good > bad).all()
+    named = judges(recipe, ["retrieval", "genres2", "lexical"])
+    assert named["genres2 (a copy)"] == "genres2" and list(named.values())[-1] == "lexical"  # the picker last
+
+
 # ----------------------------------------------------------------------------- the genres space
 
 

@@ -43,7 +43,7 @@ def test_round1_leaves_a_generator_and_an_inspectable_preference_parquet(tiny_ro
         assert 0 <= dpo["heldout"]["accuracy"] <= 1 and dpo["heldout"]["pairs"] == min(held.height, 64)
     # the check's old side (generator 0, valid users, round 1's seeds) came from round 1's own sample stage
     old = json.loads((r1 / "check" / "old" / "sample" / "stage.json").read_text())
-    assert old["config"]["reused_from"].endswith("round_1/sample")
+    assert old["taken_from"].endswith("round_1/sample") and "taken_from" not in old["config"]
     old_rows = pl.read_parquet(r1 / "check" / "old" / "sample" / "profiles" / "*.parquet")
     same = profiles.join(old_rows.select("user_id", "sample_idx", "text"), on=["user_id", "sample_idx"])
     assert same.height == old_rows.height >= 1 and (same["text"] == same["text_right"]).all()

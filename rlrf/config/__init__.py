@@ -24,13 +24,13 @@ import yaml
 from rlrf.config.keys import (Backbone, Candidates, ConfigError, DatasetName, DPOBackend, DType, GRPOLoss, Layout,
                               Pooling, RerankLoss, Reward, SampleBackend, ScaleRewards, TextReward, Trainer, Trim,
                               WithoutProfile, _check, _f, choices, fingerprint)
-from rlrf.config.sections import (DataConfig, DPOConfig, EncodeConfig, EvaluateConfig, GRPOConfig, PairsConfig,
+from rlrf.config.sections import (CheckConfig, DataConfig, DPOConfig, EncodeConfig, EvaluateConfig, GRPOConfig, PairsConfig,
                                   PrepareConfig, RerankerConfig, RoundsConfig, SampleConfig, ScoreConfig)
 
 __all__ = [
     "Recipe", "load_recipe", "find_recipe", "shipped_recipes", "parse_value", "describe", "ConfigError", "fingerprint",
     "choices", "DataConfig", "PrepareConfig", "SampleConfig", "EncodeConfig", "RerankerConfig", "ScoreConfig",
-    "PairsConfig", "DPOConfig", "GRPOConfig", "RoundsConfig", "EvaluateConfig", "Backbone", "Candidates",
+    "PairsConfig", "DPOConfig", "GRPOConfig", "RoundsConfig", "CheckConfig", "EvaluateConfig", "Backbone", "Candidates",
     "DatasetName", "DPOBackend", "DType", "GRPOLoss", "Layout", "Pooling", "RerankLoss", "Reward", "SampleBackend",
     "ScaleRewards", "TextReward", "Trainer", "Trim", "WithoutProfile",
 ]
@@ -50,7 +50,8 @@ class Recipe:
     pairs: PairsConfig = _f(None, "pairs stage")
     dpo: DPOConfig = _f(None, "dpo stage")
     grpo: GRPOConfig = _f(None, "grpo stage (online RL from the same reward; rounds.trainer=grpo)")
-    rounds: RoundsConfig = _f(None, "round bookkeeping and the is-it-learning check")
+    rounds: RoundsConfig = _f(None, "what makes each round's generator, and the bootstrap of every interval")
+    check: CheckConfig = _f(None, "check stage (is it learning? generator k-1 vs k on the valid users)")
     evaluate: EvaluateConfig = _f(None, "evaluate stage")
 
     def __post_init__(self):
@@ -155,6 +156,8 @@ def _build(cls, values: dict, prefix: str = ""):
     kwargs = {}
     for k, v in values.items():
         key = f"{prefix}.{k}" if prefix else str(k)
+        if key in MOVED:
+            raise ConfigError(f"{key} is now {MOVED[key]}; rename it in the recipe (or the override)")
         if k not in names:
             raise ConfigError(_unknown(key, k, names, prefix))
         kwargs[k] = _coerce(v, _hint(cls, k), key)
@@ -164,6 +167,10 @@ def _build(cls, values: dict, prefix: str = ""):
         raise
     except TypeError as e:  # pragma: no cover - defensive
         raise ConfigError(f"{prefix or 'recipe'}: {e}") from e
+
+
+# keys that moved to another section: a recipe that still names the old key is told the new one
+MOVED = {"rounds.learning_check_users": "check.users", "rounds.learning_check_n": "check.n"}
 
 
 def _unknown(key: str, k: str, names: list[str], prefix: str) -> str:

@@ -306,9 +306,18 @@ class GRPOConfig:
 
 
 @dataclass
+class CheckConfig:
+    users: int = _f(-1, "valid users sampled by both generators for the is-it-learning figure; -1 = all")
+    n: int = _f(2, "profiles per valid user per generator (generator k-1's are taken from the round's own sample when "
+                   "it has that many)")
+
+    def __post_init__(self):
+        _check(self.n >= 1, "check.n", "must be >= 1")
+        _check(self.users == -1 or self.users >= 1, "check.users", "must be -1 (all valid users) or >= 1")
+
+
+@dataclass
 class RoundsConfig:
-    learning_check_users: int = _f(-1, "valid users sampled by both generators for the is-it-learning figure; -1 = all")
-    learning_check_n: int = _f(2, "profiles per valid user per generator in the is-it-learning check")
     bootstrap: int = _f(2000, "bootstrap resamples for the 95% interval")
     trainer: Trainer = _f("dpo", "what makes generator k from generator k-1: dpo (the round's pairs; RLRF4Rec) | grpo (online, "
                              "from the reward itself; the grpo stage)", late=True)
