@@ -259,21 +259,28 @@ def train(recipe: Recipe, model_dir: Path, out_dir: Path, log=print) -> dict:
             "generator_out": str(out_dir / "merged")}
 
 
+def stage_config(recipe: Recipe, generator: str, generator_hash: str) -> dict:
+    """What the grpo stage's output depends on: its section, the reward, the generator, the decoding and the judge."""
+    d = recipe.to_dict()
+    return {"grpo": fingerprint(recipe.grpo), "reward": reward_kind(recipe), "seed": recipe.seed,
+            "generator": str(generator), "generator_hash": generator_hash,
+            "sample": {k: d["sample"][k] for k in ("temperature", "top_p", "max_new_tokens", "min_new_tokens",
+                                                   "max_prompt_tokens")},
+            "score": {**{k: d["score"][k] for k in ("retrieval_candidates", "retrieval_k", "contrast")},
+                      # a late key: in the fingerprint only away from its default, as every stage has it
+                      **{k: v for k, v in fingerprint(recipe.score).items() if k == "contrast_weight"}}}
+
+
 def grpo_stage(recipe: Recipe, generator: str, out_dir, *, force: bool = False) -> Path:
     """Tune `generator` online on the train users' prompts; out_dir/merged is the next round's generator."""
     from rlrf.llm import resolve_model, weights_hash
 
-    out_dir = Path(out_dir)
-    model_dir = resolve_model(generator)
-    d = recipe.to_dict()
-    config = {"grpo": fingerprint(recipe.grpo), "reward": reward_kind(recipe), "seed": recipe.seed,
-              "generator": str(generator), "generator_hash": weights_hash(model_dir),
-              "sample": {k: d["sample"][k] for k in ("temperature", "top_p", "max_new_tokens", "min_new_tokens",
-                                                     "max_prompt_tokens")},
-              "score": {k: d["score"][k] for k in ("retrieval_candidates", "retrieval_k", "contrast")}}
     if reward_kind(recipe) == "reranker":
         raise StageError("grpo: score.reward=reranker, and the reranker judge is cross-fitted on the sample stage's "
                          "users, not the ones GRPO draws: set grpo.reward to retrieval, lexical or genres")
+    out_dir = Path(out_dir)
+    model_dir = resolve_model(generator)
+    config = stage_config(recipe, generator, weights_hash(model_dir))
     with Stage(out_dir, "grpo", config, inputs=[runs.prepare_dir(recipe)], force=force) as st:
         if st.done:
             return out_dir

@@ -101,6 +101,21 @@ def test_grpo_refuses_the_reranker_reward_and_wrong_trainer(tmp_path):
         grpo_stage(recipe, "smollm2-135m-instruct", tmp_path / "grpo")
 
 
+def test_grpo_fingerprint_follows_the_reward_it_learns_from():
+    """Every key that changes the reward changes the stage's fingerprint; a late key at its default leaves the
+    fingerprint of runs made before it existed as it was."""
+    from rlrf.config import load_recipe
+    from rlrf.grpo import stage_config
+
+    def fp(*o):
+        return stage_config(load_recipe(None, ["score.reward=lexical", *o]), "g", "h")
+
+    base = fp("score.contrast=5")
+    assert "contrast_weight" not in base["score"]
+    assert fp("score.contrast=5", "score.contrast_weight=0.5") != base != fp("score.contrast=3")
+    assert fp("score.contrast=5", "grpo.reward=genres") != base != fp("score.contrast=5", "sample.temperature=0.9")
+
+
 @pytest.mark.integration
 def test_grpo_round_on_the_tiny_recipe(ml100k_dir, tmp_path):
     """prepare -> grpo (killed after its first checkpoint, resumed) -> check, real SmolLM2 and ML-100K: the merged
