@@ -169,6 +169,35 @@ class LengthTerm:
         return [0.0 if self.lo <= len(ids) <= self.hi else -1.0 for ids in completion_ids]
 
 
+class TypicalityTerm:
+    """grpo.typicality_weight: minus each profile's typicality among the profiles of the *other* users sampled in the
+    same step (0 = none of its word bigrams is in another user's profile, -1 = all are in all of them). The reward
+    alone lets every user's profile drift to one template, which corpus distinct-2 measures falling; this term is its
+    per-profile side, so within a group the profile written for this user beats the one written like everyone's."""
+
+    __name__ = "rlrf_typicality"
+
+    def __call__(self, prompts=None, completions=None, user_id=None, **kwargs) -> list[float]:
+        from rlrf.quality import typicality
+
+        if user_id is None:
+            raise ValueError("rlrf typicality term: the dataset needs a `user_id` column")
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [-float(t) for t in typicality(texts, list(user_id))]
+
+
+def reward_terms(cfg) -> tuple[list, list[float] | None]:
+    """The terms beside the recommender reward (length, typicality) and TRL's reward_weights (None: the reward alone)."""
+    terms, weights = [], [1.0]
+    if cfg.length_range:
+        terms.append(LengthTerm(*cfg.length_range))
+        weights.append(cfg.length_weight)
+    if cfg.typicality_weight > 0:
+        terms.append(TypicalityTerm())
+        weights.append(cfg.typicality_weight)
+    return terms, (weights if terms else None)
+
+
 def trl_args(recipe: Recipe, output_dir: Path):
     from trl import GRPOConfig as TRLGRPOConfig
 
@@ -183,7 +212,7 @@ def trl_args(recipe: Recipe, output_dir: Path):
         save_strategy="steps", save_steps=cfg.save_steps, logging_steps=1, seed=recipe.seed, data_seed=recipe.seed,
         report_to=[], disable_tqdm=False, dataloader_num_workers=0, use_cpu=not has_cuda(),
         remove_unused_columns=False,  # user_id travels to the reward function
-        reward_weights=[1.0, cfg.length_weight] if cfg.length_range else None,
+        reward_weights=reward_terms(cfg)[1],
         gradient_checkpointing=cfg.gradient_checkpointing,
     )
 
@@ -233,7 +262,7 @@ def train(recipe: Recipe, model_dir: Path, out_dir: Path, log=print) -> dict:
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
                       target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is TRL's documented hook, marked experimental
-    funcs = [reward] + ([LengthTerm(*cfg.length_range)] if cfg.length_range else [])
+    funcs = [reward, *reward_terms(cfg)[0]]
     trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=trl_args(recipe, ckpt_dir), train_dataset=ds,
                           processing_class=tok, peft_config=lora, rollout_func=Rollout(recipe),
                           callbacks=[_checkpoint_callback()])

@@ -87,6 +87,27 @@ def test_length_term_is_flat_inside_the_range_and_weighted_in_trl(tmp_path):
             load_recipe(None, [f"grpo.length_range={bad}"])
 
 
+def test_typicality_term_pays_the_profile_written_for_its_user(tmp_path):
+    from rlrf.config import ConfigError, load_recipe
+    from rlrf.grpo import TypicalityTerm, trl_args
+
+    term = TypicalityTerm()
+    common = "the user likes action and comedy movies"
+    texts = [common, "a fan of quiet french dramas about family", common, common, "loves old westerns with horses"]
+    users = [1, 1, 2, 3, 4]
+    got = term(completions=[[{"role": "assistant", "content": t}] for t in texts], user_id=users)
+    assert got[0] == pytest.approx(-2 / 3)  # all its bigrams in 2 of the 3 other users' profiles
+    assert got[1] == 0.0 and got[4] == 0.0 and got[2] == pytest.approx(-2 / 3)
+    assert got[1] > got[0]  # within user 1's group, the profile written for them wins
+    on = load_recipe(None, ["grpo.length_range=[20, 80]", "grpo.typicality_weight=0.5"])
+    assert trl_args(on, tmp_path).reward_weights == [1.0, 0.1, 0.5]
+    assert trl_args(load_recipe(None, ["grpo.typicality_weight=0.2"]), tmp_path).reward_weights == [1.0, 0.2]
+    with pytest.raises(ConfigError, match="grpo.typicality_weight"):
+        load_recipe(None, ["grpo.typicality_weight=-1"])
+    with pytest.raises(ValueError, match="user_id"):
+        term(completions=["a b"])
+
+
 def test_grpo_refuses_the_reranker_reward_and_wrong_trainer(tmp_path):
     from rlrf.config import ConfigError, load_recipe
     from rlrf.errors import StageError

@@ -287,12 +287,17 @@ class GRPOConfig:
                                 "reward: keeps a policy from buying reward with length, and with hi < "
                                 "sample.max_new_tokens asks for profiles that end); [] = off")
     length_weight: float = _f(0.1, "weight of the length term beside the recommender reward (weight 1)")
+    typicality_weight: float = _f(0.0, "weight of a diversity term: minus the profile's typicality among the other users' "
+                                       "profiles sampled in the same step (rlrf.quality.typicality: the per-profile side "
+                                       "of corpus distinct-2), so a profile written like everyone's earns less than one "
+                                       "of its group written for this user; 0 = off", late=True)
 
     def __post_init__(self):
         _check(self.length_range == [] or (len(self.length_range) == 2 and all(isinstance(x, int) for x in self.length_range)
                                            and 0 <= self.length_range[0] <= self.length_range[1]),
                "grpo.length_range", f"[] or [lo, hi] token counts with 0 <= lo <= hi; got {self.length_range}")
         _check(self.length_weight >= 0, "grpo.length_weight", "must be >= 0")
+        _check(self.typicality_weight >= 0, "grpo.typicality_weight", "must be >= 0")
         _check(self.reward != "reranker", "grpo.reward", "retrieval | lexical | genres, or empty for score.reward (the "
                "reranker judge is cross-fitted on the sample stage's users, which GRPO does not draw)")
         _check_choices(self, "grpo")
