@@ -92,7 +92,7 @@ def main() -> None:
             rows.append(row(f"retrieval {cands}@{kk}", df, "a", "b", recipe.seed, time.time() - t0, best_col="full"))
 
     if not a.skip_reranker:
-        from rlrf.judge import train_judges_stage
+        from rlrf.judge import train_reranker_stage
         from rlrf.rerank import train_stage
         from rlrf.reward import reward_profiles
 
@@ -117,7 +117,7 @@ def main() -> None:
         for n in (1, a.ensemble):
             t0 = time.time()
             r = dataclasses.replace(recipe, score=dataclasses.replace(recipe.score, judges=n))
-            d = train_judges_stage(r, bench / f"crossfit_{n}", enc)
+            d = train_reranker_stage(r, bench / f"crossfit_{n}", enc)
             with torch_threads(recipe.reranker.threads):
                 ja = judge_scorer(r, d, "a", item_vecs.shape[1]).score_vectors(vecs, users)["reward"]
                 jb = judge_scorer(r, d, "b", item_vecs.shape[1]).score_vectors(vecs, users)["reward"]

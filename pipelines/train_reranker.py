@@ -12,14 +12,14 @@ and judges), metrics.json (held-out NDCG/MAP@5 of the members next to item popul
 
 from rlrf import runs
 from rlrf.cli import run_main, stage_args
-from rlrf.judge import train_judges_stage
+from rlrf.judge import train_reranker_stage
 
 
 def main() -> None:
     recipe, args = stage_args(__doc__)
     k = args.round
     knowledge = runs.stage_dir(recipe, "encode", runs.reranker_knowledge_round(recipe, k))
-    train_judges_stage(recipe, runs.reranker_dir(recipe, k), knowledge, force=args.force)
+    train_reranker_stage(recipe, runs.reranker_dir(recipe, k), knowledge, force=args.force)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def popularity_ndcg(lists: dict, interactions: pl.DataFrame, seen: set, k: int =
     return float(ndcg_at_k(pop[lists["item_ids"]], lists["labels"], k).mean())
 
 
-def train_judges_stage(recipe: Recipe, out_dir: str | Path, knowledge_dir: str | Path, *, force: bool = False) -> Path:
+def train_reranker_stage(recipe: Recipe, out_dir: str | Path, knowledge_dir: str | Path, *, force: bool = False) -> Path:
     """Train judge a and judge b: score.judges seeds x reranker.folds folds each (see the module docstring)."""
     from rlrf.rerank import fit, predict, save_checkpoint, split_metrics
     from rlrf.rerank_data import load_data

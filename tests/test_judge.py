@@ -13,7 +13,7 @@ import rlrf.reward
 from rlrf import runs
 from rlrf.artifacts import read_artifact
 from rlrf.errors import StageError
-from rlrf.judge import RerankerJudge, fold_of, judge_seeds, member_roles, train_judges_stage
+from rlrf.judge import RerankerJudge, fold_of, judge_seeds, member_roles, train_reranker_stage
 from rlrf.reward import ProfileReward, judge_scorer, retrieval_scorer
 from tests.reward_fixtures import one_torch_thread  # noqa: F401  (autouse)
 from tests.reward_fixtures import (GENRES, fake_vector, make_recipe, profile_texts, taste, write_fake_encode,
@@ -71,7 +71,7 @@ def judged_run(tmp_path_factory):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        out = train_judges_stage(recipe, runs.reranker_dir(recipe, 1), enc)
+        out = train_reranker_stage(recipe, runs.reranker_dir(recipe, 1), enc)
     finally:
         torch.set_num_threads(n)
     return recipe, out
@@ -225,7 +225,7 @@ def test_unprofiled_users_train_every_member_and_are_never_judged(tmp_path):
     texts = {u: t[:1] for u, t in profile_texts().items() if u not in unprofiled}
     prof = write_profiles(recipe, runs.stage_dir(recipe, "sample", 1), texts)
     enc = write_fake_encode(recipe, prof, runs.stage_dir(recipe, "encode", 1))
-    out = train_judges_stage(recipe, runs.reranker_dir(recipe, 1), enc)
+    out = train_reranker_stage(recipe, runs.reranker_dir(recipe, 1), enc)
     members = json.loads((out / "members.json").read_text())
     judged = set().union(*[set(m["judged_users"]) for m in members])
     assert judged == set(texts)
@@ -246,7 +246,7 @@ def test_judge_trains_when_only_train_users_have_a_profile(tmp_path):
     texts = {u: t[:1] for u, t in profile_texts().items() if u <= 28}  # the train split only
     prof = write_profiles(recipe, runs.stage_dir(recipe, "sample", 1), texts)
     enc = write_fake_encode(recipe, prof, runs.stage_dir(recipe, "encode", 1))
-    out = train_judges_stage(recipe, runs.reranker_dir(recipe, 1), enc)
+    out = train_reranker_stage(recipe, runs.reranker_dir(recipe, 1), enc)
     members = json.loads((out / "members.json").read_text())
     assert set().union(*[set(m["judged_users"]) for m in members]) == set(texts)
 

@@ -13,7 +13,7 @@ import torch
 from rlrf import runs
 from rlrf.artifacts import read_artifact
 from rlrf.errors import StageError
-from rlrf.judge import train_judges_stage
+from rlrf.judge import train_reranker_stage
 from rlrf.rerank import train_stage
 from rlrf.reward import METRICS, profile_rewards, reward_profiles, score_lists, with_tie_break
 from rlrf.score import score_stage, spread_summary
@@ -127,7 +127,7 @@ def scored_run(tmp_path):
     enc1 = write_fake_encode(recipe, write_profiles(recipe, runs.stage_dir(recipe, "sample", 1),
                                                     {u: t[:1] for u, t in texts.items()}),
                              runs.stage_dir(recipe, "encode", 1))
-    train_judges_stage(recipe, runs.reranker_dir(recipe, 1), enc1)  # cross-fitted judges a and b
+    train_reranker_stage(recipe, runs.reranker_dir(recipe, 1), enc1)  # cross-fitted judges a and b
     # round 2's profiles: the taste (sample 0), the wrong genre (1), an empty text (2)
     texts2 = {u: [*t, ""] for u, t in texts.items()}
     prof2 = write_profiles(recipe, runs.stage_dir(recipe, "sample", 2), texts2, round=2)
