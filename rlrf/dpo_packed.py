@@ -84,11 +84,13 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: to
     return ids, pos, mask[:, None], src
 
 
-def token_outputs(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor, chunk: int = 1024):
-    """Per scored token: log p(target), entropy, mean logit, target is top-1 (rows of `hidden`), in chunks."""
+def token_outputs(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor, temperature: float = 1.0,
+                  chunk: int = 1024):
+    """Per scored token: log p(target), entropy, mean logit, target is top-1 (rows of `hidden`), in chunks; the
+    logits divided by `temperature` first, as TRL's fused head does."""
     outs = ([], [], [], [])
     for s in range(0, hidden.shape[0], chunk):
-        logits = torch.nn.functional.linear(hidden[s:s + chunk], weight, bias).float()
+        logits = torch.nn.functional.linear(hidden[s:s + chunk], weight, bias).float() / temperature
         logp = logits.log_softmax(-1)
         tgt = targets[s:s + chunk]
         outs[0].append(logp.gather(1, tgt[:, None])[:, 0])

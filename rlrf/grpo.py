@@ -239,6 +239,22 @@ def write_log(log_history: list[dict], out_dir: Path) -> list[dict]:
     return rows
 
 
+def share_prompt(trainer) -> dict:
+    """Each group's prompt through the model once (rlrf/grpo_packed.py) under TRL's own GRPO loss, KL and metrics."""
+    from peft import PeftModel
+
+    from rlrf import grpo_packed
+
+    model = trainer.model
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    why = grpo_packed.supported(base)
+    if why is None and trainer.ref_model is not None:
+        why = "the reference is a model of its own, not the policy with its adapter disabled"
+    if why:
+        raise StageError(f"grpo.share_prompt: {why}; set grpo.share_prompt=false")
+    return grpo_packed.install(base, trainer.temperature)  # the temperature TRL's fused head divides the logits by
+
+
 def train(recipe: Recipe, model_dir: Path, out_dir: Path, log=print) -> dict:
     import torch
     from datasets import Dataset
@@ -267,6 +283,7 @@ def train(recipe: Recipe, model_dir: Path, out_dir: Path, log=print) -> dict:
                           processing_class=tok, peft_config=lora, rollout_func=Rollout(recipe),
                           callbacks=[_checkpoint_callback()])
     trainer_ref.append(trainer)
+    packing = share_prompt(trainer) if cfg.share_prompt else None
     resume = last_checkpoint(ckpt_dir)
     if resume:
         log(f"grpo: resuming from {resume}")
@@ -285,6 +302,8 @@ def train(recipe: Recipe, model_dir: Path, out_dir: Path, log=print) -> dict:
             "train_users": prompts.height, "profiles_sampled": rollouts.height, "resumed_from": resume,
             "reward_first_step": first.get("reward"), "reward_last_step": last.get("reward"), "final": last,
             "rollouts_logged_from_step": int(rollouts["step"].min()) if rollouts.height else None,
+            # grpo.share_prompt: forwards answered from packed rows, and their tokens against TRL's rows' (padding too)
+            "share_prompt": packing,
             "generator_out": str(out_dir / "merged")}
 
 

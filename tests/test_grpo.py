@@ -156,6 +156,9 @@ def test_grpo_round_on_the_tiny_recipe(ml100k_dir, tmp_path):
     d = tmp_path / "tiny" / "round_1" / "grpo"
     info = json.loads((d / "stage.json").read_text())
     assert info["steps"] == 2 and info["resumed_from"] and info["reward"] == "lexical"
+    # grpo.share_prompt (on by default): the training forwards ran on packed rows, fewer tokens than TRL's rows
+    packing = info["share_prompt"]
+    assert packing["packed_forwards"] >= 1 and packing["packed_tokens"] < packing["row_tokens"]
     log = pl.read_csv(d / "train_log.csv")
     assert log.height == 2 and log["reward"].is_not_null().all() and (log["frac_reward_zero_std"] < 1).any()
     roll = pl.read_parquet(d / "rollouts.parquet")
@@ -173,3 +176,70 @@ def test_grpo_round_on_the_tiny_recipe(ml100k_dir, tmp_path):
     check = json.loads((tmp_path / "tiny" / "round_1" / "check" / "stage.json").read_text())
     assert not any("reranker" in j for j in check["judges"]) and check["rows"]["users"] >= 1
     assert "GRPO (round 1, reward lexical)" in (tmp_path / "tiny" / "round_1" / "check" / "summary.md").read_text()
+
+
+def test_shared_prompt_forward_gives_trl_log_probs_entropy_and_gradients(tiny_model, monkeypatch):
+    """grpo.share_prompt packs each group's rows into [prompt | completion 1 | completion 2 | ...]: TRL's tempered
+    per-token log-probs and entropy and the LoRA gradients of a GRPO-shaped loss match TRL's own row-per-completion
+    forward, on left-padded prompts and right-padded completions of unequal lengths."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from rlrf import grpo_packed
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                             task_type="CAUSAL_LM"))
+    with torch.no_grad():  # a trained adapter (B starts at zero, which would hide a wrong gradient path)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    g = torch.Generator().manual_seed(0)
+    pad = 2
+    prompts = [torch.randint(4, 400, (n,), generator=g) for n in (9, 5)]
+    comps = [torch.randint(4, 400, (n,), generator=g) for n in (6, 2, 7, 1, 4, 7)]  # 3 per prompt
+    P, C = 9, 7
+    rows, masks = [], []
+    for i, c in enumerate(comps):
+        p = prompts[i // 3]
+        ids = torch.full((P + C,), pad)
+        ids[P - len(p):P], ids[P:P + len(c)] = p, c
+        m = torch.zeros(P + C, dtype=torch.long)
+        m[P - len(p):P + len(c)] = 1
+        rows.append(ids)
+        masks.append(m)
+    input_ids, attention_mask = torch.stack(rows), torch.stack(masks)
+    labels = input_ids.masked_fill(attention_mask == 0, -100)  # as TRL's _get_per_token_logps_and_entropies
+    labels[:, :-C] = -100
+    kw = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
+    adv = torch.tensor([1.0, -0.5, -0.5, 0.3, 0.9, -1.2])
+
+    def run():
+        model.zero_grad()
+        out = model(**kw)
+        (-(out.log_probs.sum(1) * adv).sum()).backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref, ref_grads = run()
+    grpo_packed.install(model.get_base_model(), temperature=0.7)
+    packed = grpo_packed.pack_groups(input_ids, attention_mask, labels)
+    assert packed is not None and packed[0].shape == (2, 9 + 6 + 2 + 7)  # one row per group, the longest group's
+    calls = []
+    real = grpo_packed.token_outputs
+    monkeypatch.setattr(grpo_packed, "token_outputs", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    got, got_grads = run()
+    assert calls == [int(ref.label_mask.sum())]  # the packed path ran, scoring exactly TRL's labelled tokens
+    assert torch.equal(got.label_mask, ref.label_mask)
+    torch.testing.assert_close(got.log_probs, ref.log_probs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.entropy, ref.entropy, atol=1e-4, rtol=1e-4)
+    assert ref_grads.keys() == got_grads.keys() and len(ref_grads) > 0
+    for n in ref_grads:
+        torch.testing.assert_close(got_grads[n], ref_grads[n], atol=1e-4, rtol=1e-3)
+    # rows that share no prompt (nothing to save) and generation take the original forward
+    lone = {k: v[[0, 3]] for k, v in dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels).items()}
+    assert grpo_packed.pack_groups(**lone) is None
+    torch.testing.assert_close(model(**lone, fused_lm_head=True).log_probs, ref.log_probs[[0, 3]], atol=1e-4, rtol=1e-4)
+    assert grpo_packed.supported(model.get_base_model()) is None

@@ -282,6 +282,10 @@ class GRPOConfig:
     save_steps: int = _f(5, "checkpoint every this many steps (the unit of resume)")
     gradient_checkpointing: bool = _f(True, "recompute activations in the backward (TRL's GRPO default: less memory, "
                                             "more time; README: Online has the demo's peak)")
+    share_prompt: bool = _f(True, "each group's prompt through the model once, its num_generations completions packed "
+                                  "behind it (rlrf/grpo_packed.py): the same log-probs from a fraction of the tokens "
+                                  "in the policy forward, its backward and the KL term's reference forward (float "
+                                  "sums in another order: in the fingerprint, as dpo.share_prompt is)")
     length_range: list = _f([], "[lo, hi] profile tokens (stop token included): a flat length term, 0 inside the range "
                                 "and -1 outside, added with grpo.length_weight (the profile-verbalizer works' format "
                                 "reward: keeps a policy from buying reward with length, and with hi < "

@@ -1,0 +1,151 @@
+"""GRPO's forward with each group's prompt encoded once (`grpo.share_prompt`).
+
+TRL's GRPOTrainer scores a batch of completions as rows [left-padded prompt | right-padded completion], and the
+`num_generations` rows of one prompt's group repeat the same prompt: on the demo a 320-token prompt and a ~50-token
+profile, so most of every policy forward, its backward and the reference (KL) forward is the same prompt again.
+Here the rows that share a prompt become one packed row
+
+    [prompt | completion 1 | completion 2 | ... ]      positions 0..P-1 | P..P+c1-1 | P..P+c2-1 | ...
+
+with a 4D attention mask (the prompt causal; completion j sees the prompt and its own earlier tokens, never another
+completion), which gives every completion token the log-probability (and entropy) it gets in its own row, from
+P + sum(c_j) tokens instead of G x (P + max c). A row's positions start at 0 where TRL's left-padded row starts
+after its padding; rotary attention depends on position differences only, so the scores are the same.
+
+It plugs in as rlrf/dpo_packed.py does for DPO: TRL calls `model(input_ids, attention_mask, labels,
+fused_lm_head=True)` on the base model its `add_fused_lm_head` patched and reads per-token `log_probs` and
+`entropy` laid out as its (rows, L-1); `install` answers that call from the packed rows and scatters the results
+back, so the loss, the KL term, advantages and metrics are TRL's own. A batch in which no two rows share a prompt,
+and any other call (generation), goes to the original forward.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from rlrf.dpo_packed import token_outputs
+
+
+def pack_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+    """TRL's GRPO rows -> one packed row per run of consecutive rows with the same prompt, or None when no two rows
+    share one (nothing to save) or the rows are not [left-padded prompt | right-padded completion].
+
+    Returns (ids, position_ids, mask4d, src): src[r, t] is, for TRL's row r and shifted position t (the hidden state
+    that predicts token t+1), the flat index into the packed hidden states (groups * Lp).
+    """
+    rows, length = input_ids.shape
+    lab = labels != -100
+    if not lab.any():
+        return None
+    has = lab.any(1)
+    first = torch.where(has, lab.int().argmax(1), torch.full_like(has, length, dtype=torch.long))
+    b = int(first.min())  # the first completion column: completions start here in every row
+    if b < 1:
+        return None
+    am = attention_mask.bool()
+    ar = torch.arange(length, device=input_ids.device)
+    comp_len = am[:, b:].sum(1)
+    # completions right-padded (real tokens contiguous from column b), prompts left-padded (contiguous up to b)
+    if not torch.equal(am[:, b:], ar[None, b:] < (b + comp_len)[:, None]):
+        return None
+    prompt_len = am[:, :b].sum(1)
+    if not torch.equal(am[:, :b], ar[None, :b] >= (b - prompt_len)[:, None]):
+        return None
+    if bool((lab[:, :b]).any()):
+        return None
+
+    groups: list[list[int]] = []
+    for r in range(rows):
+        if groups and torch.equal(input_ids[r, :b][am[r, :b]], input_ids[groups[-1][0], :b][am[groups[-1][0], :b]]):
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    if len(groups) == rows:
+        return None
+
+    dev = input_ids.device
+    sizes = [int(prompt_len[g[0]]) + int(comp_len[g].sum()) for g in groups]
+    lp = max(sizes)
+    ids = torch.zeros(len(groups), lp, dtype=input_ids.dtype, device=dev)
+    pos = torch.zeros(len(groups), lp, dtype=torch.long, device=dev)
+    seg = torch.full((len(groups), lp), -1, dtype=torch.long, device=dev)  # 0 prompt, j+1 member j, -1 padding
+    src = torch.zeros(rows, length - 1, dtype=torch.long, device=dev)
+    for gi, g in enumerate(groups):
+        p = int(prompt_len[g[0]])
+        ids[gi, :p] = input_ids[g[0], b - p:b]
+        pos[gi, :p] = torch.arange(p, device=dev)
+        seg[gi, :p] = 0
+        at = p
+        for j, r in enumerate(g):
+            c = int(comp_len[r])
+            ids[gi, at:at + c] = input_ids[r, b:b + c]
+            pos[gi, at:at + c] = torch.arange(p, p + c, device=dev)
+            seg[gi, at:at + c] = j + 1
+            # TRL's shifted position t predicts token t+1; completion token i (column b + i) is predicted by the
+            # hidden state of completion token i-1, or of the prompt's last token for i = 0
+            t = torch.arange(b - 1, b + c - 1, device=dev)
+            src[r, t] = gi * lp + torch.cat([torch.tensor([p - 1], device=dev), torch.arange(at, at + c - 1, device=dev)])
+            at += c
+    q, k = seg[:, :, None], seg[:, None, :]
+    causal = torch.ones(lp, lp, dtype=torch.bool, device=dev).tril()
+    mask = causal[None] & ((k == 0) | (q == k)) & (q != -1) & (k != -1)
+    mask |= torch.eye(lp, dtype=torch.bool, device=dev)[None] & (q == -1)  # padding rows see themselves (no NaN)
+    return ids, pos, mask[:, None], src
+
+
+def install(model, temperature: float) -> dict:
+    """Answer TRL's fused-head GRPO call on `model` (the base model TRL patched) from prompt-shared rows; `temperature`
+    is the one TRL's fused head divides the logits by (GRPOConfig.temperature). Returns the counters it keeps: forwards
+    packed and not, and the tokens the packed ones ran against the tokens TRL's rows hold."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    fused_forward = model.forward
+    stats = {"packed_forwards": 0, "plain_forwards": 0, "packed_tokens": 0, "row_tokens": 0}
+
+    def forward(self, *args, fused_lm_head=False, labels=None, **kwargs):
+        input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        plain = (not fused_lm_head or args or labels is None or input_ids is None or attention_mask is None
+                 or attention_mask.ndim != 2 or kwargs.get("shift_labels") is not None
+                 or kwargs.get("output_router_logits"))
+        packed = None if plain else pack_groups(input_ids, attention_mask, labels)
+        if packed is None:
+            stats["plain_forwards"] += int(bool(fused_lm_head))
+            return fused_forward(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
+        ids, pos, mask, src = packed
+        stats["packed_forwards"] += 1
+        stats["packed_tokens"] += ids.numel()
+        stats["row_tokens"] += input_ids.numel()
+        rest = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "position_ids",
+                                                           "use_cache", "num_items_in_batch")}
+        hidden = self.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                                 **rest).last_hidden_state
+        targets = labels[:, 1:]
+        scored = targets != -100
+        lm_head = self.get_output_embeddings()
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        sel = flat.index_select(0, src[scored])
+        logp, ent, mean, top1 = token_outputs(sel, lm_head.weight, lm_head.bias, targets[scored], temperature)
+
+        def place(x):
+            return x.new_zeros(scored.shape).masked_scatter(scored, x)
+
+        log_probs = place(logp)
+        return FusedCausalLMOutput(loss=-log_probs.sum() / scored.sum().clamp(min=1), log_probs=log_probs,
+                                   entropy=place(ent), mean_logits=place(mean), is_top1=place(top1),
+                                   label_mask=scored)
+
+    model.forward = types.MethodType(forward, model)
+    return stats
+
+
+def supported(model) -> str | None:
+    """Why the packed forward cannot stand in for TRL's fused head on this model (None: it can)."""
+    cfg = model.config.get_text_config()
+    for key in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
+        if getattr(cfg, key, None) not in (None, 1, 1.0):
+            return f"the model scales its logits ({key})"
+    if getattr(cfg, "output_router_logits", False):
+        return "a mixture-of-experts model (router aux loss)"
+    return None
