@@ -12,7 +12,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from rlrf import files, schema
+from rlrf import schema
 from rlrf.artifacts import read_artifact
 from rlrf.config import load_recipe
 from rlrf.errors import StageError
@@ -265,23 +265,6 @@ def test_user_shards_hold_whole_batches():
     assert [len(s) for s in user_shards(list(range(94)), 32, 16)] == [32, 32, 30]
     assert user_shards([], 16, 4) == [] and user_shards([7], 16, 4) == [[7]]
     assert [len(s) for s in user_shards(list(range(10)), 1, 3)] == [4, 4, 2]  # batch of 1: at most 3 shards
-
-
-def test_a_half_done_stage_cut_the_old_way_is_refused_not_mixed(setup, tiny_model):
-    r = setup
-    d = r.run_dir / "old_layout"
-    sample_stage(r, d, str(tiny_model), 1)  # 9 users, 3 per batch -> shards {1,2,3} {4,5,6} {7,8,9}
-    done = _rows(d)
-    # what rlrf before whole-batch shards left after a kill: shard 0 = users with user_id % 3 == 0
-    (d / "stage.json").unlink()
-    for i in (1, 2):
-        (d / "_shards" / f"{i:05d}.json").unlink()
-        (d / "profiles" / f"part-{i:05d}.parquet").unlink()
-    files.write_parquet(d / "profiles" / "part-00000.parquet", done.filter(pl.col("user_id") % 3 == 0))
-    with pytest.raises(StageError, match=r"shard 0 does not hold the users.*--force"):
-        sample_stage(r, d, str(tiny_model), 1)
-    # --force samples it again from scratch: the same rows as a clean run
-    assert _rows(sample_stage(r, d, str(tiny_model), 1, force=True)).equals(done)
 
 
 def test_item_knowledge_shard(setup, tiny_model):
