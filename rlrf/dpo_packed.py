@@ -101,21 +101,35 @@ def token_outputs(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: tor
     return [torch.cat(o) for o in outs]
 
 
-def install(model) -> None:
+def install(model) -> dict:
     """Answer TRL's fused-head DPO call on `model` (the base model TRL patched) from prompt-shared rows."""
+    return install_packed(model, pack_pairs)
+
+
+def install_packed(model, pack, temperature: float = 1.0) -> dict:
+    """Wrap `model.forward` (TRL's fused-head forward) so that a fused-head call whose rows `pack(input_ids,
+    attention_mask, labels)` can pack -> (ids, position_ids, mask4d, src) is answered from the packed rows, with the
+    logits divided by `temperature` as TRL's head does; any other call (and a batch `pack` returns None for) goes to
+    the original forward. Returns the counters it keeps: forwards packed and not, and the tokens the packed ones ran
+    against the tokens TRL's rows hold."""
     from trl.trainer.utils import FusedCausalLMOutput
 
     fused_forward = model.forward
+    stats = {"packed_forwards": 0, "plain_forwards": 0, "packed_tokens": 0, "row_tokens": 0}
 
     def forward(self, *args, fused_lm_head=False, labels=None, **kwargs):
         input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
         plain = (not fused_lm_head or args or labels is None or input_ids is None or attention_mask is None
                  or attention_mask.ndim != 2 or kwargs.get("shift_labels") is not None
                  or kwargs.get("output_router_logits"))
-        packed = None if plain else pack_pairs(input_ids, attention_mask, labels)
+        packed = None if plain else pack(input_ids, attention_mask, labels)
         if packed is None:
+            stats["plain_forwards"] += int(bool(fused_lm_head))
             return fused_forward(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
         ids, pos, mask, src = packed
+        stats["packed_forwards"] += 1
+        stats["packed_tokens"] += ids.numel()
+        stats["row_tokens"] += input_ids.numel()
         rest = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "position_ids",
                                                            "use_cache", "num_items_in_batch")}
         hidden = self.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
@@ -125,7 +139,7 @@ def install(model) -> None:
         lm_head = self.get_output_embeddings()
         flat = hidden.reshape(-1, hidden.shape[-1])
         sel = flat.index_select(0, src[scored])
-        logp, ent, mean, top1 = token_outputs(sel, lm_head.weight, lm_head.bias, targets[scored])
+        logp, ent, mean, top1 = token_outputs(sel, lm_head.weight, lm_head.bias, targets[scored], temperature)
 
         def place(x):
             return x.new_zeros(scored.shape).masked_scatter(scored, x)
@@ -136,3 +150,4 @@ def install(model) -> None:
                                    label_mask=scored)
 
     model.forward = types.MethodType(forward, model)
+    return stats

@@ -21,11 +21,9 @@ and any other call (generation), goes to the original forward.
 
 from __future__ import annotations
 
-import types
-
 import torch
 
-from rlrf.dpo_packed import token_outputs
+from rlrf.dpo_packed import install_packed
 
 
 def pack_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
@@ -97,47 +95,9 @@ def pack_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: t
 
 def install(model, temperature: float) -> dict:
     """Answer TRL's fused-head GRPO call on `model` (the base model TRL patched) from prompt-shared rows; `temperature`
-    is the one TRL's fused head divides the logits by (GRPOConfig.temperature). Returns the counters it keeps: forwards
-    packed and not, and the tokens the packed ones ran against the tokens TRL's rows hold."""
-    from trl.trainer.utils import FusedCausalLMOutput
-
-    fused_forward = model.forward
-    stats = {"packed_forwards": 0, "plain_forwards": 0, "packed_tokens": 0, "row_tokens": 0}
-
-    def forward(self, *args, fused_lm_head=False, labels=None, **kwargs):
-        input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
-        plain = (not fused_lm_head or args or labels is None or input_ids is None or attention_mask is None
-                 or attention_mask.ndim != 2 or kwargs.get("shift_labels") is not None
-                 or kwargs.get("output_router_logits"))
-        packed = None if plain else pack_groups(input_ids, attention_mask, labels)
-        if packed is None:
-            stats["plain_forwards"] += int(bool(fused_lm_head))
-            return fused_forward(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
-        ids, pos, mask, src = packed
-        stats["packed_forwards"] += 1
-        stats["packed_tokens"] += ids.numel()
-        stats["row_tokens"] += input_ids.numel()
-        rest = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "position_ids",
-                                                           "use_cache", "num_items_in_batch")}
-        hidden = self.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                                 **rest).last_hidden_state
-        targets = labels[:, 1:]
-        scored = targets != -100
-        lm_head = self.get_output_embeddings()
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        sel = flat.index_select(0, src[scored])
-        logp, ent, mean, top1 = token_outputs(sel, lm_head.weight, lm_head.bias, targets[scored], temperature)
-
-        def place(x):
-            return x.new_zeros(scored.shape).masked_scatter(scored, x)
-
-        log_probs = place(logp)
-        return FusedCausalLMOutput(loss=-log_probs.sum() / scored.sum().clamp(min=1), log_probs=log_probs,
-                                   entropy=place(ent), mean_logits=place(mean), is_top1=place(top1),
-                                   label_mask=scored)
-
-    model.forward = types.MethodType(forward, model)
-    return stats
+    is the one TRL's fused head divides the logits by (GRPOConfig.temperature). Returns dpo_packed.install_packed's
+    counters (forwards packed and not, packed tokens against TRL's rows' tokens)."""
+    return install_packed(model, pack_groups, temperature)
 
 
 def supported(model) -> str | None:

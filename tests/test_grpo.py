@@ -187,7 +187,7 @@ def test_shared_prompt_forward_gives_trl_log_probs_entropy_and_gradients(tiny_mo
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    from rlrf import grpo_packed
+    from rlrf import dpo_packed, grpo_packed
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))
@@ -228,8 +228,8 @@ def test_shared_prompt_forward_gives_trl_log_probs_entropy_and_gradients(tiny_mo
     packed = grpo_packed.pack_groups(input_ids, attention_mask, labels)
     assert packed is not None and packed[0].shape == (2, 9 + 6 + 2 + 7)  # one row per group, the longest group's
     calls = []
-    real = grpo_packed.token_outputs
-    monkeypatch.setattr(grpo_packed, "token_outputs", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    real = dpo_packed.token_outputs  # the packed forward both trainers share
+    monkeypatch.setattr(dpo_packed, "token_outputs", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
     got, got_grads = run()
     assert calls == [int(ref.label_mask.sum())]  # the packed path ran, scoring exactly TRL's labelled tokens
     assert torch.equal(got.label_mask, ref.label_mask)

@@ -12,7 +12,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from rlrf import schema
+from rlrf import files, schema
 from rlrf.artifacts import read_artifact
 from rlrf.config import load_recipe
 from rlrf.errors import StageError
@@ -265,6 +265,22 @@ def test_user_shards_hold_whole_batches():
     assert [len(s) for s in user_shards(list(range(94)), 32, 16)] == [32, 32, 30]
     assert user_shards([], 16, 4) == [] and user_shards([7], 16, 4) == [[7]]
     assert [len(s) for s in user_shards(list(range(10)), 1, 3)] == [4, 4, 2]  # batch of 1: at most 3 shards
+
+
+def test_a_half_done_stage_with_a_changed_part_redoes_that_shard(setup, tiny_model):
+    """A part that is not what its shard's marker recorded (here: rows of other users, as an older rlrf cut them) is
+    redone by the store on resume, not mixed in; --force gives the clean run's rows as well."""
+    r = setup
+    d = r.run_dir / "old_layout"
+    sample_stage(r, d, str(tiny_model), 1)  # 9 users, 3 per batch -> shards {1,2,3} {4,5,6} {7,8,9}
+    done = _rows(d)
+    (d / "stage.json").unlink()
+    for i in (1, 2):
+        (d / "_shards" / f"{i:05d}.json").unlink()
+        (d / "profiles" / f"part-{i:05d}.parquet").unlink()
+    files.write_parquet(d / "profiles" / "part-00000.parquet", done.filter(pl.col("user_id") % 3 == 0))
+    assert _rows(sample_stage(r, d, str(tiny_model), 1)).equals(done)
+    assert _rows(sample_stage(r, d, str(tiny_model), 1, force=True)).equals(done)
 
 
 def test_item_knowledge_shard(setup, tiny_model):
