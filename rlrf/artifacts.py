@@ -73,6 +73,15 @@ def read_stage_json(stage_dir: Path, produced_by: str | None = None) -> dict:
     return json.loads(p.read_text())
 
 
+def wrote(stage_dir: str | Path, artifact: str, produced_by: str | None = None) -> bool:
+    """Whether the finished stage wrote any part of `artifact` (an optional output, such as the sample stage's
+    item_knowledge), by its stage.json, not by what happens to lie in the directory."""
+    info = read_stage_json(Path(stage_dir), produced_by)
+    if info.get("files") is None:  # finished before rlrf recorded checksums
+        return any((Path(stage_dir) / artifact).glob("part-*.parquet"))
+    return any(k.startswith(f"{artifact}/part-") for k in info["files"])
+
+
 def read_artifact(stage_dir: str | Path, artifact: str, produced_by: str | None = None) -> pl.DataFrame:
     """All shards of a finished stage's artifact, schema-checked (see rlrf.schema)."""
     from rlrf import schema

@@ -139,11 +139,10 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
     reranker = runs.reranker_dir(recipe, k)
     if not (reranker / "model.json").is_file() and recipe.score.reward != "reranker":
         reranker = None  # a round without a reranker judge (GRPO's): the training-free judges only
-    config = {**recipe.sections("check", "rounds", "sample", "encode", "score"), "round": k,
-              "old": weights_hash(old_gen), "new": weights_hash(new_gen)}
+    config = runs.STAGES["check"].config(recipe, round=k, old=weights_hash(old_gen), new=weights_hash(new_gen))
     # the reranker's fingerprint is an input; the sides' sub-stages live inside this stage's directory, so a
     # --force here wipes them too before they are redone
-    with Stage(out, "check", config, inputs=[reranker] if reranker else [], force=force) as st:
+    with Stage(out, runs.STAGES["check"].name, config, inputs=[reranker] if reranker else [], force=force) as st:
         if st.done:
             info = read_stage_json(out)
         else:

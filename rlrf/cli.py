@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if cmd not in STAGES:
         import difflib
-        close = difflib.get_close_matches(cmd, STAGES + ("config", "inspect", "verify", "recipes"), n=1)
+        close = difflib.get_close_matches(cmd, (*STAGES, "config", "inspect", "verify", "recipes"), n=1)
         print(f"error: unknown command {cmd!r}" + (f"; did you mean {close[0]}?" if close else "") + "\n\n" + usage,
               file=sys.stderr)
         sys.exit(2)

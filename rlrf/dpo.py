@@ -17,13 +17,13 @@ import csv
 import shutil
 from pathlib import Path
 
+from rlrf import runs
 from rlrf.artifacts import read_artifact
-from rlrf.config import Recipe, fingerprint
+from rlrf.config import Recipe
 from rlrf.errors import StageError
 from rlrf.files import atomic_path
 from rlrf.llm import SAFE_MODEL, SAFE_TOKENIZER
 from rlrf.machine import has_cuda
-from rlrf.store import Stage
 
 LOG_COLUMNS = ("step", "epoch", "loss", "rewards/margins", "rewards/accuracies", "rewards/chosen",
                "rewards/rejected", "logps/chosen", "logps/rejected", "learning_rate", "grad_norm")
@@ -311,9 +311,8 @@ def dpo_stage(recipe: Recipe, pairs_dir, generator: str, out_dir, *, force: bool
 
     pairs_dir, out_dir = Path(pairs_dir), Path(out_dir)
     model_dir = resolve_model(generator)
-    config = {"dpo": fingerprint(recipe.dpo), "seed": recipe.seed, "generator": str(generator),
-              "generator_hash": weights_hash(model_dir)}
-    with Stage(out_dir, "dpo", config, inputs=[pairs_dir], force=force) as st:
+    with runs.STAGES["dpo"].open(recipe, out_dir, inputs=[pairs_dir], force=force, extra={
+            "generator": str(generator), "generator_hash": weights_hash(model_dir)}) as st:
         if st.done:
             return out_dir
         pairs = read_artifact(pairs_dir, "pairs", "pairs")

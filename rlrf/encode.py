@@ -27,11 +27,10 @@ import polars as pl
 from tqdm import tqdm
 
 from rlrf import runs, schema
-from rlrf.artifacts import read_artifact
+from rlrf.artifacts import read_artifact, wrote
 from rlrf.config import EncodeConfig, Recipe
 from rlrf.errors import StageError
 from rlrf.files import sweep_temporaries, write_json, write_parquet
-from rlrf.store import Stage
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 
@@ -178,8 +177,8 @@ def encode_stage(recipe: Recipe, profiles_dir: str | Path, out_dir: str | Path, 
     cfg = recipe.encode
     prepare_dir = runs.prepare_dir(recipe)
     out_dir = Path(out_dir)
-    config = {"seed": recipe.seed, **recipe.sections("encode")}
-    with Stage(out_dir, "encode", config, inputs=[profiles_dir, prepare_dir], force=force) as st:
+    with runs.STAGES["encode"].open(recipe, out_dir, inputs=[profiles_dir, prepare_dir], force=force,
+                                    summary=_line) as st:
         if st.done:
             return out_dir
         profiles = read_artifact(profiles_dir, "profiles", "sample")
@@ -219,19 +218,22 @@ def encode_stage(recipe: Recipe, profiles_dir: str | Path, out_dir: str | Path, 
             "empty_text": int(ut["empty_text"].sum()),
             "within_user_cosine": within_user_cosine(ut["user_id"].to_numpy(), vecs),
         }
-        info = st.finish(extra)
-    wu = info["within_user_cosine"]
-    print(f"encode: {info['rows'].get('user_texts', 0)} profiles, {info['rows'].get('item_texts', 0)} items, "
-          f"{n_encoded} texts encoded (rest from cache), {extra['truncated_share']:.1%} truncated at "
-          f"{cfg.max_seq_length} tokens, mean within-user cosine {wu if wu is None else round(wu, 3)}")
+        st.finish(extra)
     return out_dir
+
+
+def _line(info: dict) -> str:
+    wu = info["within_user_cosine"]
+    return (f"{info['encoded_this_run']} texts encoded (rest from cache), {info['truncated_share']:.1%} of profiles "
+            f"truncated at {info['config']['encode']['max_seq_length']} tokens, mean within-user cosine "
+            f"{wu if wu is None else round(wu, 3)}")
 
 
 def item_texts(prepare_dir: str | Path, profiles_dir: str | Path) -> pl.DataFrame:
     """Items with the text to encode: the metadata text, followed by the LLM's KAR item knowledge when the
     sample stage wrote it (sample.item_knowledge); the title first keeps the LLM's text anchored."""
     items = read_artifact(prepare_dir, "items", "prepare").select("item_id", "text")
-    if not any((Path(profiles_dir) / "item_knowledge").glob("part-*.parquet")):
+    if not wrote(profiles_dir, "item_knowledge", "sample"):
         return items
     know = read_artifact(profiles_dir, "item_knowledge", "sample").select("item_id", pl.col("text").alias("llm"))
     return (items.join(know, on="item_id", how="left")

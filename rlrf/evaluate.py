@@ -28,7 +28,6 @@ from rlrf.artifacts import STAGE_JSON, read_artifact, read_stage_json
 from rlrf.config import Recipe
 from rlrf.errors import StageError
 from rlrf.files import write_json
-from rlrf.store import Stage
 
 # All generators are sampled with this round argument, so their seeds (recipe.seed, user, round, idx)
 # match and a difference between generators is the generator's, not the dice's.
@@ -197,12 +196,12 @@ def evaluate_stage(recipe: Recipe, *, force: bool = False, recipe_path: str = "<
     out = recipe.run_dir / "evaluate"
     prep = runs.prepare_dir(recipe)
     reward_reranker = runs.reranker_dir(recipe, last)  # what generator `last` was tuned against
-    config = recipe.sections("data", "prepare", "sample", "encode", "reranker", "score", "rounds", "evaluate")
     # a round redone with the same config writes new weights under the same fingerprint: hash them too,
     # so finished results are never reported for a generator that has since changed
-    config["generator_hashes"] = {str(k): weights_hash(runs.generator_dir(recipe, k)) for k in gens[1:]}
+    hashes = {str(k): weights_hash(runs.generator_dir(recipe, k)) for k in gens[1:]}
     inputs = [prep, *(runs.stage_dir(recipe, runs.trainer_stage(recipe), k) for k in gens[1:]), reward_reranker]
-    with Stage(out, "evaluate", config, inputs=inputs, force=force) as st:
+    with runs.STAGES["evaluate"].open(recipe, out, inputs=inputs, extra={"generator_hashes": hashes},
+                                      force=force) as st:
         if st.done:
             return out
         items, interactions = read_artifact(prep, "items", "prepare"), read_artifact(prep, "interactions", "prepare")

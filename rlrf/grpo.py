@@ -30,7 +30,7 @@ import polars as pl
 
 from rlrf import runs
 from rlrf.artifacts import read_artifact
-from rlrf.config import Recipe, fingerprint
+from rlrf.config import Recipe
 from rlrf.errors import StageError
 from rlrf.files import atomic_path, write_parquet
 from rlrf.machine import has_cuda
@@ -308,15 +308,10 @@ def train(recipe: Recipe, model_dir: Path, out_dir: Path, log=print) -> dict:
 
 
 def stage_config(recipe: Recipe, generator: str, generator_hash: str) -> dict:
-    """What the grpo stage's output depends on: its section, the reward, the generator, the decoding and the judge."""
-    d = recipe.to_dict()
-    return {"grpo": fingerprint(recipe.grpo), "reward": reward_kind(recipe), "seed": recipe.seed,
-            "generator": str(generator), "generator_hash": generator_hash,
-            "sample": {k: d["sample"][k] for k in ("temperature", "top_p", "max_new_tokens", "min_new_tokens",
-                                                   "max_prompt_tokens")},
-            "score": {**{k: d["score"][k] for k in ("retrieval_candidates", "retrieval_k", "contrast")},
-                      # a late key: in the fingerprint only away from its default, as every stage has it
-                      **{k: v for k, v in fingerprint(recipe.score).items() if k == "contrast_weight"}}}
+    """What the grpo stage's output depends on (runs.STAGES: its section, the decoding, the judge's keys), the
+    reward and the generator."""
+    return runs.STAGES["grpo"].config(recipe, reward=reward_kind(recipe), generator=str(generator),
+                                      generator_hash=generator_hash)
 
 
 def grpo_stage(recipe: Recipe, generator: str, out_dir, *, force: bool = False) -> Path:

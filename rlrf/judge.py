@@ -29,10 +29,9 @@ import polars as pl
 
 from rlrf import runs
 from rlrf.artifacts import read_artifact
-from rlrf.config import Recipe, fingerprint
+from rlrf.config import Recipe
 from rlrf.errors import StageError
 from rlrf.files import write_json
-from rlrf.store import Stage
 
 JUDGES = ("a", "b")
 
@@ -94,13 +93,11 @@ def train_reranker_stage(recipe: Recipe, out_dir: str | Path, knowledge_dir: str
         raise StageError("train-reranker: the reward judge needs reranker.knowledge=true (a base reranker ignores "
                          "the profile, so every profile would get the same reward)")
     out_dir = Path(out_dir)
-    config = {"seed": recipe.seed, "judges": recipe.score.judges,
-              "reranker": fingerprint(recipe.reranker, drop=("retrain_each_round",)),
-              **recipe.sections("encode")}
     seeds = judge_seeds(recipe)
     plan = [(j, s, f) for j in JUDGES for s in seeds[j] for f in range(cfg.folds)]
     prep = runs.prepare_dir(recipe)
-    with Stage(out_dir, "train-reranker", config, inputs=[prep, knowledge_dir], force=force) as st, \
+    with runs.STAGES["train-reranker"].open(recipe, out_dir, inputs=[prep, knowledge_dir], force=force,
+                                            extra={"judges": recipe.score.judges}, summary=_line) as st, \
             torch_threads(cfg.threads):
         if st.done:
             return out_dir
@@ -145,13 +142,16 @@ def train_reranker_stage(recipe: Recipe, out_dir: str | Path, knowledge_dir: str
         write_json(out_dir / "members.json", members)
         summary = judge_summary(members)
         write_json(out_dir / "metrics.json", summary)
-        info = st.finish({"judges": summary, "seeds": seeds, "folds": cfg.folds, "backbone": cfg.backbone})
-    s = info["judges"]
-    print(f"train-reranker: {len(plan)} {cfg.backbone} judge members ({recipe.score.judges} seed(s) x {cfg.folds} "
-          f"folds x judges a, b): held-out NDCG@5 {s['heldout_ndcg@5']['mean']:.4f} +- "
-          f"{s['heldout_ndcg@5']['std']:.4f} vs item popularity {s['popularity_ndcg@5']['mean']:.4f} on the same "
-          f"lists -> {out_dir}")
+        st.finish({"judges": summary, "seeds": seeds, "folds": cfg.folds, "backbone": cfg.backbone})
     return out_dir
+
+
+def _line(info: dict) -> str:
+    s, seeds = info["judges"], info["seeds"]
+    members = sum(len(v) for v in seeds.values()) * info["folds"]
+    return (f"{members} {info['backbone']} judge members ({len(next(iter(seeds.values())))} seed(s) x "
+            f"{info['folds']} folds x judges {', '.join(seeds)}): held-out NDCG@5 {s['heldout_ndcg@5']['mean']:.4f} +- "
+            f"{s['heldout_ndcg@5']['std']:.4f} vs item popularity {s['popularity_ndcg@5']['mean']:.4f} on the same lists")
 
 
 def judge_summary(members: list[dict]) -> dict:

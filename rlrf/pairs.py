@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from rlrf import runs
 from rlrf.artifacts import read_artifact
-from rlrf.config import Recipe, fingerprint
+from rlrf.config import Recipe
 from rlrf.errors import StageError
 from rlrf.files import write_json
 from rlrf.quality import distinct_n, typicality
 from rlrf.schema import SCHEMAS
-from rlrf.store import Stage
 
 LLAMAFACTORY_DIR = "llamafactory"
 
@@ -182,8 +182,8 @@ def pairs_stage(recipe: Recipe, profiles_dir, scores_dir, out_dir, round: int, *
     """Build round `round`'s preference pairs from a sample stage's profiles and a score stage's rewards."""
     cfg = recipe.pairs
     out_dir = Path(out_dir)
-    config = {"pairs": fingerprint(cfg), "round": round}
-    with Stage(out_dir, "pairs", config, inputs=[profiles_dir, scores_dir], force=force) as st:
+    with runs.STAGES["pairs"].open(recipe, out_dir, inputs=[profiles_dir, scores_dir], extra={"round": round},
+                                   force=force) as st:
         if st.done:
             return out_dir
         profiles = with_typicality(read_artifact(profiles_dir, "profiles", "sample"))

@@ -34,7 +34,6 @@ from tqdm import tqdm
 from rlrf import prompts, runs, schema
 from rlrf.config import Recipe
 from rlrf.data import DataError, Dataset, load_dataset
-from rlrf.store import Stage
 
 DEFAULT_THRESHOLD = {"movies": 3.0, "books": 4.0}
 DEFAULT_HISTORY_MAX = {"movies": 30, "books": 15}
@@ -43,8 +42,7 @@ DEFAULT_HISTORY_MAX = {"movies": 30, "books": 15}
 def prepare_stage(recipe: Recipe, out_dir: str | Path | None = None, *, force: bool = False) -> Path:
     """Run the prepare stage into out_dir (default runs/<run>/prepare); returns the stage directory."""
     out_dir = Path(out_dir) if out_dir is not None else runs.prepare_dir(recipe)
-    config = {"seed": recipe.seed, **recipe.sections("data", "prepare")}
-    with Stage(out_dir, "prepare", config, force=force) as st:
+    with runs.STAGES["prepare"].open(recipe, out_dir, force=force) as st:
         if st.done:
             return out_dir
         ds = load_dataset(recipe.data, recipe.prepare)

@@ -34,11 +34,10 @@ from tqdm import tqdm
 
 from rlrf import runs
 from rlrf.backbones import BACKBONES, mlp
-from rlrf.config import Recipe, RerankerConfig, fingerprint
+from rlrf.config import Recipe, RerankerConfig
 from rlrf.errors import StageError
 from rlrf.files import atomic_path, write_json
 from rlrf.rerank_data import RerankData, load_data
-from rlrf.store import Stage
 from rlrf.threads import torch_threads
 
 KS = (1, 3, 5, 7)
@@ -359,11 +358,10 @@ def train_stage(recipe: Recipe, out_dir: str | Path, knowledge_dir: str | Path |
                          "run pipelines/encode.py first or set reranker.knowledge=false for the base model")
     knowledge_dir = knowledge_dir if cfg.knowledge else None
     out_dir = Path(out_dir)
-    # retrain_each_round only picks where the stage lives
-    config = {"seed": recipe.seed, "reranker": fingerprint(cfg, drop=("retrain_each_round",)),
-              "encode": fingerprint(recipe.encode) if cfg.knowledge else None}
     inputs = [runs.prepare_dir(recipe)] + ([knowledge_dir] if knowledge_dir else [])
-    with Stage(out_dir, "train-reranker", config, inputs=inputs, force=force) as st, torch_threads(cfg.threads):
+    with runs.STAGES["train-reranker"].open(recipe, out_dir, inputs=inputs, used={"reranker": cfg}, force=force,
+                                            extra={} if cfg.knowledge else {"encode": None}, summary=_line) as st, \
+            torch_threads(cfg.threads):
         if st.done:
             return out_dir
         data = load_data(recipe, knowledge_dir, history=cfg.history, without_profile=cfg.without_profile)
@@ -403,14 +401,17 @@ def train_stage(recipe: Recipe, out_dir: str | Path, knowledge_dir: str | Path |
             "n_lists": {s: int(len(a["list_id"])) for s, a in data.lists.items()},
         }
         write_json(out_dir / "metrics.json", metrics)
-        info = st.finish({"seeds": metrics["seeds"], "backbone": cfg.backbone, "knowledge": cfg.knowledge,
-                          "test": metrics["test"], "valid": metrics["valid"], "epoch_s": metrics["epoch_s"]})
+        st.finish({"seeds": metrics["seeds"], "backbone": cfg.backbone, "knowledge": cfg.knowledge,
+                   "test": metrics["test"], "valid": metrics["valid"], "epoch_s": metrics["epoch_s"]})
+    return out_dir
+
+
+def _line(info: dict) -> str:
     # a KAR reranker has test lists only where the sample stage drew test users (the demo round leaves them
     # to `make evaluate`): then valid is the held-out figure to show
     split = "test" if info["test"] else "valid"
     t = info[split].get("ndcg@5", {})
-    print(f"train-reranker: {cfg.backbone}{' + knowledge' if cfg.knowledge else ''} over seeds {cfg.seeds}: "
-          f"{split} NDCG@5 {t.get('mean', float('nan')):.4f} +- {t.get('std', float('nan')):.4f}"
-          f"{'' if split == 'test' else ' (no test lists with a profile: sample.splits leaves test users out)'}, "
-          f"{info['epoch_s']:.2f} s/epoch -> {out_dir}")
-    return out_dir
+    return (f"{info['backbone']}{' + knowledge' if info['knowledge'] else ''} over seeds {info['seeds']}: "
+            f"{split} NDCG@5 {t.get('mean', float('nan')):.4f} +- {t.get('std', float('nan')):.4f}"
+            f"{'' if split == 'test' else ' (no test lists with a profile: sample.splits leaves test users out)'}, "
+            f"{info['epoch_s']:.2f} s/epoch")

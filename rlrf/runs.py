@@ -1,4 +1,5 @@
-"""Where every stage of a run lives, and which generator a round samples from.
+"""Every stage of a run: what its output depends on (STAGES, from which the store's fingerprint is built), where
+it lives, and which generator a round samples from.
 
     runs/<run>/prepare/                     users, items, interactions, lists, prompts
     runs/<run>/round_<k>/sample/            profiles sampled from generator k-1 (round 1: the base model)
@@ -13,13 +14,65 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Iterable
 
 from rlrf.config import Recipe
+from rlrf.config.keys import fingerprint as section_fingerprint
+from rlrf.store import Stage
+
+
+@dataclass(frozen=True)
+class Declared:
+    """A stage as the store runs it: its name, the recipe sections whose every key decides what it writes, the
+    sections of which it reads a few keys only, and whether the run's seed decides it too. Its fingerprinted config
+    takes each section by one rule (rlrf.config.keys.fingerprint: speed and place keys never, late keys only away
+    from their default)."""
+
+    name: str
+    sections: tuple[str, ...] = ()
+    some_keys: tuple[tuple[str, tuple[str, ...]], ...] = ()  # ((section, (key, ...)), ...)
+    seeded: bool = True
+
+    def config(self, recipe: Any, used: dict | None = None, **extra) -> dict:
+        """The stage's fingerprinted config: its sections as `recipe` holds them (or as `used` holds them, a
+        section the stage runs with call-time overrides), and `extra`, what the recipe does not hold."""
+        def section(name: str) -> dict:
+            return section_fingerprint((used or {}).get(name, getattr(recipe, name)))
+
+        out: dict = {"seed": recipe.seed} if self.seeded else {}
+        out.update({name: section(name) for name in self.sections})
+        for name, keys in self.some_keys:
+            fp = section(name)
+            out[name] = {k: fp[k] for k in keys if k in fp}  # a late key at its default is left out, as everywhere
+        return {**out, **extra}
+
+    def open(self, recipe: Any, stage_dir: str | Path, *, inputs: Iterable[str | Path] = (), used: dict | None = None,
+             extra: dict | None = None, force: bool = False, shard: tuple[int, int] | None = None,
+             quiet: bool = False, summary: Callable[[dict], str] | None = None) -> Stage:
+        return Stage(stage_dir, self.name, self.config(recipe, used, **(extra or {})), inputs=inputs, force=force,
+                     shard=shard, quiet=quiet, summary=summary)
+
 
 # Every stage, in the order a round runs them (grpo makes the generator instead of pairs + dpo when
-# rounds.trainer=grpo): each is `rlrf <name>` and pipelines/<name, "-" as "_">.py.
-STAGES = ("prepare", "sample", "encode", "train-reranker", "score", "pairs", "dpo", "grpo", "check", "evaluate")
+# rounds.trainer=grpo), with what its output depends on: the store builds each fingerprint from this line, the
+# inputs' fingerprints and what the stage adds that the recipe does not hold (a round, a generator's weights
+# hash). Each is `rlrf <name>` and pipelines/<name, "-" as "_">.py; what it writes is in rlrf.schema.PRODUCED_BY.
+STAGES: dict[str, Declared] = {d.name: d for d in (
+    Declared("prepare", ("data", "prepare")),
+    Declared("sample", ("sample",)),                          # + run, round, generator and its weights hash
+    Declared("encode", ("encode",)),
+    Declared("train-reranker", ("reranker", "encode")),       # + score.judges (the cross-fitted judge's members)
+    Declared("score", ("score",)),                            # + the splits it scores
+    Declared("pairs", ("pairs",), seeded=False),              # + round
+    Declared("dpo", ("dpo",)),                                # + generator and its weights hash
+    Declared("grpo", ("grpo",), some_keys=(                   # + reward, generator and its weights hash
+        ("sample", ("temperature", "top_p", "max_new_tokens", "min_new_tokens", "max_prompt_tokens")),
+        ("score", ("retrieval_candidates", "retrieval_k", "contrast", "contrast_weight")))),
+    Declared("check", ("check", "rounds", "sample", "encode", "score")),  # + round, both generators' weights hashes
+    Declared("evaluate", ("data", "prepare", "sample", "encode", "reranker", "score", "rounds", "evaluate")),
+)}
 
 
 def script(stage: str) -> str:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from rlrf import prompts as kar, runs, schema
 from rlrf.artifacts import read_artifact
-from rlrf.config import Recipe, fingerprint
+from rlrf.config import Recipe
 from rlrf.errors import StageError
 from rlrf.generate import Sampling, open_backend
 from rlrf.llm import resolve_model, weights_hash
@@ -115,8 +115,8 @@ def _sample_config(recipe: Recipe, splits=None, n=None, max_users=None):
 
 def _stage_config(recipe: Recipe, cfg, generator: str, round: int, ghash: str) -> dict:
     """The sample stage's fingerprinted config: what decides which text each (user, sample_idx) gets, plus layout."""
-    return {"seed": recipe.seed, "run": recipe.run, "round": round, "generator": str(generator),
-            "generator_hash": ghash, "sample": fingerprint(cfg)}
+    return runs.STAGES["sample"].config(recipe, {"sample": cfg}, run=recipe.run, round=round,
+                                        generator=str(generator), generator_hash=ghash)
 
 
 def sample_stage(recipe: Recipe, out_dir: str | Path, generator: str, round: int, *, splits=None, n=None,
@@ -132,7 +132,8 @@ def sample_stage(recipe: Recipe, out_dir: str | Path, generator: str, round: int
     model_dir = resolve_model(generator)  # an unknown model fails here, before any work
     ghash = weights_hash(model_dir)
     config = _stage_config(recipe, cfg, generator, round, ghash)
-    with Stage(out_dir, "sample", config, inputs=[prep], force=force, shard=shard) as st:
+    with Stage(out_dir, runs.STAGES["sample"].name, config, inputs=[prep], force=force, shard=shard,
+               summary=_line) as st:
         if st.done:
             return out_dir
         prompts = read_artifact(prep, "prompts", "prepare")
@@ -146,8 +147,6 @@ def sample_stage(recipe: Recipe, out_dir: str | Path, generator: str, round: int
             for i in st.todo(1):
                 st.write_shard(i, {"profiles": taken})
             st.finish(extra={**_summary(taken, cfg), "taken_from": str(source)})
-            print(f"sample round {round}: {taken.height} profiles of {users.height} users from {generator}, taken "
-                  f"from {source} (same seeds) -> {out_dir}")
             return out_dir
         chunks = user_shards(users["user_id"].to_list(), max(1, cfg.batch_size // cfg.n), cfg.shards)
         n_shards = len(chunks) + (1 if cfg.item_knowledge else 0)
@@ -164,15 +163,17 @@ def sample_stage(recipe: Recipe, out_dir: str | Path, generator: str, round: int
                 part = users.filter(pl.col("user_id").is_in(chunks[i]))
                 desc = f"sample shard {i + 1}/{len(chunks)}"
                 st.write_shard(i, {"profiles": _profiles(backend, part, cfg, recipe.seed, meta, desc)})
-        info = st.finish(extra=_summary(st.written("profiles"), cfg) if _all_done(st, n_shards) else None)
-    if info:
-        s = info  # the summary went into stage.json
-        print(f"sample round {round}: {info['rows'].get('profiles', 0)} profiles of {s['users']} users from "
-              f"{generator} | finish eos={s['finish_reason'].get('eos', 0)} length={s['finish_reason'].get('length', 0)} "
-              f"sentence={s['finish_reason'].get('sentence', 0)} "
-              f"empty={s['empty_text']} | history trimmed for {s['users_history_trimmed']} users "
-              f"({s['history_lines_trimmed']} lines) | {info['wall_s']:.0f}s -> {out_dir}")
+        st.finish(extra=_summary(st.written("profiles"), cfg) if _all_done(st, n_shards) else None)
     return out_dir
+
+
+def _line(info: dict) -> str:
+    c = info["config"]
+    where = (f"taken from {info['taken_from']} (same seeds)" if "taken_from" in info else
+             f"finish eos={info['finish_reason'].get('eos', 0)} length={info['finish_reason'].get('length', 0)} "
+             f"sentence={info['finish_reason'].get('sentence', 0)} empty={info['empty_text']} | history trimmed for "
+             f"{info['users_history_trimmed']} users ({info['history_lines_trimmed']} lines)")
+    return f"round {c['round']}: {info['users']} users from {c['generator']} | {where}"
 
 
 # what only changes how a sample stage is cut into work, never which text a (user, sample_idx) gets

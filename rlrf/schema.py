@@ -77,10 +77,11 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
 # the held-out users' pairs (pairs.heldout_splits): same format, never trained on
 SCHEMAS["heldout_pairs"] = SCHEMAS["pairs"]
 
-# producer stage of each artifact, for error messages
+# the stage that writes each artifact (the store refuses a stage writing another's), for error messages too
 PRODUCED_BY = {
     "users": "prepare", "items": "prepare", "interactions": "prepare", "lists": "prepare", "prompts": "prepare",
-    "profiles": "sample", "item_knowledge": "sample", "user_texts": "encode", "item_texts": "encode", "scores": "score", "predictions": "train-reranker",
+    "profiles": "sample", "item_knowledge": "sample", "user_texts": "encode", "item_texts": "encode", "scores": "score",
+    "predictions": "train-reranker",
     "pairs": "pairs", "heldout_pairs": "pairs",
 }
 

@@ -12,11 +12,10 @@ import polars as pl
 from tqdm import tqdm
 
 from rlrf import runs, schema
-from rlrf.artifacts import read_artifact, read_stage_json
-from rlrf.config import Recipe, fingerprint
+from rlrf.artifacts import read_artifact
+from rlrf.config import Recipe
 from rlrf.errors import StageError
 from rlrf.reward import METRICS, REWARDS, judge_scorer, retrieval_scorer, text_space
-from rlrf.store import Stage
 
 
 def spread_summary(scores: pl.DataFrame) -> dict:
@@ -86,12 +85,11 @@ def score_stage(recipe: Recipe, profiles_dir: str | Path, encode_dir: str | Path
     out_dir = Path(out_dir)
     if cfg.reward == "reranker" and reranker_dir is None:
         raise StageError("score.reward=reranker needs a trained judge (train-reranker stage); or set score.reward=retrieval")
-    config = {"seed": recipe.seed, "score": fingerprint(recipe.score), "splits": splits}
     inputs = [profiles_dir, encode_dir, prep] + ([reranker_dir] if reranker_dir is not None else [])
-    with (Stage(out_dir, "score", config, inputs=inputs, force=force) as st, torch_threads(recipe.reranker.threads)):
-        if st.done:
-            info = read_stage_json(out_dir)
-        else:
+    with (runs.STAGES["score"].open(recipe, out_dir, inputs=inputs, extra={"splits": splits}, force=force,
+                                    summary=_line) as st,
+          torch_threads(recipe.reranker.threads)):
+        if not st.done:
             profiles = read_artifact(profiles_dir, "profiles", "sample")
             if splits is not None:
                 profiles = profiles.filter(pl.col("split").is_in(splits))
@@ -148,14 +146,16 @@ def score_stage(recipe: Recipe, profiles_dir: str | Path, encode_dir: str | Path
                 if other != mine and {mine, other} <= set(scores.columns):
                     rel[f"{mine} pairs under {other}"] = {
                         "agreement": agreement(scores, mine, other, recipe.rounds.bootstrap, recipe.seed)}
-            info = st.finish({"summary": summary, "reliability": rel, "reliability_line": describe(rel)})
+            st.finish({"summary": summary, "reliability": rel, "reliability_line": describe(rel)})
+    return out_dir
+
+
+def _line(info: dict) -> str:
     s = info["summary"]
     spread = "n/a" if s["within_user_range_mean"] is None else f"{s['within_user_range_mean']:.4f}"
-    print(f"score: {info['rows'].get('scores', 0)} profiles, reward {s['metric']} mean "
-          f"{(s['reward_mean'] or float('nan')):.4f}, within-user range {spread}, all-tie users "
-          f"{'n/a' if s['all_tie_share'] is None else format(s['all_tie_share'], '.1%')} | {info['reliability_line']} "
-          f"-> {out_dir}")
-    return out_dir
+    return (f"reward {s['metric']} mean {(s['reward_mean'] or float('nan')):.4f}, within-user range {spread}, "
+            f"all-tie users {'n/a' if s['all_tie_share'] is None else format(s['all_tie_share'], '.1%')} | "
+            f"{info['reliability_line']}")
 
 
 def _times(w: float) -> str:

@@ -6,12 +6,16 @@ written last. A rerun skips shards whose marker exists. `stage.json`, written wh
 done, records the resolved config and its fingerprint, package versions, row counts, merged drop
 counters and wall time; readers refuse a stage directory that has none.
 
-    with Stage(stage_dir, "sample", config, inputs=[prompts_dir], force=args.force, shard=args.shard) as st:
+    with runs.STAGES["sample"].open(recipe, stage_dir, inputs=[prompts_dir], extra={"round": k}, shard=shard) as st:
         if st.done:
             return
         for i in st.todo(num_shards):
             st.write_shard(i, {"profiles": df}, counters={"empty_text": 2})
         st.finish()
+
+A stage's config is what its output depends on; rlrf.runs.STAGES declares it for each of rlrf's stages (the recipe
+sections it reads, by one rule), and its fingerprint adds those of the stage outputs it reads. A stage whose
+fingerprint changed is refused until --force; what it writes is named in rlrf.schema.PRODUCED_BY.
 
 Every file a stage leaves is checksummed: a shard's marker records the size and sha256 of the parts it wrote,
 and stage.json's `files` those of every file in the stage directory. `read_artifact` (rlrf/artifacts.py) compares sizes (hashes
@@ -35,7 +39,7 @@ import time
 from collections import Counter
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import polars as pl
 
@@ -43,6 +47,9 @@ from rlrf.artifacts import FINGERPRINT, STAGE_JSON, read_json, read_stage_json, 
 from rlrf.errors import StageError
 from rlrf.files import file_digest, file_problem, sweep_temporaries, write_json, write_parquet
 from rlrf.machine import machine
+from rlrf.schema import PRODUCED_BY
+
+_MAKERS = frozenset(PRODUCED_BY.values())
 
 SHARDS = "_shards"
 PACKAGES = ("rlrf", "torch", "transformers", "trl", "peft", "sentence-transformers", "polars", "numpy")
@@ -78,8 +85,12 @@ class Stage:
         force: bool = False,
         shard: tuple[int, int] | None = None,
         quiet: bool = False,
+        summary: Callable[[dict], str] | None = None,
     ):
+        """`summary` turns the stage's stage.json into the stage's own figures, which the store appends to the one
+        line it prints when the stage finishes or is found up to date."""
         self.dir = Path(stage_dir)
+        self.summary = summary
         self.name = name
         self.config = config
         self.inputs = [Path(p) for p in inputs]
@@ -128,7 +139,7 @@ class Stage:
         if stage_json.is_file():
             self.done = True
             self.log(f"{self.name}: up to date ({self.dir}, fingerprint {self.fingerprint}); nothing to do. "
-                     f"Use --force to redo it.")
+                     f"Use --force to redo it." + self._summary(read_json(stage_json)))
         else:
             write_json(self.dir / FINGERPRINT, {"fingerprint": self.fingerprint, "stage": self.name,
                                                 "config": self.config})
@@ -237,6 +248,11 @@ class Stage:
 
     def write_shard(self, i: int, frames: dict[str, pl.DataFrame], counters: dict | None = None) -> None:
         """Write one shard's artifacts (tmp + rename each), then its marker last, with each part's size and sha256."""
+        for artifact in frames:
+            maker = PRODUCED_BY.get(artifact)
+            if maker is not None and self.name in _MAKERS and maker != self.name:
+                raise ValueError(f"stage '{self.name}' cannot write '{artifact}': the {maker} stage makes it "
+                                 f"(rlrf.schema.PRODUCED_BY)")
         rows, files = {}, {}
         for artifact, df in frames.items():
             path = self.part(artifact, i)
@@ -287,8 +303,17 @@ class Stage:
         self.done = True
         drops = ", ".join(f"{k}={v}" for k, v in sorted(dropped.items()) if v) or "none"
         self.log(f"{self.name}: done in {info['wall_s']:.1f}s -> {self.dir} | rows "
-                 + ", ".join(f"{k}={v}" for k, v in sorted(total_rows.items())) + f" | dropped: {drops}")
+                 + ", ".join(f"{k}={v}" for k, v in sorted(total_rows.items())) + f" | dropped: {drops}"
+                 + self._summary(info))
         return info
+
+    def _summary(self, info: dict | None) -> str:
+        if self.summary is None or not info:
+            return ""
+        try:
+            return " | " + self.summary(info)
+        except (KeyError, TypeError, ValueError):  # a stage.json written before a figure existed: the line goes
+            return ""
 
 
 def _digest_once(path: Path, marker: dict | None) -> dict:

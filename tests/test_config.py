@@ -129,12 +129,14 @@ def test_overrides_may_stand_anywhere_on_a_stage_command_line():
     assert recipe.run == "y"
 
 
-def test_fingerprint_leaves_out_dropped_keys_and_late_keys_at_their_default():
-    """Stages finished before a `late` key existed stay up to date: the key enters their fingerprint only when set."""
+def test_fingerprint_leaves_out_speed_and_place_keys_and_late_keys_at_their_default():
+    """Stages finished before a `late` key existed stay up to date: the key enters their fingerprint only when set.
+    Threads (speed) and reranker.retrain_each_round (place: where the judge lives, which the inputs carry) never do."""
     from rlrf.config import fingerprint
 
     r = load_recipe(None)
-    assert "threads" not in fingerprint(r.sample, drop=("threads",)) and "trim" not in fingerprint(r.sample)
+    assert "threads" not in fingerprint(r.sample) and "trim" not in fingerprint(r.sample)
+    assert "retrain_each_round" not in fingerprint(r.reranker) and "threads" not in fingerprint(r.reranker)
     assert fingerprint(r.sample)["n"] == r.sample.n
     assert "contrast" not in fingerprint(r.score) and "trainer" not in fingerprint(r.rounds)
     on = load_recipe(None, ["score.reward=lexical", "score.contrast=5", "sample.trim=sentence", "rounds.trainer=grpo"])

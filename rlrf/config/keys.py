@@ -13,24 +13,27 @@ class ConfigError(ValueError):
     """A recipe or override a person must fix; the message says what, where and how."""
 
 
-def _f(default: Any, help: str, late: bool = False, speed: bool = False, **kw) -> Any:
+def _f(default: Any, help: str, late: bool = False, speed: bool = False, place: bool = False, **kw) -> Any:
     """A recipe key with its help text. `late=True` marks a key added after stages that read its section had
     already run: `fingerprint` leaves it out while it holds its default, so those stages stay up to date.
     `speed=True` marks a key that changes how fast a stage runs, never what it writes (threads): no fingerprint
-    holds it, so a rerun with another value resumes."""
-    meta = {"help": help, **({"late": True} if late else {}), **({"speed": True} if speed else {})}
+    holds it, so a rerun with another value resumes. `place=True` marks a key that picks where a stage lives and
+    which stage outputs it reads (reranker.retrain_each_round), never what it computes from them: the inputs'
+    fingerprints already carry it, so the section's does not."""
+    meta = {"help": help, **({"late": True} if late else {}), **({"speed": True} if speed else {}),
+            **({"place": True} if place else {})}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
 
 
-def fingerprint(section, drop: tuple[str, ...] = ()) -> dict:
-    """A recipe section as a stage fingerprints it: every key but the `speed` keys, those in `drop` (keys a stage
-    does not read) and the `late` keys that hold their default."""
+def fingerprint(section) -> dict:
+    """A recipe section as a stage fingerprints it: every key but the `speed` and `place` keys and the `late` keys
+    that hold their default."""
     out = dataclasses.asdict(section)
     for f in dataclasses.fields(section):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        if f.name in drop or f.metadata.get("speed") or (f.metadata.get("late") and out[f.name] == default):
+        if f.metadata.get("speed") or f.metadata.get("place") or (f.metadata.get("late") and out[f.name] == default):
             out.pop(f.name)
     return out
 

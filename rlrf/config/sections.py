@@ -120,7 +120,8 @@ class RerankerConfig:
     epochs: int = _f(20, "max epochs; early stopping on valid MAP@5 usually ends sooner")
     patience: int = _f(3, "epochs without valid MAP@5 improvement before stopping")
     seeds: list = _f([1234], "training seeds; metrics are reported as mean +- std over them")
-    retrain_each_round: bool = _f(False, "retrain the reward reranker on each round's knowledge (paper: once, round 1)")
+    retrain_each_round: bool = _f(False, "retrain the reward reranker on each round's knowledge (paper: once, round 1)",
+                                  place=True)
     folds: int = _f(2, "the reward judge is cross-fitted: users with a profile are cut into this many folds and each "
                        "fold is judged by members trained on the other folds (never in-sample); more folds train each "
                        "member on more users and cost one training each")
