@@ -21,6 +21,7 @@ take DPO's; `rounds.trainer: grpo` makes it generator k):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zlib
 from pathlib import Path
@@ -37,7 +38,8 @@ from rlrf.machine import has_cuda
 from rlrf.store import Stage
 
 LOG_COLUMNS = ("step", "epoch", "loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "entropy",
-               "completions/mean_length", "completions/clipped_ratio", "learning_rate", "grad_norm")
+               "completions/mean_length", "completions/clipped_ratio", "learning_rate", "grad_norm",
+               "step_time", "rollout_s")  # a step's seconds (TRL's), and of those the sampling's (Rollout's)
 
 
 def reward_kind(recipe: Recipe) -> str:
@@ -92,9 +94,20 @@ class Rollout:
         self.sp = Sampling(n=1, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                            min_new_tokens=s.min_new_tokens)
         self.seed, self.batch_size, self.pad_to = recipe.seed, s.batch_size, s.max_prompt_tokens
+        self.merged = recipe.grpo.merged_rollout
         self.step, self.calls = -1, 0  # generation calls within the current optimizer step
+        self.seconds: dict[int, float] = {}  # wall seconds sampling, by the optimizer step TRL logs them under
 
     def __call__(self, prompts: list, trainer) -> dict:
+        import time
+
+        t0 = time.perf_counter()
+        out = self._sample(prompts, trainer)
+        logged = int(trainer.state.global_step) + 1
+        self.seconds[logged] = self.seconds.get(logged, 0.0) + time.perf_counter() - t0
+        return out
+
+    def _sample(self, prompts: list, trainer) -> dict:
         import dataclasses
 
         from rlrf import shared_prefix
@@ -121,7 +134,7 @@ class Rollout:
         self.calls += 1
         backend = HFBackend.wrap(model, tok, self.batch_size, pad_to=self.pad_to)
         prompt_ids, completion_ids = [], []
-        with shared_prefix.generation(model):
+        with shared_prefix.generation(model), (lora_merged(model) if self.merged else contextlib.nullcontext()):
             # groups of one size share a call (TRL's groups all have num_generations rows)
             for n in sorted({g[1] for g in groups}):
                 which = [i for i, g in enumerate(groups) if g[1] == n]
@@ -136,6 +149,31 @@ class Rollout:
         order = np.argsort([s for s, _ in prompt_ids], kind="stable")
         return {"prompt_ids": [prompt_ids[i][1] for i in order], "completion_ids": [completion_ids[i][1] for i in order],
                 "logprobs": None}
+
+
+@contextlib.contextmanager
+def lora_merged(model):
+    """The LoRA update merged into the base weights for the block (peft's merge_adapter), and the base weights put
+    back exactly after: peft's unmerge subtracts the update again, which in bf16 leaves a rounding error that would
+    pile up in the frozen base over hundreds of steps, so the weights are restored from a copy instead."""
+    import torch
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if not isinstance(model, PeftModel):
+        yield
+        return
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.merged]
+    with torch.no_grad():
+        saved = [m.get_base_layer().weight.detach().clone() for m in layers]
+        model.merge_adapter()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            model.unmerge_adapter()
+            for m, w in zip(layers, saved):
+                m.get_base_layer().weight.copy_(w)
 
 
 class RewardLog:
@@ -279,8 +317,9 @@ def train(recipe: Recipe, model_dir: Path, out_dir: Path, log=print) -> dict:
                       target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is TRL's documented hook, marked experimental
     funcs = [reward, *reward_terms(cfg)[0]]
+    rollout = Rollout(recipe)
     trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=trl_args(recipe, ckpt_dir), train_dataset=ds,
-                          processing_class=tok, peft_config=lora, rollout_func=Rollout(recipe),
+                          processing_class=tok, peft_config=lora, rollout_func=rollout,
                           callbacks=[_checkpoint_callback()])
     trainer_ref.append(trainer)
     packing = share_prompt(trainer) if cfg.share_prompt else None
@@ -291,6 +330,9 @@ def train(recipe: Recipe, model_dir: Path, out_dir: Path, log=print) -> dict:
     adapter = out_dir / "adapter"
     with atomic_path(adapter) as tmp:
         trainer.model.save_pretrained(tmp)
+    for h in trainer.state.log_history:  # steps a resumed run did not redo have no rollout_s
+        if h.get("step") in rollout.seconds and "reward" in h:
+            h["rollout_s"] = round(rollout.seconds[h["step"]], 2)
     rows = write_log(trainer.state.log_history, out_dir)
     rollouts = pl.DataFrame(reward.rows, schema={"step": pl.Int32, "user_id": pl.Int64, "text": pl.Utf8,
                                                  "reward": pl.Float64})
@@ -304,6 +346,8 @@ def train(recipe: Recipe, model_dir: Path, out_dir: Path, log=print) -> dict:
             "rollouts_logged_from_step": int(rollouts["step"].min()) if rollouts.height else None,
             # grpo.share_prompt: forwards answered from packed rows, and their tokens against TRL's rows' (padding too)
             "share_prompt": packing,
+            # the part of the run spent sampling through rlrf's sampler (steps this process ran)
+            "rollout_s": round(sum(rollout.seconds.values()), 1),
             "generator_out": str(out_dir / "merged")}
 
 
@@ -324,8 +368,14 @@ def grpo_stage(recipe: Recipe, generator: str, out_dir, *, force: bool = False) 
     out_dir = Path(out_dir)
     model_dir = resolve_model(generator)
     config = stage_config(recipe, generator, weights_hash(model_dir))
-    with Stage(out_dir, "grpo", config, inputs=[runs.prepare_dir(recipe)], force=force) as st:
+    with Stage(out_dir, "grpo", config, inputs=[runs.prepare_dir(recipe)], force=force, summary=_line) as st:
         if st.done:
             return out_dir
         st.finish(extra=train(recipe, model_dir, out_dir, log=st.log))
     return out_dir
+
+
+def _line(info: dict) -> str:
+    return (f"{info['steps']} steps on {info['train_users']} users, {info['reward']} mean training reward "
+            f"{info['reward_first_step']:.4f} (step 1) -> {info['reward_last_step']:.4f} (last); sampling "
+            f"{info['rollout_s']:.0f} s of the stage's {info['wall_s']:.0f} s")

@@ -27,8 +27,9 @@ from rlrf.dpo_packed import install_packed
 
 
 def pack_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
-    """TRL's GRPO rows -> one packed row per run of consecutive rows with the same prompt, or None when no two rows
-    share one (nothing to save) or the rows are not [left-padded prompt | right-padded completion].
+    """TRL's GRPO rows -> one packed row per prompt (its rows wherever they sit in the batch: TRL shuffles a
+    generation batch's rows before cutting it into micro-batches), or None when no two rows share one (nothing to
+    save) or the rows are not [left-padded prompt | right-padded completion].
 
     Returns (ids, position_ids, mask4d, src): src[r, t] is, for TRL's row r and shifted position t (the hidden state
     that predicts token t+1), the flat index into the packed hidden states (groups * Lp).
@@ -54,12 +55,10 @@ def pack_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: t
     if bool((lab[:, :b]).any()):
         return None
 
-    groups: list[list[int]] = []
+    by_prompt: dict[tuple, list[int]] = {}  # in order of first appearance; each group's rows in row order
     for r in range(rows):
-        if groups and torch.equal(input_ids[r, :b][am[r, :b]], input_ids[groups[-1][0], :b][am[groups[-1][0], :b]]):
-            groups[-1].append(r)
-        else:
-            groups.append([r])
+        by_prompt.setdefault(tuple(input_ids[r, :b][am[r, :b]].tolist()), []).append(r)
+    groups = list(by_prompt.values())
     if len(groups) == rows:
         return None
 

@@ -73,6 +73,37 @@ def test_rollout_samples_each_group_from_the_policy_and_gives_the_model_back(tin
     assert model(**x).logits.requires_grad
 
 
+def test_rollout_samples_from_the_merged_update_and_puts_the_base_weights_back_bit_for_bit(tiny_model):
+    """grpo.merged_rollout: inside the block the model is the policy (base + LoRA update) in one matmul per
+    projection; after it, every base weight is what it was, bit for bit, also in bf16 where peft's own unmerge
+    would leave a rounding error, and the LoRA path is live again (its gradients flow)."""
+    import torch
+
+    from rlrf.grpo import lora_merged
+
+    for dtype in (torch.float32, torch.bfloat16):
+        model, tok = policy(tiny_model)
+        model.to(dtype)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:  # peft starts B at zero: give the update a size
+                    p.copy_(torch.randn_like(p) * 0.5)
+        base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora" not in n}
+        x = tok("I liked Fargo and Heat.", return_tensors="pt")
+        with torch.no_grad():
+            want = model(**x).logits.float()
+            with lora_merged(model):
+                got = model(**x).logits.float()
+                assert any(not torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
+            after = model(**x).logits.float()
+        tol = 1e-4 if dtype == torch.float32 else 0.15
+        assert torch.allclose(got, want, atol=tol), (dtype, (got - want).abs().max())
+        assert torch.equal(after, want)
+        assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
+        model(**x).logits.float().sum().backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
 def test_length_term_is_flat_inside_the_range_and_weighted_in_trl(tmp_path):
     from rlrf.config import ConfigError, load_recipe
     from rlrf.grpo import LengthTerm, trl_args
@@ -152,7 +183,7 @@ def test_grpo_round_on_the_tiny_recipe(ml100k_dir, tmp_path):
     stage_ok(run_stage("prepare", tmp_path))
     r = run_stage("grpo", tmp_path, *grpo, env={"RLRF_KILL_AFTER_SHARDS": "1"})
     assert r.returncode == -9, r.stderr[-2000:]
-    stage_ok(run_stage("grpo", tmp_path, *grpo))
+    r = stage_ok(run_stage("grpo", tmp_path, *grpo))
     d = tmp_path / "tiny" / "round_1" / "grpo"
     info = json.loads((d / "stage.json").read_text())
     assert info["steps"] == 2 and info["resumed_from"] and info["reward"] == "lexical"
@@ -161,6 +192,10 @@ def test_grpo_round_on_the_tiny_recipe(ml100k_dir, tmp_path):
     assert packing["packed_forwards"] >= 1 and packing["packed_tokens"] < packing["row_tokens"]
     log = pl.read_csv(d / "train_log.csv")
     assert log.height == 2 and log["reward"].is_not_null().all() and (log["frac_reward_zero_std"] < 1).any()
+    # where a step's time goes: sampling (Rollout) within TRL's step time; step 1 ran in the killed process
+    assert log["rollout_s"].to_list()[0] is None and 0 < log["rollout_s"][1] < log["step_time"][1]
+    assert info["rollout_s"] == pytest.approx(log["rollout_s"][1], abs=0.1)
+    assert f"sampling {info['rollout_s']:.0f} s of the stage's" in r.stdout
     roll = pl.read_parquet(d / "rollouts.parquet")
     assert roll.height == 4 and roll["step"].to_list() == [2] * 4  # the resumed run's one step: 2 users x 2
     users = pl.read_parquet(tmp_path / "tiny" / "prepare" / "users" / "*.parquet")
@@ -238,6 +273,16 @@ def test_shared_prompt_forward_gives_trl_log_probs_entropy_and_gradients(tiny_mo
     assert ref_grads.keys() == got_grads.keys() and len(ref_grads) > 0
     for n in ref_grads:
         torch.testing.assert_close(got_grads[n], ref_grads[n], atol=1e-4, rtol=1e-3)
+    # TRL shuffles a generation batch's rows before cutting it into micro-batches: a group's rows need not be
+    # neighbours, and they still pack into one row per prompt with each row's own scores
+    perm = torch.tensor([4, 0, 2, 5, 1, 3])
+    mixed = {k: v[perm] for k, v in dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels).items()}
+    assert grpo_packed.pack_groups(**mixed)[0].shape[0] == 2
+    calls.clear()
+    out = model(**mixed, fused_lm_head=True)
+    assert calls == [int(ref.label_mask.sum())]
+    torch.testing.assert_close(out.log_probs, ref.log_probs[perm], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.entropy, ref.entropy[perm], atol=1e-4, rtol=1e-4)
     # rows that share no prompt (nothing to save) and generation take the original forward
     lone = {k: v[[0, 3]] for k, v in dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels).items()}
     assert grpo_packed.pack_groups(**lone) is None

@@ -266,7 +266,10 @@ class GRPOConfig:
     max_users: int = _f(100, "train users whose KAR prompts GRPO samples from (first by user id after a seeded shuffle, as "
                              "the sample stage picks them); -1 = all")
     num_generations: int = _f(4, "profiles per prompt per step; the group whose rewards are normalised together")
-    per_device_train_batch_size: int = _f(8, "completions per forward (a multiple of num_generations: whole groups)")
+    per_device_train_batch_size: int = _f(8, "completions per forward (a multiple of num_generations). TRL shuffles a "
+                                             "step's rows before cutting them into forwards, so with share_prompt one "
+                                             "forward of the whole step (this = the step's completions, accumulation 1) "
+                                             "packs every group whole: the fewest tokens, if the memory allows")
     gradient_accumulation_steps: int = _f(4, "forwards per optimizer step; one sampling call per step serves them all "
                                              "(per_device_train_batch_size x this completions, on policy)")
     max_steps: int = _f(25, "optimizer steps; each samples per_device_train_batch_size x gradient_accumulation_steps "
@@ -287,6 +290,10 @@ class GRPOConfig:
                                   "behind it (rlrf/grpo_packed.py): the same log-probs from a fraction of the tokens "
                                   "in the policy forward, its backward and the KL term's reference forward (float "
                                   "sums in another order: in the fingerprint, as dpo.share_prompt is)")
+    merged_rollout: bool = _f(True, "sample each step's profiles with the LoRA update merged into the weights, one "
+                                    "matmul per projection instead of three small ones a token, the base weights put "
+                                    "back bit for bit after (the policy sampled is the same up to the weights' "
+                                    "rounding: in the fingerprint)")
     length_range: list = _f([], "[lo, hi] profile tokens (stop token included): a flat length term, 0 inside the range "
                                 "and -1 outside, added with grpo.length_weight (the profile-verbalizer works' format "
                                 "reward: keeps a policy from buying reward with length, and with hi < "
