@@ -68,3 +68,27 @@ def test_dpo_vs_grpo_reads_costs_and_figures(tmp_path, monkeypatch, capsys):
     text = capsys.readouterr().out
     assert "DPO (dpo): 16.1 min" in text and "reranker" not in text and "GRPO (grpo): 20.0 min" in text
     assert "+0.0130 [+0.0030, +0.0230]" in text and out.is_file() and out.stat().st_size > 1000
+
+
+def test_grpo_curve_minutes_checkpoints_and_paired_figures(tmp_path):
+    """The curve's x (training minutes summed to a step), the checkpoints it finds, and its per-judge paired
+    difference: only users both sides scored, each user's profiles averaged first, as the check does."""
+    import polars as pl
+
+    from rlrf.config import load_recipe
+
+    m = load("grpo_curve")
+    log = tmp_path / "train_log.csv"
+    log.write_text("step,reward,step_time\n1,0.1,60\n2,0.2,30\n3,0.2,\n4,0.3,90\n")
+    assert m.minutes_at(log) == {1: 1.0, 2: 1.5, 3: 1.5, 4: 3.0}
+    for name, adapter in (("checkpoint-10", True), ("checkpoint-5", True), ("checkpoint-15", False)):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        if adapter:  # a checkpoint a kill cut before its adapter was written is not a generator
+            (tmp_path / "checkpoints" / name / "adapter_config.json").write_text("{}")
+    assert list(m.checkpoints(tmp_path)) == [5, 10]
+    recipe = load_recipe(REPO / "recipes" / "tiny.yaml", [])
+    old = pl.DataFrame({"user_id": [1, 1, 2, 2, 3], "lex": [0.1, 0.3, 0.5, 0.5, 0.9]})
+    new = pl.DataFrame({"user_id": [1, 1, 2, 2, 4], "lex": [0.3, 0.5, 0.4, 0.6, 0.0]})
+    figs = m.figures(recipe, old, new, {"lexical": "lex"})
+    assert figs["lexical"]["n"] == 2 and figs["lexical"]["mean"] == pytest.approx(0.1)
+    assert figs["lexical"]["low"] <= 0.1 <= figs["lexical"]["high"]
