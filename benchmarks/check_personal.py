@@ -29,7 +29,7 @@ import polars as pl
 from rlrf import runs
 from rlrf.artifacts import read_artifact
 from rlrf.config import load_recipe
-from rlrf.stats import paired_bootstrap
+from rlrf.stats import ci_text as stats_ci_text, paired_bootstrap
 
 JUDGES = ("retrieval", "lexical", "genres")
 
@@ -61,8 +61,7 @@ def own_and_swapped(reward, texts: list[str], uid: np.ndarray, users: np.ndarray
 
 
 def ci_text(x: np.ndarray, seed: int) -> str:
-    ci = paired_bootstrap(x, 2000, seed)
-    return f"{ci['mean']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}]"
+    return stats_ci_text(paired_bootstrap(x, 2000, seed))
 
 
 def main() -> None:

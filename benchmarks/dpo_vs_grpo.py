@@ -16,6 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
+from rlrf.stats import ci_text
+
 MAKERS = {"dpo": ("sample", "encode", "train_reranker", "score", "pairs", "dpo"), "grpo": ("grpo",)}
 STAGE_DIR = {"train_reranker": "../reranker"}
 
@@ -62,8 +64,8 @@ def main() -> None:
         for j in judges:
             if j in r["judges"]:
                 d = r["judges"][j]
-                print(f"  {j:70s} {d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] ({d['n']} users)")
-    from rlrf.plots import pyplot, save_png
+                print(f"  {j:70s} {ci_text(d)} ({d['n']} users)")
+    from rlrf.plots import ci_errorbar, pyplot, save_png
 
     # one panel per judge (a run's own reward carries " - picked the pairs" / " - GRPO's reward": hollow marker)
     plain = list(dict.fromkeys(j.split(" - ")[0] for j in judges if "personal" not in j))
@@ -74,8 +76,7 @@ def main() -> None:
             if key is None:
                 continue
             d = r["judges"][key]
-            ax.errorbar([r["minutes"]], [d["mean"]], yerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]],
-                        fmt="o" if r["kind"] == "dpo" else "s", capsize=3, label=r["label"],
+            ci_errorbar(ax, [r["minutes"]], [d], fmt="o" if r["kind"] == "dpo" else "s", label=r["label"],
                         mfc="none" if " - " in key else None)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set(title=j.split(" (")[0], xlabel="minutes to make generator 1")

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import sys
 from pathlib import Path
 
 from rlrf import runs
 from rlrf.artifacts import read_artifact
 from rlrf.config import load_recipe
-from rlrf.stats import paired, paired_bootstrap
+from rlrf.stats import ci_text
 
 
 def minutes_at(train_log: Path) -> dict[int, float]:
@@ -32,16 +31,6 @@ def minutes_at(train_log: Path) -> dict[int, float]:
         for r in csv.DictReader(f):
             total += float(r["step_time"] or 0.0)
             out[int(r["step"])] = total / 60
-    return out
-
-
-def figures(recipe, old, new, columns: dict[str, str]) -> dict[str, dict]:
-    """{judge: new - old (95% paired bootstrap) over the users both sides scored} for score frames old, new."""
-    out = {}
-    for name, col in columns.items():
-        pairs = paired(old, new, col)
-        if pairs.height:
-            out[name] = paired_bootstrap(pairs["diff"].to_numpy(), recipe.rounds.bootstrap, seed=recipe.seed + 1)
     return out
 
 
@@ -60,15 +49,14 @@ def main() -> None:
     ap.add_argument("--out", default="grpo_curve.png")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    from rlrf.check import _side, judges, with_judge_ab
+    from rlrf.check import _side, judge_diffs, judged, judges, with_judge_ab
     from rlrf.dpo import merge
-    from rlrf.grpo import reward_kind
     from rlrf.llm import resolve_model
 
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.rounds.trainer != "grpo":
         sys.exit("grpo_curve: give rounds.trainer=grpo and the GRPO run (run=...)")
-    recipe = dataclasses.replace(recipe, score=dataclasses.replace(recipe.score, reward=reward_kind(recipe)))
+    recipe = judged(recipe)
     grpo_dir, check_dir = runs.stage_dir(recipe, "grpo", 1), runs.stage_dir(recipe, "check", 1)
     if not (check_dir / "stage.json").is_file():
         sys.exit(f"grpo_curve: {check_dir} is not finished: run `make grpo1` (or pipelines/check.py) first")
@@ -87,7 +75,8 @@ def main() -> None:
                 merge(base, ckpt, root / "merged")
             side = _side(recipe, root, str(root / "merged"), 1, None)
         new = with_judge_ab(read_artifact(side, "scores", "score"))
-        rows.append({"step": step, "minutes": mins[step], "judges": figures(recipe, old, new, cols)})
+        diffs = judge_diffs(recipe, old, new, 1)
+        rows.append({"step": step, "minutes": mins[step], "judges": {j: ci for j, (_, _, ci) in diffs.items()}})
     dpo = None
     if args.dpo:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -95,28 +84,20 @@ def main() -> None:
 
         dpo = row(args.dpo, "dpo", None)
     print(f"{grpo_dir}: new - old on the valid users, 95% paired bootstrap, per saved step")
-    for r in rows:
-        print(f"step {r['step']:3d} ({r['minutes']:5.1f} min): " + "; ".join(
-            f"{j.split(' (')[0]} {d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" for j, d in r["judges"].items()))
-    if dpo:
-        print(f"{dpo['label']} ({dpo['minutes']:.1f} min): " + "; ".join(
-            f"{j.split(' (')[0]} {d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" for j, d in dpo["judges"].items()))
-    from rlrf.plots import pyplot, save_png
+    for what, figs in [(f"step {r['step']:3d} ({r['minutes']:5.1f} min)", r["judges"]) for r in rows] + (
+            [(f"{dpo['label']} ({dpo['minutes']:.1f} min)", dpo["judges"])] if dpo else []):
+        print(f"{what}: " + "; ".join(f"{j.split(' (')[0]} {ci_text(d)}" for j, d in figs.items()))
+    from rlrf.plots import ci_errorbar, pyplot, save_png
 
     names = list(cols)
     fig, axes = pyplot().subplots(1, len(names), figsize=(3.4 * len(names), 3.2), squeeze=False)
     for ax, j in zip(axes[0], names):
         pts = [(r["minutes"], r["judges"][j]) for r in rows if j in r["judges"]]
         if pts:
-            x, d = [p[0] for p in pts], [p[1] for p in pts]
-            ax.errorbar(x, [v["mean"] for v in d], yerr=[[v["mean"] - v["low"] for v in d],
-                                                           [v["high"] - v["mean"] for v in d]],
-                        fmt="s-", capsize=3, label="GRPO, per saved step")
+            ci_errorbar(ax, [p[0] for p in pts], [p[1] for p in pts], fmt="s-", label="GRPO, per saved step")
         key = next((k for k in (dpo or {}).get("judges", {}) if k.split(" - ")[0] == j.split(" - ")[0]), None)
         if key:
-            v = dpo["judges"][key]
-            ax.errorbar([dpo["minutes"]], [v["mean"]], yerr=[[v["mean"] - v["low"]], [v["high"] - v["mean"]]],
-                        fmt="o", capsize=3, label=dpo["label"])
+            ci_errorbar(ax, [dpo["minutes"]], [dpo["judges"][key]], fmt="o", label=dpo["label"])
         ax.axhline(0, color="grey", lw=0.8)
         ax.set(title=j.split(" (")[0] + (" (own)" if " - " in j else ""), xlabel="minutes of training")
     axes[0][0].set_ylabel("valid users: new - old (95% CI)")

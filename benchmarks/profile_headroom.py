@@ -30,7 +30,7 @@ import polars as pl
 
 from rlrf.artifacts import read_artifact
 from rlrf.retrieval import Genres, Lexical, RetrievalReward, catalogue_ndcg, unit
-from rlrf.stats import paired_bootstrap
+from rlrf.stats import ci_text, paired_bootstrap
 
 ALPHAS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
@@ -83,7 +83,7 @@ def gain(a: pl.DataFrame, b: pl.DataFrame, seed: int = 0) -> str:
     """b - a per user (paired), mean [95% interval]."""
     j = a.join(b, on="user_id", suffix="_b")
     ci = paired_bootstrap((j["v_b"] - j["v"]).to_numpy(), 2000, seed)
-    return f"{ci['mean']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}] ({ci['n']} users)"
+    return f"{ci_text(ci)} ({ci['n']} users)"
 
 
 def main() -> None:

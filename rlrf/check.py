@@ -28,7 +28,7 @@ from rlrf.config import Recipe
 from rlrf.errors import StageError
 from rlrf.files import atomic_path, write_parquet
 from rlrf.plots import pyplot, save_png
-from rlrf.stats import paired, paired_bootstrap, verdict
+from rlrf.stats import ci_text, paired, paired_bootstrap, verdict
 from rlrf.store import Stage
 
 
@@ -122,15 +122,33 @@ def plot(path: Path, pairs: pl.DataFrame, ci: dict, k: int) -> None:
     save_png(fig, path)
 
 
+def judged(recipe: Recipe) -> Recipe:
+    """The recipe the check judges with: a GRPO round names the reward GRPO learned from as the round's own."""
+    if recipe.rounds.trainer != "grpo":
+        return recipe
+    from rlrf.grpo import reward_kind
+
+    return dataclasses.replace(recipe, score=dataclasses.replace(recipe.score, reward=reward_kind(recipe)))
+
+
+def judge_diffs(recipe: Recipe, old: pl.DataFrame, new: pl.DataFrame, k: int) -> dict[str, tuple[str, pl.DataFrame, dict]]:
+    """{judge: (its scores column, the per-user old/new/diff frame, new - old with its paired bootstrap interval)}
+    for every judge of the check (in its order) that scored some user under both generators."""
+    out = {}
+    for name, col in judges(recipe, old.columns).items():
+        pairs = paired(old, new, col)
+        if pairs.height:
+            out[name] = (col, pairs, paired_bootstrap(pairs["diff"].to_numpy(), recipe.rounds.bootstrap,
+                                                      seed=recipe.seed + k))
+    return out
+
+
 def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
     """Generator round-1 vs generator round on valid users; writes the figure into round_<k>/check/."""
     from rlrf.llm import weights_hash
 
     k = round
-    if recipe.rounds.trainer == "grpo":  # the reward GRPO learned from is the one the check names as the round's own
-        from rlrf.grpo import reward_kind
-
-        recipe = dataclasses.replace(recipe, score=dataclasses.replace(recipe.score, reward=reward_kind(recipe)))
+    recipe = judged(recipe)
     out = runs.stage_dir(recipe, "check", k)
     old_gen, new_gen = runs.generator(recipe, k - 1), runs.generator(recipe, k)
     if not (Path(new_gen) / "config.json").is_file():
@@ -150,11 +168,7 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
             old = with_judge_ab(read_artifact(sides["old"], "scores", "score"))
             new = with_judge_ab(read_artifact(sides["new"], "scores", "score"))
             figures = {}
-            for name, col in judges(recipe, old.columns).items():
-                pairs = paired(old, new, col)
-                if pairs.height == 0:
-                    continue
-                ci = paired_bootstrap(pairs["diff"].to_numpy(), recipe.rounds.bootstrap, seed=recipe.seed + k)
+            for name, (col, pairs, ci) in judge_diffs(recipe, old, new, k).items():
                 figures[name] = {"column": col, "diff": ci, "old_mean": float(pairs["old"].mean()),
                                  "new_mean": float(pairs["new"].mean()),
                                  "improved_share": float((pairs["diff"] > 0).mean())}
@@ -181,7 +195,7 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
     figs = info.get("judges", {info["metric"]: {"diff": info["reward_diff"]}})
     for name in info.get("judge_order", list(figs)):  # stage.json sorts its keys: the order is kept apart
         ci = figs[name]["diff"]
-        print(f"check: round {k} {name}: new - old = {ci['mean']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}] over "
+        print(f"check: round {k} {name}: new - old = {ci_text(ci)} over "
               f"{ci['n']} valid users -> {verdict(ci)}")
     print(f"check: {out / 'summary.md'}")
     return out

@@ -21,6 +21,7 @@ import polars as pl
 
 from rlrf.artifacts import FINGERPRINT, STAGE_JSON, read_artifact
 from rlrf.errors import StageError
+from rlrf.stats import ci_text
 from rlrf.store import SHARDS
 
 
@@ -184,8 +185,7 @@ def _findings(info: dict) -> list[str]:
                    f"over {h['pairs']} pairs (chance 0.5)")
     if info.get("stage") == "check" and "reward_diff" in info:
         ci = info["reward_diff"]
-        out.append(f"is it learning ({info.get('judge', info.get('metric'))}): {ci['mean']:+.4f} "
-                   f"[{ci['low']:+.4f}, {ci['high']:+.4f}] over {ci['n']} valid users: {info.get('verdict')}")
+        out.append(f"is it learning ({info.get('judge', info.get('metric'))}): {ci_text(ci)} over {ci['n']} valid users: {info.get('verdict')}")
     return out
 
 

@@ -8,6 +8,13 @@ from pathlib import Path
 import numpy as np
 
 
+def ci_errorbar(ax, xs, cis, **kw):
+    """Points at xs with each paired_bootstrap figure's mean and its (asymmetric) interval as the bar."""
+    means = [c["mean"] for c in cis]
+    return ax.errorbar(list(xs), means, yerr=[[m - c["low"] for m, c in zip(means, cis)],
+                                              [c["high"] - m for m, c in zip(means, cis)]], capsize=3, **kw)
+
+
 def pyplot():
     """matplotlib.pyplot on the headless Agg backend (no display on a compute node)."""
     import matplotlib

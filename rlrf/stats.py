@@ -7,6 +7,11 @@ import numpy as np
 import polars as pl
 
 
+def ci_text(ci: dict) -> str:
+    """A paired_bootstrap figure as reports print it: "+0.0123 [+0.0045, +0.0201]"."""
+    return f"{ci['mean']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}]"
+
+
 def paired_bootstrap(diff, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
     """Mean of paired differences with a percentile bootstrap interval (users resampled with replacement)."""
     d = np.asarray(diff, dtype=np.float64)

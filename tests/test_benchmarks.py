@@ -72,10 +72,12 @@ def test_dpo_vs_grpo_reads_costs_and_figures(tmp_path, monkeypatch, capsys):
 
 def test_grpo_curve_minutes_checkpoints_and_paired_figures(tmp_path):
     """The curve's x (training minutes summed to a step), the checkpoints it finds, and its per-judge paired
-    difference: only users both sides scored, each user's profiles averaged first, as the check does."""
+    difference (the check's own judge_diffs): only users both sides scored, each user's profiles averaged first."""
     import polars as pl
 
+    from rlrf.check import judge_diffs
     from rlrf.config import load_recipe
+    from rlrf.reward import REWARDS
 
     m = load("grpo_curve")
     log = tmp_path / "train_log.csv"
@@ -87,8 +89,10 @@ def test_grpo_curve_minutes_checkpoints_and_paired_figures(tmp_path):
             (tmp_path / "checkpoints" / name / "adapter_config.json").write_text("{}")
     assert list(m.checkpoints(tmp_path)) == [5, 10]
     recipe = load_recipe(REPO / "recipes" / "tiny.yaml", [])
-    old = pl.DataFrame({"user_id": [1, 1, 2, 2, 3], "lex": [0.1, 0.3, 0.5, 0.5, 0.9]})
-    new = pl.DataFrame({"user_id": [1, 1, 2, 2, 4], "lex": [0.3, 0.5, 0.4, 0.6, 0.0]})
-    figs = m.figures(recipe, old, new, {"lexical": "lex"})
-    assert figs["lexical"]["n"] == 2 and figs["lexical"]["mean"] == pytest.approx(0.1)
-    assert figs["lexical"]["low"] <= 0.1 <= figs["lexical"]["high"]
+    lex = REWARDS["lexical"].column  # a judge independent of the tiny recipe's pair-picking reward (reranker)
+    old = pl.DataFrame({"user_id": [1, 1, 2, 2, 3], lex: [0.1, 0.3, 0.5, 0.5, 0.9]})
+    new = pl.DataFrame({"user_id": [1, 1, 2, 2, 4], lex: [0.3, 0.5, 0.4, 0.6, 0.0]})
+    (name, (col, pairs, ci)), = judge_diffs(recipe, old, new, 1).items()
+    assert name == REWARDS["lexical"].label and col == lex and pairs["user_id"].to_list() == [1, 2]
+    assert ci["n"] == 2 and ci["mean"] == pytest.approx(0.1)
+    assert ci["low"] <= 0.1 <= ci["high"]
