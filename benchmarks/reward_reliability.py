@@ -93,7 +93,7 @@ def main() -> None:
 
     if not a.skip_reranker:
         from rlrf.judge import train_reranker_stage
-        from rlrf.rerank import train_stage
+        from rlrf.rerank_train import train_stage
         from rlrf.reward import reward_profiles
 
         bench = recipe.run_dir / "bench_reliability"

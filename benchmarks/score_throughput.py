@@ -30,7 +30,8 @@ from rlrf import runs
 from rlrf.artifacts import read_artifact
 from rlrf.config import load_recipe
 from rlrf.encode import EmbeddingCache, encode_texts, encoder_id, load_encoder
-from rlrf.rerank import build_model, load_reranker, torch_threads
+from rlrf.rerank import build_model, load_reranker
+from rlrf.threads import torch_threads
 from rlrf.rerank_data import RerankData, item_tables
 from rlrf.reward import reward_profiles
 

@@ -120,12 +120,6 @@ def markdown_table(rows: list[dict], keys: list[str], headers: list[str]) -> str
 # ----------------------------------------------------------------------------- reward comparison (pure)
 
 
-def bootstrap_ci(diff: np.ndarray, resamples: int, seed: int, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of `diff` (rlrf.stats: the check's numbers)."""
-    ci = stats.paired_bootstrap(diff, resamples=resamples, seed=seed, level=level)
-    return ci["low"], ci["high"]
-
-
 def paired_rewards(scores0: pl.DataFrame, scoresk: pl.DataFrame, split: str = "test") -> pl.DataFrame:
     """Per user of `split`: mean reward over their profiles under each generator (users both scored)."""
     on = pl.col("split") == split
@@ -133,18 +127,18 @@ def paired_rewards(scores0: pl.DataFrame, scoresk: pl.DataFrame, split: str = "t
             .select("user_id", pl.col("old").alias("reward_0"), pl.col("new").alias("reward_k")))
 
 
-def _verdict(lo: float, hi: float) -> str:
-    return stats.verdict({"low": lo, "high": hi}) if np.isfinite(lo) else "no test user scored under both generators"
-
-
 def reward_summary(paired: pl.DataFrame, k: int, resamples: int, seed: int) -> dict:
+    """Generator k against generator 0 on the paired users: the check's statistics (rlrf.stats) on test users."""
     r0, rk = paired["reward_0"].to_numpy(), paired["reward_k"].to_numpy()
     d = rk - r0
-    lo, hi = bootstrap_ci(d, resamples, seed) if len(d) else (float("nan"), float("nan"))
-    return {"round": k, "users": len(d), "mean_0": float(r0.mean()) if len(d) else float("nan"),
-            "mean_k": float(rk.mean()) if len(d) else float("nan"), "mean_diff": float(d.mean()) if len(d) else float("nan"),
-            "ci95": [lo, hi], "verdict": _verdict(lo, hi), "share_improved": float((d > 0).mean()) if len(d) else float("nan"),
-            "bootstrap": resamples}
+    if not len(d):
+        nan = float("nan")
+        return {"round": k, "users": 0, "mean_0": nan, "mean_k": nan, "mean_diff": nan, "ci95": [nan, nan],
+                "verdict": "no test user scored under both generators", "share_improved": nan, "bootstrap": resamples}
+    ci = stats.paired_bootstrap(d, resamples=resamples, seed=seed)
+    return {"round": k, "users": len(d), "mean_0": float(r0.mean()), "mean_k": float(rk.mean()),
+            "mean_diff": ci["mean"], "ci95": [ci["low"], ci["high"]], "verdict": stats.verdict(ci),
+            "share_improved": float((d > 0).mean()), "bootstrap": resamples}
 
 
 # ----------------------------------------------------------------------------- hardware
@@ -187,7 +181,7 @@ def evaluate_stage(recipe: Recipe, *, force: bool = False, recipe_path: str = "<
     from rlrf.encode import encode_stage
     from rlrf.llm import weights_hash
     from rlrf.plots import plot_rewards, plot_rounds
-    from rlrf.rerank import train_stage
+    from rlrf.rerank_train import train_stage
     from rlrf.sample import sample_stage
     from rlrf.score import score_stage
 

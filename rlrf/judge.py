@@ -84,7 +84,8 @@ def popularity_ndcg(lists: dict, interactions: pl.DataFrame, seen: set, k: int =
 
 def train_reranker_stage(recipe: Recipe, out_dir: str | Path, knowledge_dir: str | Path, *, force: bool = False) -> Path:
     """Train judge a and judge b: score.judges seeds x reranker.folds folds each (see the module docstring)."""
-    from rlrf.rerank import fit, predict, save_checkpoint, split_metrics
+    from rlrf.rerank import save_checkpoint
+    from rlrf.rerank_train import fit, predict, split_metrics
     from rlrf.rerank_data import load_data
     from rlrf.threads import torch_threads
 

@@ -66,7 +66,7 @@ def _gen_index(path) -> int:
 
 
 def modules(work: WorkLog) -> dict[str, types.ModuleType]:
-    """Fake rlrf.sample / rlrf.encode / rlrf.rerank / rlrf.score / rlrf.llm modules."""
+    """Fake rlrf.sample / rlrf.encode / rlrf.rerank_train / rlrf.score / rlrf.llm modules."""
 
     def sample_stage(recipe, out_dir, generator, round, *, splits=None, n=None, max_users=None, force=False,
                      shard=None):
@@ -135,7 +135,7 @@ def modules(work: WorkLog) -> dict[str, types.ModuleType]:
         return f.read_text() if f.is_file() else "w0"
 
     out = {}
-    for name, fns in (("rlrf.sample", [sample_stage]), ("rlrf.encode", [encode_stage]), ("rlrf.rerank", [train_stage]),
+    for name, fns in (("rlrf.sample", [sample_stage]), ("rlrf.encode", [encode_stage]), ("rlrf.rerank_train", [train_stage]),
                       ("rlrf.score", [score_stage]), ("rlrf.llm", [load_generator, weights_hash])):
         out[name] = types.ModuleType(name)
         for fn in fns:

@@ -19,7 +19,6 @@ from rlrf.config import load_recipe
 from rlrf.errors import StageError
 from rlrf.evaluate import (
     assemble_tables,
-    bootstrap_ci,
     check_rounds,
     evaluate_stage,
     markdown_table,
@@ -99,8 +98,12 @@ def test_paired_rewards_and_bootstrap_by_hand():
     assert r["share_improved"] == pytest.approx(2 / 3)
     lo, hi = r["ci95"]
     assert -1e-12 <= lo < r["mean_diff"] < hi <= 0.3 + 1e-12  # bootstrap means of {0.1, 0, 0.3} stay in [0, 0.3]
-    assert bootstrap_ci(np.full(7, 0.25), 100, seed=1) == pytest.approx((0.25, 0.25))
-    assert bootstrap_ci(np.arange(10.0), 200, seed=3) == bootstrap_ci(np.arange(10.0), 200, seed=3)
+    assert r == reward_summary(paired, k=1, resamples=500, seed=0)  # seeded: the same figures again
+    constant = reward_summary(pl.DataFrame({"user_id": range(7), "reward_0": [0.0] * 7, "reward_k": [0.25] * 7}),
+                              k=1, resamples=100, seed=1)
+    assert constant["ci95"] == pytest.approx([0.25, 0.25]) and constant["verdict"].startswith("improved")
+    empty = reward_summary(paired.head(0), k=1, resamples=100, seed=1)
+    assert empty["users"] == 0 and empty["verdict"] == "no test user scored under both generators"
 
 
 # ----------------------------------------------------------------------------- rounds

@@ -9,8 +9,8 @@ import torch
 
 from rlrf import runs
 from rlrf.metrics import ranking_metrics
-from rlrf.rerank import (HybridExpertAdaptor, Reranker, RerankerSpec, build_model, check_spec, fit, load_reranker,
-                         train_stage)
+from rlrf.rerank import HybridExpertAdaptor, Reranker, RerankerSpec, build_model, check_spec, load_reranker
+from rlrf.rerank_train import fit, train_stage
 from rlrf.artifacts import read_artifact
 from rlrf.errors import StageError
 from rlrf.rerank_data import load_data
@@ -82,7 +82,7 @@ def test_training_lowers_loss_changes_parameters_and_knowledge_helps(run):
     # the synthetic positives are the user's taste, which (besides the history) only the profile says
     base_data = load_data(recipe, None)
     base, _ = fit(base_data.spec("dlcm", False), base_data, recipe.reranker, seed=7, progress=False)
-    from rlrf.rerank import predict
+    from rlrf.rerank_train import predict
     kar = ranking_metrics(predict(model, data, "valid"), data.lists["valid"]["labels"])["map@5"]
     plain = ranking_metrics(predict(base, base_data, "valid"), base_data.lists["valid"]["labels"])["map@5"]
     assert kar > plain + 0.2 and kar > 0.9
@@ -90,7 +90,7 @@ def test_training_lowers_loss_changes_parameters_and_knowledge_helps(run):
 
 def test_user_history_features_find_the_taste_without_a_profile(run):
     recipe, _ = run
-    from rlrf.rerank import predict
+    from rlrf.rerank_train import predict
     data = load_data(recipe, None, history=30)
     s = data.spec("dlcm", False)
     assert s.history == 30 and s.n_users == 41 and data.hist_items.shape == (41, 30)
@@ -107,7 +107,7 @@ def test_user_history_features_find_the_taste_without_a_profile(run):
 def test_reward_forward_of_a_history_reranker_matches_its_training_forward(run, tmp_path):
     """reranker.history is off for the reward reranker by default, but one trained with it must score
     profiles exactly as it scored the lists it was evaluated on."""
-    from rlrf.rerank import predict
+    from rlrf.rerank_train import predict
     from rlrf.reward import reward_profiles
     recipe, enc = run
     recipe.reranker.history = 10
@@ -181,7 +181,7 @@ def test_train_stage_writes_checkpoints_metrics_predictions(run, tmp_path):
     assert sp.knowledge and sp.know_dim == 8
     assert (out / "checkpoints" / "seed_1.safetensors").is_file()
     data = load_data(recipe, enc)
-    from rlrf.rerank import predict
+    from rlrf.rerank_train import predict
     test_scores = predict(model, data, "test")
     order = np.argsort(data.lists["test"]["list_id"])
     np.testing.assert_allclose(test_scores[order], np.array(t["scores"].to_list()), rtol=1e-5, atol=1e-5)
@@ -206,7 +206,7 @@ def test_without_profile_zero_keeps_train_lists_of_unsampled_users(tmp_path):
     for split in ("valid", "test"):  # judged with real profiles only, identical either way
         assert np.array_equal(zero.lists[split]["list_id"], drop.lists[split]["list_id"])
     # the unsampled users' lists teach the item side: valid MAP@5 0.38 against 0.31 from the 14 sampled users
-    from rlrf.rerank import predict
+    from rlrf.rerank_train import predict
     valid_map = {}
     for name, data in (("drop", drop), ("zero", zero)):
         model, _ = fit(data.spec("dlcm", True), data, recipe.reranker, seed=7, progress=False)

@@ -14,7 +14,7 @@ from rlrf import runs
 from rlrf.artifacts import read_artifact
 from rlrf.errors import StageError
 from rlrf.judge import train_reranker_stage
-from rlrf.rerank import train_stage
+from rlrf.rerank_train import train_stage
 from rlrf.reward import METRICS, profile_rewards, reward_profiles, score_lists, with_tie_break
 from rlrf.score import score_stage, spread_summary
 from tests.reward_fixtures import one_torch_thread  # noqa: F401  (autouse)
