@@ -73,12 +73,22 @@ def read_stage_json(stage_dir: Path, produced_by: str | None = None) -> dict:
     return json.loads(p.read_text())
 
 
+def part_path(stage_dir: str | Path, artifact: str, i: int) -> Path:
+    """The one shard layout of every stage: shard i of `artifact` is <stage>/<artifact>/part-<i:05d>.parquet."""
+    return Path(stage_dir) / artifact / f"part-{i:05d}.parquet"
+
+
+def part_paths(stage_dir: str | Path, artifact: str) -> list[Path]:
+    """The parts of `artifact` lying in the stage directory, in shard order."""
+    return sorted((Path(stage_dir) / artifact).glob("part-*.parquet"))
+
+
 def wrote(stage_dir: str | Path, artifact: str, produced_by: str | None = None) -> bool:
     """Whether the finished stage wrote any part of `artifact` (an optional output, such as the sample stage's
     item_knowledge), by its stage.json, not by what happens to lie in the directory."""
     info = read_stage_json(Path(stage_dir), produced_by)
     if info.get("files") is None:  # finished before rlrf recorded checksums
-        return any((Path(stage_dir) / artifact).glob("part-*.parquet"))
+        return bool(part_paths(stage_dir, artifact))
     return any(k.startswith(f"{artifact}/part-") for k in info["files"])
 
 
@@ -106,7 +116,7 @@ def read_parts(stage_dir: str | Path, artifact: str, info: dict | None = None,
     def damaged(what: str, fix: str = "") -> ArtifactError:  # the rebuild command is looked up only when needed
         return ArtifactError(f"{where}: {what}; {fix}{rebuild_hint(stage_dir, info)}")
 
-    files = sorted((stage_dir / artifact).glob("part-*.parquet"))
+    files = part_paths(stage_dir, artifact)
     manifest = info.get("files")  # None: finished before rlrf recorded checksums; nothing to compare
     if manifest is not None:
         listed = sorted(k for k in manifest if k.startswith(f"{artifact}/part-"))

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from rlrf import runs
-from rlrf.artifacts import read_artifact
+from rlrf.artifacts import part_paths, read_artifact
 from rlrf.config import Recipe
 from rlrf.errors import StageError
 from rlrf.files import atomic_path
@@ -93,7 +93,7 @@ def load_pairs_dataset(pairs_dir: Path, cache_dir: Path, artifact: str = "pairs"
     if artifact != "pairs":  # small: no need for the on-disk dataset cache
         df = df.sort("user_id").head(limit) if limit is not None else df
         return datasets.Dataset.from_polars(df.select("prompt", "chosen", "rejected"))
-    files = sorted(str(p) for p in (Path(pairs_dir) / artifact).glob("part-*.parquet"))
+    files = [str(p) for p in part_paths(pairs_dir, artifact)]
     ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(cache_dir))
     return ds.select_columns(["prompt", "chosen", "rejected"])
 

@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterable
 
 import polars as pl
 
-from rlrf.artifacts import FINGERPRINT, STAGE_JSON, read_json, read_stage_json, stage_files
+from rlrf.artifacts import FINGERPRINT, STAGE_JSON, part_path, read_json, read_stage_json, stage_files
 from rlrf.errors import StageError
 from rlrf.files import file_digest, file_problem, sweep_temporaries, write_json, write_parquet
 from rlrf.machine import machine
@@ -218,7 +218,7 @@ class Stage:
 
     def part(self, artifact: str, i: int) -> Path:
         """Where shard i's part of `artifact` lives."""
-        return self.dir / artifact / f"part-{i:05d}.parquet"
+        return part_path(self.dir, artifact, i)
 
     def todo(self, num_shards: int) -> list[int]:
         """Shards of this slice that have no completion marker yet."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from rlrf.artifacts import read_artifact, read_stage_json
+from rlrf.artifacts import part_path, part_paths, read_artifact, read_stage_json
 from rlrf.errors import StageError
 from rlrf.files import atomic_path
 from rlrf.store import Stage, parse_shard
@@ -66,6 +66,9 @@ def test_clean_run_writes_shards_markers_and_summary(tmp_path):
     cpu_flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").is_file() else set()
     assert set(info["machine"]["cpu_flags"]) == cpu_flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
     assert len(list((out / "users").glob("part-*.parquet"))) == 5
+    # the one shard layout, as every reader finds it
+    assert part_paths(out, "users") == [part_path(out, "users", i) for i in range(5)]
+    assert part_path(out, "users", 3) == out / "users" / "part-00003.parquet"
     assert not list(out.rglob("*.tmp*")), "no temporary files left behind"
 
 
