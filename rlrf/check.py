@@ -84,7 +84,7 @@ def write_summary(path: Path, k: int, figures: dict, old_gen: str, new_gen: str,
                      f"{ci['high']:+.4f}] | {ci['n']} | {f['improved_share']:.0%} | {verdict(ci)} |")
     if quality:
         keys = [q for q in ("mean_tokens", "distinct_2", "names_history", "genres_named", "share_truncated",
-                            "share_at_limit", "perplexity")
+                            "share_at_limit", "perplexity", "perplexity_at_old_lengths")
                 if q in quality.get("old", {})]
         lines += ["", "| profiles | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
         for side in ("old", "new"):
@@ -204,15 +204,21 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
 def _quality(recipe: Recipe, sides: dict) -> dict:
     """Profile quality of both generators' check profiles (perplexity under the base model)."""
     from rlrf.llm import load_generator
-    from rlrf.quality import profile_quality
+    from rlrf.quality import length_matched_perplexity, profile_quality
 
     if not all((Path(d).parent / "sample" / "stage.json").is_file() for d in sides.values()):
         return {}
     prep = runs.prepare_dir(recipe)
     items, inter = read_artifact(prep, "items", "prepare"), read_artifact(prep, "interactions", "prepare")
     model = load_generator(recipe.sample.model)
-    return {side: profile_quality(read_artifact(Path(d).parent / "sample", "profiles", "sample"), items, inter,
-                                  ppl_model=model, ppl_split=None) for side, d in sides.items()}
+    out = {side: profile_quality(read_artifact(Path(d).parent / "sample", "profiles", "sample"), items, inter,
+                                 ppl_model=model, ppl_split=None, keep_nll=True) for side, d in sides.items()}
+    # perplexity falls with length, so a generator writing shorter profiles reads as less fluent at equal
+    # fluency: both sides also at the old side's length mix (for the old side, its own perplexity)
+    ref = out["old"]["token_nll"][1]
+    for side in out:
+        out[side]["perplexity_at_old_lengths"] = length_matched_perplexity(*out[side].pop("token_nll"), ref)
+    return out
 
 
 def summary_line(check_dir: Path) -> str:

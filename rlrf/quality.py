@@ -3,7 +3,7 @@ the reranker? (LangPTune and LettinGo ask the same of language profiles.)
 
 Per generator: mean length (tokens, words), distinct-2, the share of profiles that name at least one
 genre or title from the user's own history, how many of the catalogue's genres a profile names, and
-perplexity under the base model. Everything but the
+perplexity under the base model (also at another generator's length mix: length_matched_perplexity). Everything but the
 perplexity is a small pure function over strings, tested against values worked out by hand.
 """
 
@@ -113,20 +113,19 @@ def history_mentions(profiles: pl.DataFrame, items: pl.DataFrame, interactions: 
                      for u, text in profiles.select("user_id", "text").iter_rows()], dtype=bool)
 
 
-def perplexity(texts: list[str], model, tokenizer, batch_size: int = 16) -> float:
-    """Token-weighted perplexity of the texts on their own (no prompt) under a causal LM.
-
-    Measured without the prompt on purpose: it asks "is this fluent text?", the same question for every
-    generator, rather than "is this what the base model would have answered?"."""
+def token_nll(texts: list[str], model, tokenizer, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Each text's summed negative log-likelihood (nats) and its token count under a causal LM, the text on its own
+    (no prompt) after a BOS token; an empty text is (0, 0)."""
     import torch
 
-    nll, count = 0.0, 0
-    texts = [t for t in texts if t.strip()]
+    nll, count = np.zeros(len(texts)), np.zeros(len(texts), dtype=np.int64)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [pad]
+    todo = [i for i, t in enumerate(texts) if t.strip()]
     model.eval()
-    for i in range(0, len(texts), batch_size):
-        ids = [bos + tokenizer(t, add_special_tokens=False)["input_ids"][:512] for t in texts[i:i + batch_size]]
+    for s in range(0, len(todo), batch_size):
+        rows = todo[s:s + batch_size]
+        ids = [bos + tokenizer(texts[i], add_special_tokens=False)["input_ids"][:512] for i in rows]
         width = max(map(len, ids))
         input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
         mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
@@ -134,15 +133,47 @@ def perplexity(texts: list[str], model, tokenizer, batch_size: int = 16) -> floa
             logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
         logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, input_ids[:, 1:, None])[..., 0]
         keep = mask[:, 1:].bool()
-        nll -= logp[keep].sum().item()
-        count += int(keep.sum())
-    return math.exp(nll / count) if count else float("nan")
+        nll[rows] = -(logp * keep).sum(1).double().numpy()
+        count[rows] = keep.sum(1).numpy()
+    return nll, count
+
+
+def perplexity(texts: list[str], model, tokenizer, batch_size: int = 16) -> float:
+    """Token-weighted perplexity of the texts on their own (no prompt) under a causal LM.
+
+    Measured without the prompt on purpose: it asks "is this fluent text?", the same question for every
+    generator, rather than "is this what the base model would have answered?"."""
+    nll, count = token_nll(texts, model, tokenizer, batch_size)
+    return math.exp(nll.sum() / count.sum()) if count.sum() else float("nan")
+
+
+def length_matched_perplexity(nll: np.ndarray, count: np.ndarray, ref_count: np.ndarray, bins: int = 4) -> float:
+    """Perplexity of texts (per-text `nll`, `count` from token_nll) at a reference's length mix: the per-token NLL
+    within each length bin (quantiles of the reference's token counts), weighted by the reference's tokens in that
+    bin. Token-weighted perplexity falls with length (a profile's opening tokens cost the most; long copied lists
+    are predictable), so a generator that writes shorter profiles reads as less fluent at equal fluency; at the
+    reference's own lengths this equals the reference's perplexity. NaN when a bin holds no text."""
+    nll, count, ref = (np.asarray(x) for x in (nll, count, ref_count))
+    keep, ref = count > 0, ref[ref > 0]
+    nll, count = nll[keep], count[keep]
+    if not len(ref) or not len(count):
+        return float("nan")
+    edges = np.unique(np.quantile(ref, np.linspace(0, 1, bins + 1)[1:-1]))
+    ref_bin, bin_ = np.searchsorted(edges, ref, side="right"), np.searchsorted(edges, count, side="right")
+    total = 0.0
+    for b in range(len(edges) + 1):
+        tokens = count[bin_ == b].sum()
+        if not tokens:
+            return float("nan")
+        total += ref[ref_bin == b].sum() / ref.sum() * nll[bin_ == b].sum() / tokens
+    return math.exp(total)
 
 
 def profile_quality(profiles: pl.DataFrame, items: pl.DataFrame, interactions: pl.DataFrame,
-                    ppl_model=None, ppl_split: str | None = "test") -> dict:
+                    ppl_model=None, ppl_split: str | None = "test", keep_nll: bool = False) -> dict:
     """The quality row of one generator's profiles. `ppl_model` = (model, tokenizer) or None to skip;
-    perplexity is measured on `ppl_split` users only (None = all), which bounds its cost."""
+    perplexity is measured on `ppl_split` users only (None = all), which bounds its cost; `keep_nll` adds the
+    per-profile (nll, tokens) arrays as "token_nll" for a caller that matches lengths (not JSON: pop it)."""
     texts = profiles["text"].to_list()
     catalogue_genres = sorted({g for gs in items["genres"].to_list() for g in (gs or []) if g.lower() != "unknown"})
     out = {
@@ -158,6 +189,9 @@ def profile_quality(profiles: pl.DataFrame, items: pl.DataFrame, interactions: p
     }
     if ppl_model is not None:
         sub = profiles if ppl_split is None else profiles.filter(pl.col("split") == ppl_split)
-        out["perplexity"] = perplexity(sub["text"].to_list(), *ppl_model)
+        nll, count = token_nll(sub["text"].to_list(), *ppl_model)
+        out["perplexity"] = math.exp(nll.sum() / count.sum()) if count.sum() else float("nan")
         out["perplexity_profiles"] = sub.height
+        if keep_nll:
+            out["token_nll"] = (nll, count)
     return out

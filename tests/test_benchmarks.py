@@ -96,3 +96,21 @@ def test_grpo_curve_minutes_checkpoints_and_paired_figures(tmp_path):
     assert name == REWARDS["lexical"].label and col == lex and pairs["user_id"].to_list() == [1, 2]
     assert ci["n"] == 2 and ci["mean"] == pytest.approx(0.1)
     assert ci["low"] <= 0.1 <= ci["high"]
+
+
+def test_check_perplexity_ratios_separate_length_from_fluency():
+    """Both generators equally fluent at each length (3 nats a token in short profiles, 1 in long ones); the new one
+    writes more short profiles: its plain perplexity rises, at the old lengths it does not."""
+    import polars as pl
+
+    m = load("check_perplexity")
+    old = pl.DataFrame({"user_id": [1, 1, 2, 2, 3, 3, 4, 4], "tokens": [10, 90] * 4,
+                        "nll": [30.0, 90.0] * 4})
+    new = pl.DataFrame({"user_id": [1, 1, 2, 2, 3, 3, 4, 4], "tokens": [10, 10, 10, 90] * 2,
+                        "nll": [30.0, 30.0, 30.0, 90.0] * 2})
+    plain, matched = m.ratios(old, new, bins=2)
+    assert plain > 1.3 and matched == pytest.approx(1.0)
+    r = m.bootstrap_ratios(old, new, resamples=50, seed=0, bins=2)
+    assert r["users"] == 4 and r["matched"][0] == pytest.approx(1.0)
+    assert r["plain"][1] <= r["plain"][0] <= r["plain"][2]
+    assert r["matched"][1] == pytest.approx(1.0) and r["matched"][2] == pytest.approx(1.0)  # equal in every draw

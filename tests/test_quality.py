@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -16,6 +17,8 @@ from rlrf.quality import (
     normalize_title,
     perplexity,
     profile_quality,
+    token_nll,
+    length_matched_perplexity,
     typicality,
     words,
 )
@@ -155,6 +158,33 @@ def test_perplexity_uniform_and_oracle_padding_ignored():
     q = profile_quality(_profiles([(1, "a b", 2, "eos", "test"), (2, "c", 1, "eos", "train")]),
                         _items(), _interactions(), ppl_model=(_Uniform(6), tok))
     assert q["perplexity"] == pytest.approx(6.0) and q["perplexity_profiles"] == 1  # test split only
+
+
+def test_token_nll_per_text_sums_to_the_corpus_perplexity():
+    tok = _Tok(["a", "b", "c", "d"])
+    texts = ["a b c d a", "", "b", "c d"]
+    nll, count = token_nll(texts, _Uniform(6), tok, batch_size=2)
+    assert count.tolist() == [5, 0, 1, 2]  # every token after BOS is predicted; an empty text counts nothing
+    assert nll == pytest.approx(np.array([5, 0, 1, 2]) * math.log(6))
+    assert math.exp(nll.sum() / count.sum()) == pytest.approx(perplexity(texts, _Uniform(6), tok))
+
+
+def test_length_matched_perplexity_reweights_to_the_reference_lengths():
+    # per-token NLL 3.0 in short texts, 1.0 in long ones, for both generators: equally fluent at each length
+    ref_count = np.array([10, 10, 90, 90])
+    ref_nll = np.array([30.0, 30.0, 90.0, 90.0])
+    new_count = np.array([10, 10, 10, 90])  # shorter on the whole
+    new_nll = np.array([30.0, 30.0, 30.0, 90.0])
+    plain = math.exp(new_nll.sum() / new_count.sum())
+    matched = length_matched_perplexity(new_nll, new_count, ref_count, bins=2)
+    ref_ppl = math.exp(ref_nll.sum() / ref_count.sum())
+    assert plain > ref_ppl * 1.3  # token-weighted: the shorter mix alone reads as 'less fluent'
+    assert matched == pytest.approx(ref_ppl)  # at the reference's length mix: the same fluency
+    assert length_matched_perplexity(ref_nll, ref_count, ref_count, bins=2) == pytest.approx(ref_ppl)
+    # empty texts carry nothing; a length bin the texts never reach gives no figure
+    assert length_matched_perplexity(np.r_[new_nll, 0.0], np.r_[new_count, 0], ref_count, bins=2) == pytest.approx(ref_ppl)
+    assert math.isnan(length_matched_perplexity(np.array([30.0]), np.array([10]), ref_count, bins=2))
+    assert math.isnan(length_matched_perplexity(new_nll, new_count, np.array([], dtype=int)))
 
 
 @pytest.mark.integration

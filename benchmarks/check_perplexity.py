@@ -1,0 +1,97 @@
+"""python benchmarks/check_perplexity.py --recipe recipes/ml100k_smollm2.yaml [--round 1] [key.sub=value ...]
+
+Is a round's perplexity rise a loss of fluency, or a change of length? Token-weighted perplexity under the base
+model (the check's quality figure) falls with a profile's length: a profile's opening tokens cost the most, and the
+long profiles that copy the prompt's history list are the most predictable text a generator writes. A generator
+that writes shorter profiles therefore reads as less fluent at equal fluency. On a finished check stage
+(round_<k>/check/{old,new}/sample), this prints for both generators' profiles on the valid users:
+
+  perplexity                the check's figure (token-weighted, the text on its own after BOS)
+  at old's lengths          quality.length_matched_perplexity: per-token NLL within each quartile of the old
+                            profiles' token counts, weighted by the old profiles' tokens in it
+  by length quartile        perplexity of each side's profiles in each quartile (how many profiles fall there)
+
+Ratios new / old with a 95% bootstrap interval over users (a user's profiles resampled together, paired).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import numpy as np
+import polars as pl
+
+from rlrf import runs
+from rlrf.artifacts import read_artifact
+from rlrf.config import load_recipe
+from rlrf.quality import length_matched_perplexity
+
+
+def ratios(old: pl.DataFrame, new: pl.DataFrame, bins: int = 4) -> tuple[float, float]:
+    """new / old perplexity, plain and at old's length mix; frames hold one row per profile: user_id, nll, tokens."""
+    def ppl(df):
+        return math.exp(df["nll"].sum() / df["tokens"].sum())
+
+    matched = length_matched_perplexity(new["nll"].to_numpy(), new["tokens"].to_numpy(), old["tokens"].to_numpy(), bins)
+    return ppl(new) / ppl(old), matched / ppl(old)
+
+
+def bootstrap_ratios(old: pl.DataFrame, new: pl.DataFrame, resamples: int, seed: int, bins: int = 4) -> dict:
+    """Both ratios and their 95% percentile intervals, users resampled with replacement (paired: a drawn user brings
+    its profiles of both sides)."""
+    users = np.intersect1d(old["user_id"].unique().to_numpy(), new["user_id"].unique().to_numpy())
+    old, new = (df.filter(pl.col("user_id").is_in(users)) for df in (old, new))
+    point = ratios(old, new, bins)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(resamples):
+        pick = pl.DataFrame({"user_id": rng.choice(users, size=len(users))})
+        draws.append(ratios(pick.join(old, on="user_id"), pick.join(new, on="user_id"), bins))
+    draws = np.array(draws)
+    lo, hi = np.nanquantile(draws, [0.025, 0.975], axis=0)
+    return {"plain": (point[0], lo[0], hi[0]), "matched": (point[1], lo[1], hi[1]), "users": len(users)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default="recipes/ml100k_smollm2.yaml")
+    ap.add_argument("--round", type=int, default=1)
+    ap.add_argument("--resamples", type=int, default=1000)
+    ap.add_argument("overrides", nargs="*", help="key.sub=value, as the run was made (e.g. run=grpo_demo)")
+    args = ap.parse_args()
+    from rlrf.llm import load_generator
+    from rlrf.quality import token_nll
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    where = runs.stage_dir(recipe, "check", args.round)
+    model = load_generator(recipe.sample.model)
+    sides = {}
+    for side in ("old", "new"):
+        d = where / side / "sample"
+        if not (d / "stage.json").is_file():
+            sys.exit(f"check_perplexity: {d} is not a finished sample stage: run "
+                     f"`python pipelines/check.py --recipe {args.recipe} --round {args.round}` first")
+        prof = read_artifact(d, "profiles", "sample").filter(pl.col("split") == "valid")
+        nll, tokens = token_nll(prof["text"].fill_null("").to_list(), *model)
+        sides[side] = pl.DataFrame({"user_id": prof["user_id"], "nll": nll, "tokens": tokens}).filter(pl.col("tokens") > 0)
+    old, new = sides["old"], sides["new"]
+    r = bootstrap_ratios(old, new, args.resamples, recipe.seed)
+    print(f"{where}: {r['users']} valid users, {old.height} old and {new.height} new profiles "
+          f"(mean tokens {old['tokens'].mean():.1f} -> {new['tokens'].mean():.1f})")
+    for name, (p, lo, hi) in (("perplexity", r["plain"]), ("at old's lengths", r["matched"])):
+        print(f"  {name:17s} new / old {p:.3f} [{lo:.3f}, {hi:.3f}]  ({100 * (p - 1):+.0f}%)")
+    edges = np.unique(np.quantile(old["tokens"].to_numpy(), [0.25, 0.5, 0.75]))
+    bounds = [0, *edges.tolist(), math.inf]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        cells = []
+        for df in (old, new):
+            part = df.filter((pl.col("tokens") >= a) & (pl.col("tokens") < b))
+            ppl = math.exp(part["nll"].sum() / part["tokens"].sum()) if part.height else float("nan")
+            cells.append(f"{ppl:6.2f} ({part.height:3d} profiles)")
+        print(f"  tokens [{a:g}, {b:g}): old {cells[0]}, new {cells[1]}")
+
+
+if __name__ == "__main__":
+    main()
