@@ -43,9 +43,13 @@ def judges(recipe: Recipe, columns) -> dict[str, str]:
                   for j in REWARDS.values() if j.personal})
     judge = REWARDS[recipe.score.reward]
     picked = (judge.check_column or judge.column) + ("_personal" if recipe.score.contrast else "")
-    mark = " - GRPO's reward" if recipe.rounds.trainer == "grpo" else " - picked the pairs"
-    order = [c for c in names if c != picked] + [picked]
-    found = {names[c] + (mark if c == picked else ""): c for c in order if c in columns}
+    grpo = recipe.rounds.trainer == "grpo"
+    mark = " - GRPO's reward" if grpo else " - picked the pairs"
+    # pairs.agree_with: judges that vetoed pairs took part in picking them, so they are not independent either
+    vetoes = [] if grpo else [REWARDS[n].column for n in recipe.pairs.agree_with if REWARDS[n].column != picked]
+    order = [c for c in names if c != picked and c not in vetoes] + vetoes + [picked]
+    found = {names[c] + (mark if c == picked else " - vetoed the pairs" if c in vetoes else ""): c
+             for c in order if c in columns}
     return found or {"the round's reward": "reward"}
 
 

@@ -32,9 +32,11 @@ def dataset_name(round: int) -> str:
 
 
 def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance: int = -1,
-                 ended_only: bool = False, typicality_tolerance: float = -1.0) -> tuple[pl.DataFrame, Counter]:
+                 ended_only: bool = False, typicality_tolerance: float = -1.0,
+                 agree_with: tuple[str, ...] = ()) -> tuple[pl.DataFrame, Counter]:
     """Best and worst profile per user from a scores frame (user_id, sample_idx, reward, empty_text; plus
-    n_tokens with `length_tolerance`, finish_reason with `ended_only`, typicality with `typicality_tolerance`).
+    n_tokens with `length_tolerance`, finish_reason with `ended_only`, typicality with `typicality_tolerance`, each
+    column named in `agree_with`).
 
     Returns one row per kept user (user_id, chosen_idx, rejected_idx, chosen_reward, rejected_reward,
     margin) and the users dropped by reason. Empty profiles are left out before picking (an empty
@@ -44,7 +46,9 @@ def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance
     profiles differ by at most that many tokens, so a reward that grows with length cannot teach DPO "longer".
     With `typicality_tolerance` >= 0 the chosen profile is at most that much more typical than the rejected one
     (`rlrf.quality.typicality`), so a reward that pays for what every user's profile says cannot teach DPO to
-    write alike for everyone. Equal rewards resolve to the lowest sample_idx for both picks, so the choice is deterministic.
+    write alike for everyone. With `agree_with` (other judges' columns) the pair is the largest-margin one that none
+    of those judges ranks the other way (chosen below rejected; a judge that ties or cannot judge does not veto):
+    what the reward prefers and another judge contradicts is left out of what DPO learns. Equal rewards resolve to the lowest sample_idx for both picks, so the choice is deterministic.
     """
     dropped: Counter = Counter()
     n_empty = int(scores["empty_text"].sum())
@@ -59,14 +63,17 @@ def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance
         dropped["cut_at_limit"] += int(cut.sum())
         live = live.filter(~cut)
     counts = live.group_by("user_id").len()
-    if length_tolerance >= 0 or typicality_tolerance >= 0:
-        cols = ["n_tokens"] * (length_tolerance >= 0) + ["typicality"] * (typicality_tolerance >= 0)
+    if length_tolerance >= 0 or typicality_tolerance >= 0 or agree_with:
+        cols = ["n_tokens"] * (length_tolerance >= 0) + ["typicality"] * (typicality_tolerance >= 0) + list(agree_with)
         side = live.select("user_id", "sample_idx", "reward", *cols)
         allowed = pl.col("sample_idx") != pl.col("sample_idx_r")
         if length_tolerance >= 0:
             allowed &= (pl.col("n_tokens") - pl.col("n_tokens_r")).abs() <= length_tolerance
         if typicality_tolerance >= 0:
             allowed &= pl.col("typicality") - pl.col("typicality_r") <= typicality_tolerance
+        for judge in agree_with:  # a veto needs both profiles judged (NaN compares above every number in polars)
+            a, b = pl.col(judge), pl.col(f"{judge}_r")
+            allowed &= ~((a < b) & a.is_not_nan() & b.is_not_nan()).fill_null(False)
         # never a pair whose chosen profile has the lower reward (typicality is one-sided: a user may have only those)
         allowed &= pl.col("reward") >= pl.col("reward_r")
         cand = (side.join(side, on="user_id", suffix="_r").filter(allowed)
@@ -78,7 +85,9 @@ def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance
                         "margin"))
         df = counts.join(cand, on="user_id", how="left").sort("user_id")
         far = (df["len"] >= 2) & df["margin"].is_null()
-        dropped["no_pair_within_tolerance" if typicality_tolerance >= 0 else "no_pair_within_length"] += int(far.sum())
+        why = ("no_pair_within_length" if length_tolerance >= 0 and typicality_tolerance < 0 and not agree_with
+               else "no_pair_within_tolerance")
+        dropped[why] += int(far.sum())
         df = df.filter(~far)
     else:
         best = live.sort(["user_id", "reward", "sample_idx"], descending=[False, True, False]).group_by(
@@ -195,7 +204,7 @@ def pairs_stage(recipe: Recipe, profiles_dir, scores_dir, out_dir, round: int, *
         def pick(splits: list[str]) -> tuple[pl.DataFrame, pl.DataFrame, Counter]:
             scores = every.filter(pl.col("split").is_in(splits))
             picked, dropped = select_pairs(scores, cfg.min_margin, cfg.length_tolerance, cfg.ended_only,
-                                           cfg.typicality_tolerance)
+                                           cfg.typicality_tolerance, tuple(cfg.agree_with))
             return scores, picked, dropped
 
         scores, picked, dropped = pick(cfg.splits)

@@ -155,6 +155,10 @@ def test_the_check_leads_with_the_judges_independent_of_the_pair_picker():
         assert sorted(got.values()) == ["genres", "judge_ab", "lexical", "retrieval"]
     # scores without judge columns (an older score stage): the round's reward alone
     assert judges(load_recipe(None, []), ["reward"]) == {"the round's reward": "reward"}
+    # a judge that vetoed pairs (pairs.agree_with) is not independent of them: it goes last but one, so marked
+    got = judges(load_recipe(None, ["score.reward=lexical", "pairs.agree_with=[genres]"]), cols)
+    assert list(got.values()) == ["retrieval", "judge_ab", "genres", "lexical"]
+    assert list(got)[2].endswith("vetoed the pairs") and list(got)[3].endswith("picked the pairs")
 
 
 def test_generator_k_has_one_name_everywhere(tmp_path):

@@ -106,6 +106,28 @@ def test_typicality_tolerance_never_pairs_a_more_typical_chosen():
         load_recipe(None, ["pairs.typicality_tolerance=1.5"])
 
 
+def test_agree_with_takes_the_largest_margin_pair_no_other_judge_contradicts():
+    """Lexical picks; genres may not rank the chosen profile below the rejected one. User 1: lexical's best pair
+    (0.9 over 0.1) and 0.5 over 0.1 are ranked the other way by genres (0.2 < 0.6), so the pair is 0.9 over 0.5 (genres
+    ties: no veto). User 2: genres contradicts its only pair. User 3: genres cannot judge (NaN), so it vetoes nothing
+    and the pair is best vs worst. Worked by hand."""
+    nan = float("nan")
+    sc = _scores({1: [0.9, 0.5, 0.1], 2: [0.8, 0.2], 3: [0.7, 0.3]}).with_columns(
+        genres=pl.Series([0.2, 0.2, 0.6, 0.1, 0.4, nan, nan]))
+    picked, dropped = select_pairs(sc, agree_with=("genres",))
+    assert picked.select("user_id", "chosen_idx", "rejected_idx").rows() == [(1, 0, 1), (3, 0, 1)]
+    assert picked["margin"].to_list() == pytest.approx([0.4, 0.4])
+    assert dict(dropped) == {"no_pair_within_tolerance": 1}
+    # off, it is best vs worst; with length too, both must hold
+    plain, _ = select_pairs(sc)
+    assert plain.select("user_id", "chosen_idx", "rejected_idx").rows() == [(1, 0, 2), (2, 0, 1), (3, 0, 1)]
+    both, _ = select_pairs(sc.with_columns(n_tokens=pl.Series([10, 40, 12, 10, 10, 10, 10])), length_tolerance=5,
+                           agree_with=("genres",))
+    assert both.select("user_id", "chosen_idx", "rejected_idx").rows() == [(3, 0, 1)]
+    with pytest.raises(ValueError, match="pairs.agree_with"):
+        load_recipe(None, ["pairs.agree_with=[reranker]"])
+
+
 def test_stage_reports_what_tells_chosen_from_rejected(tmp_path):
     """Every user's chosen profile says what the others' say ("likes drama films"), the rejected ones are their own:
     the summary shows the chosen side more typical and less diverse; with typicality_tolerance=0 no pair is left."""

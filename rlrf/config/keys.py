@@ -58,6 +58,7 @@ RerankLoss = Literal["bce", "listwise"]
 WithoutProfile = Literal["drop", "zero"]
 Reward = Literal["reranker", "retrieval", "lexical", "genres"]
 TextReward = Literal["", "retrieval", "lexical", "genres"]  # grpo.reward: "" = score.reward
+TextJudge = Literal["retrieval", "lexical", "genres"]  # pairs.agree_with: the score stage's training-free judges
 Candidates = Literal["catalogue", "lists"]
 DPOBackend = Literal["trl", "llamafactory"]
 ScaleRewards = Literal["group", "batch", "none"]

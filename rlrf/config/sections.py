@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 
 from rlrf.config.keys import (Backbone, Candidates, DatasetName, DPOBackend, DType, GRPOLoss, Layout, Pooling,
-                              RerankLoss, Reward, SampleBackend, ScaleRewards, TextReward, Trainer, Trim,
+                              RerankLoss, Reward, SampleBackend, ScaleRewards, TextJudge, TextReward, Trainer, Trim,
                               WithoutProfile, _check, _check_choices, _f)
 from rlrf.prompts import INSTRUCTIONS
 
@@ -199,12 +199,18 @@ class PairsConfig:
                                            "use each of its word bigrams), so a reward that pays for what every "
                                            "profile says cannot teach DPO to write alike for all (-1 = off; 0 = never "
                                            "more typical)", late=True)
+    agree_with: list[TextJudge] = _f([], "other judges (score columns: retrieval | lexical | genres) that must not rank "
+                                         "the chosen profile below the rejected one: the pair is the largest-margin one "
+                                         "none of them contradicts, so DPO learns only what the reward and these judges "
+                                         "share. A judge named here no longer judges the round independently of its "
+                                         "pairs. [] = off", late=True)
 
     def __post_init__(self):
         _check(self.min_margin >= 0, "pairs.min_margin", "must be >= 0 (ties are always dropped)")
         _check(self.length_tolerance >= -1, "pairs.length_tolerance", "must be >= 0 tokens, or -1 (off)")
         _check(self.typicality_tolerance == -1 or 0 <= self.typicality_tolerance <= 1, "pairs.typicality_tolerance",
                f"must be in [0, 1], or -1 (off); got {self.typicality_tolerance}")
+        _check_choices(self, "pairs")
         _check(set(self.splits) <= {"train", "valid", "test"} and self.splits, "pairs.splits",
                f"must be a non-empty subset of train, valid, test; got {self.splits}")
         _check(set(self.heldout_splits) <= {"train", "valid", "test"} and not set(self.heldout_splits) & set(self.splits),
