@@ -26,13 +26,13 @@ import polars as pl
 from rlrf import runs
 from rlrf.artifacts import read_artifact
 from rlrf.config import load_recipe
-from rlrf.quality import length_matched_perplexity
+from rlrf.quality import length_bins, length_matched_perplexity, pooled_perplexity
 
 
 def ratios(old: pl.DataFrame, new: pl.DataFrame, bins: int = 4) -> tuple[float, float]:
     """new / old perplexity, plain and at old's length mix; frames hold one row per profile: user_id, nll, tokens."""
     def ppl(df):
-        return math.exp(df["nll"].sum() / df["tokens"].sum())
+        return pooled_perplexity(df["nll"].to_numpy(), df["tokens"].to_numpy())
 
     matched = length_matched_perplexity(new["nll"].to_numpy(), new["tokens"].to_numpy(), old["tokens"].to_numpy(), bins)
     return ppl(new) / ppl(old), matched / ppl(old)
@@ -82,16 +82,23 @@ def main() -> None:
           f"(mean tokens {old['tokens'].mean():.1f} -> {new['tokens'].mean():.1f})")
     for name, (p, lo, hi) in (("perplexity", r["plain"]), ("at old's lengths", r["matched"])):
         print(f"  {name:17s} new / old {p:.3f} [{lo:.3f}, {hi:.3f}]  ({100 * (p - 1):+.0f}%)")
-    edges = np.unique(np.quantile(old["tokens"].to_numpy(), [0.25, 0.5, 0.75]))
+    for line in quartile_table(old, new):
+        print(line)
+
+
+def quartile_table(old: pl.DataFrame, new: pl.DataFrame, bins: int = 4) -> list[str]:
+    """Each side's perplexity in each of the length bins `ratios` matches on (quality.length_bins of old's tokens)."""
+    edges = length_bins(old["tokens"].to_numpy(), bins)
     bounds = [0, *edges.tolist(), math.inf]
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    lines = []
+    for b, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         cells = []
         for df in (old, new):
-            part = df.filter((pl.col("tokens") >= a) & (pl.col("tokens") < b))
-            ppl = math.exp(part["nll"].sum() / part["tokens"].sum()) if part.height else float("nan")
-            cells.append(f"{ppl:6.2f} ({part.height:3d} profiles)")
-        print(f"  tokens [{a:g}, {b:g}): old {cells[0]}, new {cells[1]}")
-
+            part = df.filter(pl.Series(np.searchsorted(edges, df["tokens"].to_numpy(), side="right") == b))
+            cells.append(f"{pooled_perplexity(part['nll'].to_numpy(), part['tokens'].to_numpy()):6.2f} "
+                         f"({part.height:3d} profiles)")
+        lines.append(f"  tokens [{lo:g}, {hi:g}): old {cells[0]}, new {cells[1]}")
+    return lines
 
 if __name__ == "__main__":
     main()

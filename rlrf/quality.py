@@ -138,18 +138,32 @@ def token_nll(texts: list[str], model, tokenizer, batch_size: int = 16) -> tuple
     return nll, count
 
 
+def pooled_perplexity(nll: np.ndarray, count: np.ndarray) -> float:
+    """exp(total NLL / total tokens) of texts (per-text `nll`, `count` from token_nll): the check's perplexity. NaN
+    without a token."""
+    tokens = float(np.sum(count))
+    return math.exp(float(np.sum(nll)) / tokens) if tokens else float("nan")
+
+
 def perplexity(texts: list[str], model, tokenizer, batch_size: int = 16) -> float:
     """Token-weighted perplexity of the texts on their own (no prompt) under a causal LM.
 
     Measured without the prompt on purpose: it asks "is this fluent text?", the same question for every
     generator, rather than "is this what the base model would have answered?"."""
-    nll, count = token_nll(texts, model, tokenizer, batch_size)
-    return math.exp(nll.sum() / count.sum()) if count.sum() else float("nan")
+    return pooled_perplexity(*token_nll(texts, model, tokenizer, batch_size))
+
+
+def length_bins(ref_count: np.ndarray, bins: int = 4) -> np.ndarray:
+    """The edges of `bins` length bins: quantiles of the reference's (non-empty) token counts, duplicates merged. A
+    text of c tokens is in bin np.searchsorted(edges, c, side="right"), [edges[b-1], edges[b])."""
+    ref = np.asarray(ref_count)
+    ref = ref[ref > 0]
+    return np.unique(np.quantile(ref, np.linspace(0, 1, bins + 1)[1:-1])) if len(ref) else np.array([])
 
 
 def length_matched_perplexity(nll: np.ndarray, count: np.ndarray, ref_count: np.ndarray, bins: int = 4) -> float:
     """Perplexity of texts (per-text `nll`, `count` from token_nll) at a reference's length mix: the per-token NLL
-    within each length bin (quantiles of the reference's token counts), weighted by the reference's tokens in that
+    within each length bin (`length_bins` of the reference's token counts), weighted by the reference's tokens in that
     bin. Token-weighted perplexity falls with length (a profile's opening tokens cost the most; long copied lists
     are predictable), so a generator that writes shorter profiles reads as less fluent at equal fluency; at the
     reference's own lengths this equals the reference's perplexity. NaN when a bin holds no text."""
@@ -158,7 +172,7 @@ def length_matched_perplexity(nll: np.ndarray, count: np.ndarray, ref_count: np.
     nll, count = nll[keep], count[keep]
     if not len(ref) or not len(count):
         return float("nan")
-    edges = np.unique(np.quantile(ref, np.linspace(0, 1, bins + 1)[1:-1]))
+    edges = length_bins(ref, bins)
     ref_bin, bin_ = np.searchsorted(edges, ref, side="right"), np.searchsorted(edges, count, side="right")
     total = 0.0
     for b in range(len(edges) + 1):
@@ -190,7 +204,7 @@ def profile_quality(profiles: pl.DataFrame, items: pl.DataFrame, interactions: p
     if ppl_model is not None:
         sub = profiles if ppl_split is None else profiles.filter(pl.col("split") == ppl_split)
         nll, count = token_nll(sub["text"].to_list(), *ppl_model)
-        out["perplexity"] = math.exp(nll.sum() / count.sum()) if count.sum() else float("nan")
+        out["perplexity"] = pooled_perplexity(nll, count)
         out["perplexity_profiles"] = sub.height
         if keep_nll:
             out["token_nll"] = (nll, count)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 
 import numpy as np
@@ -114,3 +115,7 @@ def test_check_perplexity_ratios_separate_length_from_fluency():
     assert r["users"] == 4 and r["matched"][0] == pytest.approx(1.0)
     assert r["plain"][1] <= r["plain"][0] <= r["plain"][2]
     assert r["matched"][1] == pytest.approx(1.0) and r["matched"][2] == pytest.approx(1.0)  # equal in every draw
+    # the table's bins are the ones the ratio matches on: per bin, both sides read e^3 (short) and e^1 (long)
+    table = m.quartile_table(old, new, bins=2)
+    assert table == [f"  tokens [0, 50): old {math.e ** 3:6.2f} (  4 profiles), new {math.e ** 3:6.2f} (  6 profiles)",
+                     f"  tokens [50, inf): old {math.e:6.2f} (  4 profiles), new {math.e:6.2f} (  2 profiles)"]
