@@ -22,7 +22,7 @@ from rlrf.artifacts import part_paths, read_artifact
 from rlrf.config import Recipe
 from rlrf.errors import StageError
 from rlrf.files import atomic_path
-from rlrf.llm import SAFE_MODEL, SAFE_TOKENIZER
+from rlrf.llm import SAFE_MODEL, SAFE_TOKENIZER, checkpointing
 from rlrf.machine import has_cuda
 
 LOG_COLUMNS = ("step", "epoch", "loss", "rewards/margins", "rewards/accuracies", "rewards/chosen",
@@ -63,7 +63,7 @@ def trl_args(cfg, output_dir: Path, seed: int, bf16: bool):
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
         max_length=cfg.max_length,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        **checkpointing(cfg.gradient_checkpointing),
         precompute_ref_log_probs=cfg.precompute_ref_log_probs,
         precompute_ref_batch_size=cfg.precompute_ref_batch_size,
         # the base weights are already bf16 when bf16 is on (see load_policy); autocast on top only adds casts

@@ -34,6 +34,7 @@ from rlrf.artifacts import read_artifact
 from rlrf.config import Recipe
 from rlrf.errors import StageError
 from rlrf.files import atomic_path, write_parquet
+from rlrf.llm import checkpointing
 from rlrf.machine import has_cuda
 from rlrf.store import Stage
 
@@ -251,7 +252,7 @@ def trl_args(recipe: Recipe, output_dir: Path):
         report_to=[], disable_tqdm=False, dataloader_num_workers=0, use_cpu=not has_cuda(),
         remove_unused_columns=False,  # user_id travels to the reward function
         reward_weights=reward_terms(cfg)[1],
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        **checkpointing(cfg.gradient_checkpointing),
     )
 
 

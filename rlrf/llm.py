@@ -145,6 +145,18 @@ SAFE_MODEL = {"trust_remote_code": False, "use_safetensors": True}
 SAFE_TOKENIZER = {"trust_remote_code": False}
 
 
+def checkpointing(on: bool) -> dict:
+    """TrainingArguments' recompute-in-backward switch under the name this transformers reads: `activation_checkpointing`
+    where it exists (its old name `gradient_checkpointing` warns on every copy of the args TRL makes, a FutureWarning a
+    GRPO step), `gradient_checkpointing` on the transformers releases before it."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": on}
+
+
 def pick_dtype(dtype: str = "auto"):
     """bf16 where the hardware does bf16 natively (CUDA, or a CPU with AMX / AVX512-bf16), else fp32."""
     import torch

@@ -288,3 +288,19 @@ def test_shared_prompt_forward_gives_trl_log_probs_entropy_and_gradients(tiny_mo
     assert grpo_packed.pack_groups(**lone) is None
     torch.testing.assert_close(model(**lone, fused_lm_head=True).log_probs, ref.log_probs[[0, 3]], atol=1e-4, rtol=1e-4)
     assert grpo_packed.supported(model.get_base_model()) is None
+
+
+def test_checkpointing_reaches_trl_under_the_name_transformers_reads(tmp_path):
+    """dpo/grpo.gradient_checkpointing reaches TRL's args without the deprecated name's FutureWarning (it printed on
+    every GRPO step), and both names read the recipe's value."""
+    import warnings
+
+    from rlrf import dpo, grpo
+    from rlrf.config import load_recipe
+
+    for on in (True, False):
+        r = load_recipe(None, [f"grpo.gradient_checkpointing={on}", f"dpo.gradient_checkpointing={on}"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            args = [grpo.trl_args(r, tmp_path), dpo.trl_args(r.dpo, tmp_path, r.seed, False)]
+        assert all(a.gradient_checkpointing is on for a in args)
