@@ -55,6 +55,7 @@ def trl_args(cfg, output_dir: Path, seed: int, bf16: bool):
         # RPO: the chosen side's NLL beside the DPO loss (TRL sums the listed losses with their weights)
         loss_type=["sigmoid", "sft"] if cfg.sft_weight > 0 else ["sigmoid"],
         loss_weights=[1.0, cfg.sft_weight] if cfg.sft_weight > 0 else None,
+        f_divergence_type=cfg.divergence,
         learning_rate=cfg.learning_rate,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         # the held-out pairs' evaluation: TRL's default (8) held more than a training step at the demo's batch of 4

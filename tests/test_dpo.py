@@ -126,6 +126,24 @@ def test_sft_weight_adds_the_chosen_nll_and_keeps_chosen_likely(trained, tmp_pat
     assert "sft_weight" not in read_stage_json(plain)["config"]["dpo"]  # a late key: old runs keep their fingerprint
 
 
+def test_divergence_reaches_trls_loss(trained, tmp_path):
+    """dpo.divergence is TRL's f_divergence_type: at step 1 the policy is the reference, so the JS loss is log 2 as
+    plain DPO's (log 2 + logsigmoid(0) on both sides); from the same seed and pairs the later steps' losses differ,
+    so the key reached the loss and not only the args. A late key: plain runs keep their fingerprint."""
+    from rlrf.dpo import dpo_stage
+
+    _, model_dir, pairs, plain = trained
+    out = dpo_stage(load_recipe(None, TINY + ["dpo.divergence=js_divergence"]), pairs, str(model_dir), tmp_path / "dpo")
+    rows = list(csv.DictReader(open(out / "train_log.csv")))
+    base = list(csv.DictReader(open(plain / "train_log.csv")))
+    assert float(rows[0]["loss"]) == pytest.approx(0.6931, abs=0.01)
+    assert [round(float(r["loss"]), 4) for r in rows[1:]] != [round(float(r["loss"]), 4) for r in base[1:]]
+    assert read_stage_json(out)["config"]["dpo"]["divergence"] == "js_divergence"
+    assert "divergence" not in read_stage_json(plain)["config"]["dpo"]
+    with pytest.raises(ValueError, match="dpo.divergence"):
+        load_recipe(None, ["dpo.divergence=forward_kl", "dpo.backend=llamafactory"])
+
+
 def test_merged_model_differs_from_base_loads_and_generates(trained):
     from safetensors.torch import load_file
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import yaml
 
-from rlrf.config.keys import (Backbone, Candidates, ConfigError, DatasetName, DPOBackend, DType, GRPOLoss, Layout,
-                              Pooling, RerankLoss, Reward, SampleBackend, ScaleRewards, TextReward, Trainer, Trim,
+from rlrf.config.keys import (Backbone, Candidates, ConfigError, DatasetName, Divergence, DPOBackend, DType, GRPOLoss,
+                              Layout, Pooling, RerankLoss, Reward, SampleBackend, ScaleRewards, TextReward, Trainer, Trim,
                               WithoutProfile, _check, _f, choices, fingerprint)
 from rlrf.config.sections import (CheckConfig, DataConfig, DPOConfig, EncodeConfig, EvaluateConfig, GRPOConfig, PairsConfig,
                                   PrepareConfig, RerankerConfig, RoundsConfig, SampleConfig, ScoreConfig)
@@ -31,8 +31,8 @@ __all__ = [
     "Recipe", "load_recipe", "find_recipe", "shipped_recipes", "parse_value", "describe", "ConfigError", "fingerprint",
     "choices", "DataConfig", "PrepareConfig", "SampleConfig", "EncodeConfig", "RerankerConfig", "ScoreConfig",
     "PairsConfig", "DPOConfig", "GRPOConfig", "RoundsConfig", "CheckConfig", "EvaluateConfig", "Backbone", "Candidates",
-    "DatasetName", "DPOBackend", "DType", "GRPOLoss", "Layout", "Pooling", "RerankLoss", "Reward", "SampleBackend",
-    "ScaleRewards", "TextReward", "Trainer", "Trim", "WithoutProfile",
+    "DatasetName", "Divergence", "DPOBackend", "DType", "GRPOLoss", "Layout", "Pooling", "RerankLoss", "Reward",
+    "SampleBackend", "ScaleRewards", "TextReward", "Trainer", "Trim", "WithoutProfile",
 ]
 
 

@@ -61,6 +61,7 @@ TextReward = Literal["", "retrieval", "lexical", "genres"]  # grpo.reward: "" = 
 TextJudge = Literal["retrieval", "lexical", "genres"]  # pairs.agree_with: the score stage's training-free judges
 Candidates = Literal["catalogue", "lists"]
 DPOBackend = Literal["trl", "llamafactory"]
+Divergence = Literal["reverse_kl", "forward_kl", "js_divergence"]  # dpo.divergence: TRL's f_divergence_type
 ScaleRewards = Literal["group", "batch", "none"]
 GRPOLoss = Literal["dapo", "grpo", "dr_grpo", "bnpo"]
 Trainer = Literal["dpo", "grpo"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from rlrf.config.keys import (Backbone, Candidates, DatasetName, DPOBackend, DType, GRPOLoss, Layout, Pooling,
+from rlrf.config.keys import (Backbone, Candidates, DatasetName, Divergence, DPOBackend, DType, GRPOLoss, Layout, Pooling,
                               RerankLoss, Reward, SampleBackend, ScaleRewards, TextJudge, TextReward, Trainer, Trim,
                               WithoutProfile, _check, _check_choices, _f)
 from rlrf.prompts import INSTRUCTIONS
@@ -225,6 +225,11 @@ class DPOConfig:
                                 "DPO loss, so DPO cannot lower the chosen text's likelihood along with the rejected "
                                 "one's and move the mass to some other text (TRL loss_type [sigmoid, sft]; "
                                 "LLaMA-Factory pref_ftx). 0 = plain DPO", late=True)
+    divergence: Divergence = _f("reverse_kl", "what ties the policy to the reference (f-DPO, Wang et al., 2023; TRL's "
+                                              "f_divergence_type): reverse_kl (DPO: mode-seeking, the policy may "
+                                              "collapse onto one kind of answer) | js_divergence | forward_kl (mass-"
+                                              "covering: keeps more of the reference's spread, at some reward). TRL "
+                                              "backend only", late=True)
     learning_rate: float = _f(5e-5, "AdamW learning rate")
     per_device_train_batch_size: int = _f(2, "pairs per forward")
     gradient_accumulation_steps: int = _f(8, "forwards per optimizer step")
@@ -256,6 +261,8 @@ class DPOConfig:
         _check_choices(self, "dpo")
         _check(self.beta > 0, "dpo.beta", "must be > 0")
         _check(self.sft_weight >= 0, "dpo.sft_weight", "must be >= 0 (0 = plain DPO)")
+        _check(self.divergence == "reverse_kl" or self.backend == "trl", "dpo.divergence",
+               f"{self.divergence}: LLaMA-Factory's DPO has the reverse KL only; set dpo.backend=trl or drop the key")
         _check(self.learning_rate > 0, "dpo.learning_rate", "must be > 0")
         _check(self.per_device_train_batch_size >= 1 and self.gradient_accumulation_steps >= 1,
                "dpo.per_device_train_batch_size", "batch size and gradient_accumulation_steps must be >= 1")
