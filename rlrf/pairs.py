@@ -48,7 +48,8 @@ def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance
     (`rlrf.quality.typicality`), so a reward that pays for what every user's profile says cannot teach DPO to
     write alike for everyone. With `agree_with` (other judges' columns) the pair is the largest-margin one that none
     of those judges ranks the other way (chosen below rejected; a judge that ties or cannot judge does not veto):
-    what the reward prefers and another judge contradicts is left out of what DPO learns. Equal rewards resolve to the lowest sample_idx for both picks, so the choice is deterministic.
+    what the reward prefers and another judge contradicts is left out of what DPO learns. Equal rewards resolve to
+    the lowest sample_idx for both picks, so the choice is deterministic.
     """
     dropped: Counter = Counter()
     n_empty = int(scores["empty_text"].sum())
@@ -200,6 +201,11 @@ def pairs_stage(recipe: Recipe, profiles_dir, scores_dir, out_dir, round: int, *
         every = read_artifact(scores_dir, "scores", "score").join(
             profiles.select("user_id", "sample_idx", "n_tokens", "finish_reason", "typicality"),
             on=["user_id", "sample_idx"], how="left")
+
+        missing = [j for j in cfg.agree_with if j not in every.columns]
+        if missing:
+            raise StageError(f"pairs.agree_with names {', '.join(missing)}, which {scores_dir} does not hold (a score "
+                             f"stage older than that judge); rerun the score stage with --force, or drop the judge")
 
         def pick(splits: list[str]) -> tuple[pl.DataFrame, pl.DataFrame, Counter]:
             scores = every.filter(pl.col("split").is_in(splits))

@@ -7,6 +7,7 @@ import pytest
 
 from rlrf.artifacts import read_artifact, read_stage_json
 from rlrf.config import load_recipe
+from rlrf.errors import StageError
 from rlrf.pairs import dataset_name, pairs_stage, select_pairs
 from tests.loop_fixtures import profile_rows, score_rows, write_stage
 
@@ -126,6 +127,13 @@ def test_agree_with_takes_the_largest_margin_pair_no_other_judge_contradicts():
     assert both.select("user_id", "chosen_idx", "rejected_idx").rows() == [(3, 0, 1)]
     with pytest.raises(ValueError, match="pairs.agree_with"):
         load_recipe(None, ["pairs.agree_with=[reranker]"])
+
+
+def test_agree_with_a_judge_the_scores_lack_is_refused_by_name(tmp_path):
+    prof, sc = _stage_inputs(tmp_path, {1: [0.9, 0.1]})
+    with pytest.raises(StageError, match="pairs.agree_with names genres.*rerun the score stage"):
+        pairs_stage(load_recipe(None, ["pairs.agree_with=[genres]"]), prof, sc, tmp_path / "pairs", round=1)
+    assert not (tmp_path / "pairs" / "stage.json").exists()
 
 
 def test_stage_reports_what_tells_chosen_from_rejected(tmp_path):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from rlrf.config.keys import (Backbone, Candidates, DatasetName, Divergence, DPOBackend, DType, GRPOLoss, Layout, Pooling,
-                              RerankLoss, Reward, SampleBackend, ScaleRewards, TextJudge, TextReward, Trainer, Trim,
-                              WithoutProfile, _check, _check_choices, _f)
+from rlrf.config.keys import (Backbone, Candidates, DatasetName, Divergence, DPOBackend, DType, GRPOLoss, Layout,
+                              Pooling, RerankLoss, Reward, SampleBackend, ScaleRewards, TextJudge, TextReward, Trainer,
+                              Trim, WithoutProfile, _check, _check_choices, _f)
 from rlrf.prompts import INSTRUCTIONS
 
 
@@ -228,7 +228,8 @@ class DPOConfig:
     divergence: Divergence = _f("reverse_kl", "what ties the policy to the reference (f-DPO, Wang et al., 2023; TRL's "
                                               "f_divergence_type): reverse_kl (DPO: mode-seeking, the policy may "
                                               "collapse onto one kind of answer) | js_divergence | forward_kl (mass-"
-                                              "covering: keeps more of the reference's spread, at some reward). TRL "
+                                              "covering: pays for every answer the reference gives, its most likely "
+                                              "long ones included; README: Is it learning? has what each did). TRL "
                                               "backend only", late=True)
     learning_rate: float = _f(5e-5, "AdamW learning rate")
     per_device_train_batch_size: int = _f(2, "pairs per forward")
