@@ -100,5 +100,6 @@ def quartile_table(old: pl.DataFrame, new: pl.DataFrame, bins: int = 4) -> list[
         lines.append(f"  tokens [{lo:g}, {hi:g}): old {cells[0]}, new {cells[1]}")
     return lines
 
+
 if __name__ == "__main__":
     main()
