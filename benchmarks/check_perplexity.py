@@ -11,7 +11,8 @@ that writes shorter profiles therefore reads as less fluent at equal fluency. On
                             profiles' token counts, weighted by the old profiles' tokens in it
   by length quartile        perplexity of each side's profiles in each quartile (how many profiles fall there)
 
-Ratios new / old with a 95% bootstrap interval over users (a user's profiles resampled together, paired).
+Ratios new / old with a 95% bootstrap interval over users (a user's profiles resampled together, paired:
+quality.paired_quality, the check's own intervals).
 """
 
 from __future__ import annotations
@@ -26,32 +27,7 @@ import polars as pl
 from rlrf import runs
 from rlrf.artifacts import read_artifact
 from rlrf.config import load_recipe
-from rlrf.quality import length_bins, length_matched_perplexity, pooled_perplexity
-
-
-def ratios(old: pl.DataFrame, new: pl.DataFrame, bins: int = 4) -> tuple[float, float]:
-    """new / old perplexity, plain and at old's length mix; frames hold one row per profile: user_id, nll, tokens."""
-    def ppl(df):
-        return pooled_perplexity(df["nll"].to_numpy(), df["tokens"].to_numpy())
-
-    matched = length_matched_perplexity(new["nll"].to_numpy(), new["tokens"].to_numpy(), old["tokens"].to_numpy(), bins)
-    return ppl(new) / ppl(old), matched / ppl(old)
-
-
-def bootstrap_ratios(old: pl.DataFrame, new: pl.DataFrame, resamples: int, seed: int, bins: int = 4) -> dict:
-    """Both ratios and their 95% percentile intervals, users resampled with replacement (paired: a drawn user brings
-    its profiles of both sides)."""
-    users = np.intersect1d(old["user_id"].unique().to_numpy(), new["user_id"].unique().to_numpy())
-    old, new = (df.filter(pl.col("user_id").is_in(users)) for df in (old, new))
-    point = ratios(old, new, bins)
-    rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(resamples):
-        pick = pl.DataFrame({"user_id": rng.choice(users, size=len(users))})
-        draws.append(ratios(pick.join(old, on="user_id"), pick.join(new, on="user_id"), bins))
-    draws = np.array(draws)
-    lo, hi = np.nanquantile(draws, [0.025, 0.975], axis=0)
-    return {"plain": (point[0], lo[0], hi[0]), "matched": (point[1], lo[1], hi[1]), "users": len(users)}
+from rlrf.quality import length_bins, paired_quality, pooled_perplexity
 
 
 def main() -> None:
@@ -77,10 +53,11 @@ def main() -> None:
         nll, tokens = token_nll(prof["text"].fill_null("").to_list(), *model)
         sides[side] = pl.DataFrame({"user_id": prof["user_id"], "nll": nll, "tokens": tokens}).filter(pl.col("tokens") > 0)
     old, new = sides["old"], sides["new"]
-    r = bootstrap_ratios(old, new, args.resamples, recipe.seed)
-    print(f"{where}: {r['users']} valid users, {old.height} old and {new.height} new profiles "
+    r = paired_quality(old, new, args.resamples, recipe.seed)
+    print(f"{where}: {r['perplexity']['n']} valid users, {old.height} old and {new.height} new profiles "
           f"(mean tokens {old['tokens'].mean():.1f} -> {new['tokens'].mean():.1f})")
-    for name, (p, lo, hi) in (("perplexity", r["plain"]), ("at old's lengths", r["matched"])):
+    for name, key in (("perplexity", "perplexity"), ("at old's lengths", "perplexity_at_old_lengths")):
+        p, lo, hi = (r[key][x] for x in ("mean", "low", "high"))
         print(f"  {name:17s} new / old {p:.3f} [{lo:.3f}, {hi:.3f}]  ({100 * (p - 1):+.0f}%)")
     for line in quartile_table(old, new):
         print(line)

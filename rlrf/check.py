@@ -93,6 +93,9 @@ def write_summary(path: Path, k: int, figures: dict, old_gen: str, new_gen: str,
         lines += ["", "| profiles | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
         for side in ("old", "new"):
             lines.append(f"| {side} | " + " | ".join(f"{quality[side][q]:.4f}" for q in keys) + " |")
+        more = quality_lines(quality)
+        if more:
+            lines += ["", "Quality, paired by user (95% bootstrap interval):", ""] + [f"- {x}" for x in more]
     if dpo and dpo.get("backend") == "trl-grpo":
         lines += ["", f"GRPO (round {k}, reward {dpo.get('reward')}): {dpo.get('steps')} steps, {dpo.get('profiles_sampled')} "
                   f"profiles sampled for {dpo.get('train_users')} train users; mean reward of the step's profiles "
@@ -182,7 +185,7 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
             if not figures:
                 raise StageError(f"check: no valid user was scored under both generators ({out}); see the sides' "
                                  f"score stages (a user needs held-out positives or lists)")
-            quality = _quality(recipe, sides)
+            quality = _quality(recipe, sides, k)
             dpo_dir = runs.stage_dir(recipe, runs.trainer_stage(recipe), k)
             dpo = read_stage_json(dpo_dir) if (dpo_dir / "stage.json").is_file() else None
             write_summary(out / "summary.md", k, figures, old_gen, new_gen, dpo, quality)
@@ -201,28 +204,59 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
         ci = figs[name]["diff"]
         print(f"check: round {k} {name}: new - old = {ci_text(ci)} over "
               f"{ci['n']} valid users -> {verdict(ci)}")
+    for line in quality_lines(info.get("quality") or {}):
+        print(f"check: round {k} {line}")
     print(f"check: {out / 'summary.md'}")
     return out
 
 
-def _quality(recipe: Recipe, sides: dict) -> dict:
-    """Profile quality of both generators' check profiles (perplexity under the base model)."""
+def _quality(recipe: Recipe, sides: dict, k: int) -> dict:
+    """Profile quality of both generators' check profiles (perplexity under the base model), and under "diff" each
+    figure's new - old (perplexity: new / old) with its paired bootstrap interval over the valid users."""
     from rlrf.llm import load_generator
-    from rlrf.quality import length_matched_perplexity, profile_quality
+    from rlrf.quality import history_mentions, length_matched_perplexity, paired_quality, profile_quality
 
     if not all((Path(d).parent / "sample" / "stage.json").is_file() for d in sides.values()):
         return {}
     prep = runs.prepare_dir(recipe)
     items, inter = read_artifact(prep, "items", "prepare"), read_artifact(prep, "interactions", "prepare")
     model = load_generator(recipe.sample.model)
-    out = {side: profile_quality(read_artifact(Path(d).parent / "sample", "profiles", "sample"), items, inter,
-                                 ppl_model=model, ppl_split=None, keep_nll=True) for side, d in sides.items()}
+    profiles = {side: read_artifact(Path(d).parent / "sample", "profiles", "sample") for side, d in sides.items()}
+    out = {side: profile_quality(p, items, inter, ppl_model=model, ppl_split=None, keep_nll=True)
+           for side, p in profiles.items()}
     # perplexity falls with length, so a generator writing shorter profiles reads as less fluent at equal
     # fluency: both sides also at the old side's length mix (for the old side, its own perplexity)
     ref = out["old"]["token_nll"][1]
-    for side in out:
-        out[side]["perplexity_at_old_lengths"] = length_matched_perplexity(*out[side].pop("token_nll"), ref)
+    frames = {}
+    for side, p in profiles.items():
+        nll, count = out[side].pop("token_nll")
+        out[side]["perplexity_at_old_lengths"] = length_matched_perplexity(nll, count, ref)
+        frames[side] = pl.DataFrame({"user_id": p["user_id"], "text": p["text"].fill_null(""),
+                                     "names_history": history_mentions(p, items, inter), "nll": nll, "tokens": count})
+    out["diff"] = paired_quality(frames["old"], frames["new"], recipe.rounds.bootstrap, seed=recipe.seed + k)
     return out
+
+
+def quality_lines(quality: dict) -> list[str]:
+    """The quality criteria of a learning round, each with its interval: perplexity within +25% of the old
+    generator's, distinct-2 and the names-history share not lower (issue 11's targets)."""
+    diff = quality.get("diff")
+    if not diff:
+        return []
+
+    def fall(ci: dict) -> str:
+        return ("lower: the whole 95% interval is below 0" if ci["high"] < 0 else
+                "higher: the whole 95% interval is above 0" if ci["low"] > 0 else "no detectable change")
+
+    lines = [f"distinct-2 new - old {ci_text(diff['distinct_2'])} -> {fall(diff['distinct_2'])}",
+             f"names-history share new - old {ci_text(diff['names_history'])} -> {fall(diff['names_history'])}"]
+    for key, name in (("perplexity", "perplexity"), ("perplexity_at_old_lengths", "perplexity at old's lengths")):
+        ci = diff.get(key)
+        if ci:
+            over = ("over +25%" if ci["low"] > 1.25 else "within +25%" if ci["high"] <= 1.25
+                    else "+25% inside the interval")
+            lines.append(f"{name} new / old {ci['mean']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}] -> {over}")
+    return lines
 
 
 def summary_line(check_dir: Path) -> str:

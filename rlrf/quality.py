@@ -166,7 +166,8 @@ def length_matched_perplexity(nll: np.ndarray, count: np.ndarray, ref_count: np.
     within each length bin (`length_bins` of the reference's token counts), weighted by the reference's tokens in that
     bin. Token-weighted perplexity falls with length (a profile's opening tokens cost the most; long copied lists
     are predictable), so a generator that writes shorter profiles reads as less fluent at equal fluency; at the
-    reference's own lengths this equals the reference's perplexity. NaN when a bin holds no text."""
+    reference's own lengths this equals the reference's perplexity. NaN when a bin the reference reaches holds no
+    text."""
     nll, count, ref = (np.asarray(x) for x in (nll, count, ref_count))
     keep, ref = count > 0, ref[ref > 0]
     nll, count = nll[keep], count[keep]
@@ -176,10 +177,13 @@ def length_matched_perplexity(nll: np.ndarray, count: np.ndarray, ref_count: np.
     ref_bin, bin_ = np.searchsorted(edges, ref, side="right"), np.searchsorted(edges, count, side="right")
     total = 0.0
     for b in range(len(edges) + 1):
+        weight = ref[ref_bin == b].sum() / ref.sum()
+        if not weight:  # a bin the reference never reaches (all its texts as long as an edge) weighs nothing
+            continue
         tokens = count[bin_ == b].sum()
         if not tokens:
             return float("nan")
-        total += ref[ref_bin == b].sum() / ref.sum() * nll[bin_ == b].sum() / tokens
+        total += weight * nll[bin_ == b].sum() / tokens
     return math.exp(total)
 
 
@@ -208,4 +212,93 @@ def profile_quality(profiles: pl.DataFrame, items: pl.DataFrame, interactions: p
         out["perplexity_profiles"] = sub.height
         if keep_nll:
             out["token_nll"] = (nll, count)
+    return out
+
+
+def _bigram_incidence(texts: list[str], users: np.ndarray, user_ids: list[int]) -> tuple[np.ndarray, np.ndarray,
+                                                                                      np.ndarray]:
+    """Per user: a 0/1 row over the word bigrams that two or more users' texts use, the count of the bigrams only
+    this user's texts use, and the user's count of bigrams (with repeats)."""
+    at = {u: i for i, u in enumerate(users.tolist())}
+    per_user: list[set] = [set() for _ in users]
+    total = np.zeros(len(users))
+    for u, t in zip(user_ids, texts):
+        w = words(t)
+        total[at[u]] += max(len(w) - 1, 0)
+        per_user[at[u]].update(zip(w, w[1:]))
+    users_of: Counter = Counter(g for grams in per_user for g in grams)
+    shared = {g: i for i, g in enumerate(g for g, c in users_of.items() if c > 1)}
+    inc = np.zeros((len(users), max(len(shared), 1)), dtype=np.float32)
+    own = np.zeros(len(users))
+    for i, grams in enumerate(per_user):
+        cols = [shared[g] for g in grams if g in shared]
+        inc[i, cols] = 1.0
+        own[i] = len(grams) - len(cols)
+    return inc, own, total
+
+
+def paired_quality(old: pl.DataFrame, new: pl.DataFrame, resamples: int = 2000, seed: int = 0,
+                   level: float = 0.95, bins: int = 4) -> dict:
+    """new - old profile quality with percentile bootstrap intervals, users resampled with replacement and a drawn user
+    bringing its profiles of both sides (Koehn's paired bootstrap, as for corpus BLEU: a corpus figure is recomputed on
+    each draw). Frames hold one row per profile: user_id and what the figures need: `text` for distinct-2,
+    `names_history` (bool) for its share, `nll` and `tokens` (token_nll's) for the perplexity ratios. Only users
+    present in both frames count.
+
+    Returns those of {"distinct_2": diff, "names_history": diff, "perplexity": ratio, "perplexity_at_old_lengths":
+    ratio} the frames allow, each {"mean" (the full sample's figure: new - old, or new / old for the ratios), "low", "high", "n" (users),
+    "level", "resamples"}. Distinct-2 counts a drawn user's own bigrams (those no other user's texts use) once per
+    copy, as another user drawn in its place would bring bigrams of its own: counted once, every repeat would lower
+    the draw's distinct-2, the more diverse side's the most, and the interval would sit off its figure."""
+    users = np.intersect1d(old["user_id"].unique().to_numpy(), new["user_id"].unique().to_numpy())
+    if not len(users):
+        raise ValueError("paired_quality: no user has profiles from both generators")
+    old, new = (df.filter(pl.col("user_id").is_in(users)) for df in (old, new))
+    n = len(users)
+    draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    mult = np.zeros((resamples, n), dtype=np.float32)
+    np.add.at(mult, (np.arange(resamples)[:, None], draws), 1.0)
+    alpha = (1 - level) / 2
+
+    def interval(point: float, values: np.ndarray) -> dict:
+        low, high = np.nanquantile(values, [alpha, 1 - alpha])
+        return {"mean": float(point), "low": float(low), "high": float(high), "n": n, "level": level,
+                "resamples": resamples}
+
+    def per_user(df: pl.DataFrame, col: str) -> np.ndarray:
+        s = df.group_by("user_id").agg(pl.col(col).cast(pl.Float64).sum())
+        return pl.DataFrame({"user_id": users}).join(s, on="user_id", how="left")[col].fill_null(0).to_numpy()
+
+    out = {}
+    if "text" in old.columns and "text" in new.columns:
+        distinct = {}
+        for name, df in (("old", old), ("new", new)):
+            inc, own, total = _bigram_incidence(df["text"].fill_null("").to_list(), users, df["user_id"].to_list())
+            distinct[name] = (((mult @ inc) > 0).sum(1) + mult @ own) / np.maximum(mult @ total, 1)
+        point = distinct_n(new["text"].fill_null("").to_list()) - distinct_n(old["text"].fill_null("").to_list())
+        out["distinct_2"] = interval(point, distinct["new"] - distinct["old"])
+    if "names_history" in old.columns and "names_history" in new.columns:
+        share = {name: mult @ per_user(df, "names_history") / (mult @ per_user(df.with_columns(one=1), "one"))
+                 for name, df in (("old", old), ("new", new))}
+        out["names_history"] = interval(float(new["names_history"].mean()) - float(old["names_history"].mean()),
+                                        share["new"] - share["old"])
+    if {"nll", "tokens"} <= set(old.columns) and {"nll", "tokens"} <= set(new.columns):
+        old, new = (df.filter(pl.col("tokens") > 0) for df in (old, new))
+        plain = (np.exp(mult @ per_user(new, "nll") / (mult @ per_user(new, "tokens"))
+                        - mult @ per_user(old, "nll") / (mult @ per_user(old, "tokens"))))
+        out["perplexity"] = interval(pooled_perplexity(new["nll"].to_numpy(), new["tokens"].to_numpy())
+                                     / pooled_perplexity(old["nll"].to_numpy(), old["tokens"].to_numpy()), plain)
+        # at old's length mix: the bins move with each draw's old profiles, so each draw is recomputed in full
+        rows = {name: [np.flatnonzero(df["user_id"].to_numpy() == u) for u in users] for name, df in
+                (("old", old), ("new", new))}
+        arrays = {name: (df["nll"].to_numpy(), df["tokens"].to_numpy()) for name, df in (("old", old), ("new", new))}
+
+        def matched(pick: np.ndarray) -> float:
+            o = np.concatenate([rows["old"][i] for i in pick])
+            w = np.concatenate([rows["new"][i] for i in pick])
+            ref = arrays["old"][1][o]
+            return (length_matched_perplexity(arrays["new"][0][w], arrays["new"][1][w], ref, bins)
+                    / pooled_perplexity(arrays["old"][0][o], ref))
+
+        out["perplexity_at_old_lengths"] = interval(matched(np.arange(n)), np.array([matched(p) for p in draws]))
     return out

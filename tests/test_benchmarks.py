@@ -109,12 +109,12 @@ def test_check_perplexity_ratios_separate_length_from_fluency():
                         "nll": [30.0, 90.0] * 4})
     new = pl.DataFrame({"user_id": [1, 1, 2, 2, 3, 3, 4, 4], "tokens": [10, 10, 10, 90] * 2,
                         "nll": [30.0, 30.0, 30.0, 90.0] * 2})
-    plain, matched = m.ratios(old, new, bins=2)
-    assert plain > 1.3 and matched == pytest.approx(1.0)
-    r = m.bootstrap_ratios(old, new, resamples=50, seed=0, bins=2)
-    assert r["users"] == 4 and r["matched"][0] == pytest.approx(1.0)
-    assert r["plain"][1] <= r["plain"][0] <= r["plain"][2]
-    assert r["matched"][1] == pytest.approx(1.0) and r["matched"][2] == pytest.approx(1.0)  # equal in every draw
+    r = m.paired_quality(old, new, resamples=50, seed=0, bins=2)  # the ratios the benchmark prints (the check's)
+    plain, matched = r["perplexity"], r["perplexity_at_old_lengths"]
+    assert set(r) == {"perplexity", "perplexity_at_old_lengths"}  # no text, no names-history column: no such figure
+    assert plain["mean"] > 1.3 and matched["mean"] == pytest.approx(1.0)
+    assert plain["n"] == 4 and plain["low"] <= plain["mean"] <= plain["high"]
+    assert matched["low"] == pytest.approx(1.0) and matched["high"] == pytest.approx(1.0)  # equal in every draw
     # the table's bins are the ones the ratio matches on: per bin, both sides read e^3 (short) and e^1 (long)
     table = m.quartile_table(old, new, bins=2)
     assert table == [f"  tokens [0, 50): old {math.e ** 3:6.2f} (  4 profiles), new {math.e ** 3:6.2f} (  6 profiles)",

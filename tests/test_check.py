@@ -83,6 +83,29 @@ def test_check_stage_writes_figure_summary_and_interval(tmp_path, monkeypatch):
     assert calls == []
 
 
+def test_quality_criteria_are_read_off_their_intervals(tmp_path):
+    """The check's quality lines: distinct-2 and names-history 'lower' only when the whole interval is below 0, the
+    perplexity ratio against the +25% bound; summary.md carries them under the quality table."""
+    def ci(mean, low, high):
+        return {"mean": mean, "low": low, "high": high, "n": 94, "level": 0.95, "resamples": 2000}
+
+    side = {"mean_tokens": 50.0, "distinct_2": 0.37, "names_history": 0.9, "perplexity": 20.0}
+    quality = {"old": side, "new": side, "diff": {
+        "distinct_2": ci(-0.077, -0.0975, -0.0556), "names_history": ci(0.02, -0.01, 0.05),
+        "perplexity": ci(1.08, 1.01, 1.16), "perplexity_at_old_lengths": ci(1.31, 1.15, 1.48)}}
+    lines = check.quality_lines(quality)
+    assert lines == ["distinct-2 new - old -0.0770 [-0.0975, -0.0556] -> lower: the whole 95% interval is below 0",
+                     "names-history share new - old +0.0200 [-0.0100, +0.0500] -> no detectable change",
+                     "perplexity new / old 1.080 [1.010, 1.160] -> within +25%",
+                     "perplexity at old's lengths new / old 1.310 [1.150, 1.480] -> +25% inside the interval"]
+    quality["diff"]["perplexity"] = ci(1.4, 1.3, 1.5)
+    assert check.quality_lines(quality)[2].endswith("-> over +25%")
+    assert check.quality_lines({"old": side, "new": side}) == []  # a check finished before the intervals
+    check.write_summary(tmp_path / "summary.md", 1, {}, "old", "new", None, quality)
+    md = (tmp_path / "summary.md").read_text()
+    assert "| old | 50.0000 | 0.3700 |" in md and "- distinct-2 new - old -0.0770 [-0.0975, -0.0556]" in md
+
+
 def test_old_side_profiles_are_taken_from_the_rounds_sample_when_it_has_them(tmp_path, monkeypatch):
     """The check's old side (generator k-1, valid users, round k's seeds) is a subset of round k's own sample
     stage; it is copied from there when decoding, seeds and weights match, and sampled otherwise."""

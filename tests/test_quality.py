@@ -15,6 +15,7 @@ from rlrf.quality import (
     history_mentions,
     names_history,
     normalize_title,
+    paired_quality,
     perplexity,
     profile_quality,
     token_nll,
@@ -185,6 +186,52 @@ def test_length_matched_perplexity_reweights_to_the_reference_lengths():
     assert length_matched_perplexity(np.r_[new_nll, 0.0], np.r_[new_count, 0], ref_count, bins=2) == pytest.approx(ref_ppl)
     assert math.isnan(length_matched_perplexity(np.array([30.0]), np.array([10]), ref_count, bins=2))
     assert math.isnan(length_matched_perplexity(new_nll, new_count, np.array([], dtype=int)))
+    # a reference of one length: its single edge leaves the bin below it empty, which weighs nothing (was NaN), and
+    # every text falls in the one bin left: the plain perplexity
+    assert length_matched_perplexity(ref_nll, ref_count, np.array([10, 10]), bins=2) == pytest.approx(ref_ppl)
+
+
+def test_paired_quality_figures_by_hand():
+    """Old: every user writes the same words; new: each user's own. distinct-2 and the names-history share by hand,
+    the perplexity ratio from the NLLs; a user found on one side only does not count."""
+    users = [1, 1, 2, 2, 3, 3]
+    old = pl.DataFrame({"user_id": users + [9], "text": ["likes action movies"] * 7,
+                        "names_history": [False] * 6 + [True], "nll": [4.0] * 7, "tokens": [2] * 7})
+    new = pl.DataFrame({"user_id": users, "text": [f"p{i} likes film{i}" for i in range(6)],
+                        "names_history": [True, False] * 3, "nll": [8.0] * 6, "tokens": [2] * 6})
+    r = paired_quality(old, new, resamples=200, seed=0)
+    # old over users 1-3: 2 distinct bigrams of 12; new: 12 distinct of 12
+    assert r["distinct_2"]["mean"] == pytest.approx(1 - 2 / 12) and r["distinct_2"]["n"] == 3
+    assert r["distinct_2"]["low"] > 0.5  # every draw's new side is all distinct, the old side at most 2 of 12
+    assert r["names_history"]["mean"] == pytest.approx(0.5)
+    assert r["names_history"]["low"] == pytest.approx(0.5) == r["names_history"]["high"]  # 1 of 2 for every user
+    assert r["perplexity"]["mean"] == pytest.approx(math.exp(4 - 2))
+    assert r["perplexity"]["low"] == pytest.approx(math.exp(2)) == r["perplexity"]["high"]
+    same = paired_quality(old, old, resamples=50, seed=1)
+    assert all(same[k]["low"] == same[k]["mean"] == same[k]["high"] == (1.0 if "perplexity" in k else 0.0)
+               for k in same)
+    with pytest.raises(ValueError, match="no user"):
+        paired_quality(old.filter(pl.col("user_id") == 9), new)
+
+
+def test_paired_quality_distinct_2_interval_sits_on_its_figure():
+    """A corpus figure recomputed on a draw that repeats a user: counting that user's own bigrams once would pull
+    every draw's distinct-2 down, the diverse side's the most, and the interval off the sample's figure (on the demo's
+    check it left the figure outside its own interval). Counted once per copy, the draws centre on the figure."""
+    rng = np.random.default_rng(0)
+    vocab = [f"w{i}" for i in range(400)]
+    zipf = 1 / np.arange(1, 401)
+
+    def corpus(spread: float) -> pl.DataFrame:
+        p = zipf ** spread / (zipf ** spread).sum()
+        texts = [" ".join(rng.choice(vocab, size=25, p=p)) for _ in range(240)]
+        return pl.DataFrame({"user_id": np.repeat(np.arange(60), 4), "text": texts})
+
+    old, new = corpus(1.6), corpus(0.8)  # the new side draws its words from a flatter distribution: more diverse
+    r = paired_quality(old, new, resamples=400, seed=0)["distinct_2"]
+    assert r["mean"] > 0.1 and r["low"] <= r["mean"] <= r["high"]
+    mid = (r["low"] + r["high"]) / 2  # counted once, these draws read 0.36 to 0.46 around a figure of 0.63
+    assert abs(mid - r["mean"]) < 0.3 * (r["high"] - r["low"])
 
 
 @pytest.mark.integration
