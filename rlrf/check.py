@@ -28,6 +28,7 @@ from rlrf.config import Recipe
 from rlrf.errors import StageError
 from rlrf.files import atomic_path, write_parquet
 from rlrf.plots import pyplot, save_png
+from rlrf.quality import criteria_lines
 from rlrf.stats import ci_text, paired, paired_bootstrap, verdict
 from rlrf.store import Stage
 
@@ -93,7 +94,7 @@ def write_summary(path: Path, k: int, figures: dict, old_gen: str, new_gen: str,
         lines += ["", "| profiles | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
         for side in ("old", "new"):
             lines.append(f"| {side} | " + " | ".join(f"{quality[side][q]:.4f}" for q in keys) + " |")
-        more = quality_lines(quality)
+        more = criteria_lines(quality.get("diff"))
         if more:
             lines += ["", "Quality, paired by user (95% bootstrap interval):", ""] + [f"- {x}" for x in more]
     if dpo and dpo.get("backend") == "trl-grpo":
@@ -204,7 +205,7 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
         ci = figs[name]["diff"]
         print(f"check: round {k} {name}: new - old = {ci_text(ci)} over "
               f"{ci['n']} valid users -> {verdict(ci)}")
-    for line in quality_lines(info.get("quality") or {}):
+    for line in criteria_lines((info.get("quality") or {}).get("diff")):
         print(f"check: round {k} {line}")
     print(f"check: {out / 'summary.md'}")
     return out
@@ -214,7 +215,7 @@ def _quality(recipe: Recipe, sides: dict, k: int) -> dict:
     """Profile quality of both generators' check profiles (perplexity under the base model), and under "diff" each
     figure's new - old (perplexity: new / old) with its paired bootstrap interval over the valid users."""
     from rlrf.llm import load_generator
-    from rlrf.quality import history_mentions, length_matched_perplexity, paired_quality, profile_quality
+    from rlrf.quality import length_matched_perplexity, paired_quality, profile_frame, profile_quality
 
     if not all((Path(d).parent / "sample" / "stage.json").is_file() for d in sides.values()):
         return {}
@@ -231,32 +232,9 @@ def _quality(recipe: Recipe, sides: dict, k: int) -> dict:
     for side, p in profiles.items():
         nll, count = out[side].pop("token_nll")
         out[side]["perplexity_at_old_lengths"] = length_matched_perplexity(nll, count, ref)
-        frames[side] = pl.DataFrame({"user_id": p["user_id"], "text": p["text"].fill_null(""),
-                                     "names_history": history_mentions(p, items, inter), "nll": nll, "tokens": count})
+        frames[side] = profile_frame(p, items, inter, nll, count)
     out["diff"] = paired_quality(frames["old"], frames["new"], recipe.rounds.bootstrap, seed=recipe.seed + k)
     return out
-
-
-def quality_lines(quality: dict) -> list[str]:
-    """The quality criteria of a learning round, each with its interval: perplexity within +25% of the old
-    generator's, distinct-2 and the names-history share not lower (issue 11's targets)."""
-    diff = quality.get("diff")
-    if not diff:
-        return []
-
-    def fall(ci: dict) -> str:
-        return ("lower: the whole 95% interval is below 0" if ci["high"] < 0 else
-                "higher: the whole 95% interval is above 0" if ci["low"] > 0 else "no detectable change")
-
-    lines = [f"distinct-2 new - old {ci_text(diff['distinct_2'])} -> {fall(diff['distinct_2'])}",
-             f"names-history share new - old {ci_text(diff['names_history'])} -> {fall(diff['names_history'])}"]
-    for key, name in (("perplexity", "perplexity"), ("perplexity_at_old_lengths", "perplexity at old's lengths")):
-        ci = diff.get(key)
-        if ci:
-            over = ("over +25%" if ci["low"] > 1.25 else "within +25%" if ci["high"] <= 1.25
-                    else "+25% inside the interval")
-            lines.append(f"{name} new / old {ci['mean']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}] -> {over}")
-    return lines
 
 
 def summary_line(check_dir: Path) -> str:

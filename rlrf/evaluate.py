@@ -7,6 +7,8 @@ that generator's knowledge, early-stopped on valid, and reported on test. Each p
 resumable sub-stage under evaluate/, so a rerun only does what is not done:
 
     evaluate/gen_<k>/sample/  encode/  quality.json      generator k's profiles, their embeddings, quality
+    evaluate/gen_<k>/quality_profiles.parquet            per profile: names-history, NLL (test users), for the
+                                                         paired quality intervals of round k against generator 0
     evaluate/rerank/<backbone>/base/seed_<s>/            reranker without knowledge
     evaluate/rerank/<backbone>/gen_<k>/seed_<s>/         reranker with generator k's knowledge
     evaluate/reward/gen_<k>/                             test rewards under the run's reward reranker
@@ -27,7 +29,8 @@ from rlrf import runs, stats
 from rlrf.artifacts import STAGE_JSON, read_artifact, read_stage_json
 from rlrf.config import Recipe
 from rlrf.errors import StageError
-from rlrf.files import write_json
+from rlrf.files import write_json, write_parquet
+from rlrf.quality import criteria_lines
 
 # All generators are sampled with this round argument, so their seeds (recipe.seed, user, round, idx)
 # match and a difference between generators is the generator's, not the dice's.
@@ -157,19 +160,42 @@ def hardware() -> dict:
 # ----------------------------------------------------------------------------- the stage
 
 
-def _quality(recipe: Recipe, gen_dir: Path, profiles_dir: Path, items, interactions, load_model) -> dict:
-    """Generator k's quality row, cached in gen_<k>/quality.json next to the profiles it describes."""
-    from rlrf.quality import profile_quality
+def _quality(recipe: Recipe, gen_dir: Path, profiles_dir: Path, items, interactions, load_model) -> tuple[dict, Path]:
+    """Generator k's quality row and its per-profile figures (quality.profile_frame: what the paired intervals
+    against generator 0 resample), cached in gen_<k>/quality.json and quality_profiles.parquet next to the profiles
+    they describe."""
+    from rlrf.quality import profile_frame, profile_quality
 
-    path = gen_dir / "quality.json"
+    path, frame_path = gen_dir / "quality.json", gen_dir / "quality_profiles.parquet"
     fp = read_stage_json(profiles_dir)["fingerprint"]
-    if path.is_file():
+    if path.is_file() and frame_path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("profiles_fingerprint") == fp:
-            return cached["quality"]
-    q = profile_quality(read_artifact(profiles_dir, "profiles", "sample"), items, interactions, ppl_model=load_model())
-    write_json(path, {"profiles_fingerprint": fp, "quality": q})
-    return q
+            return cached["quality"], frame_path
+    profiles = read_artifact(profiles_dir, "profiles", "sample")
+    q = profile_quality(profiles, items, interactions, ppl_model=load_model(), keep_nll=True)
+    nll, count = q.pop("token_nll")  # the perplexity split's profiles (test users), in profile order
+    at = (profiles["split"] == "test").to_numpy()
+    full_nll, full_count = np.full(profiles.height, np.nan), np.zeros(profiles.height, dtype=np.int64)
+    full_nll[at], full_count[at] = nll, count
+    write_parquet(frame_path, profile_frame(profiles, items, interactions, full_nll, full_count))
+    write_json(path, {"profiles_fingerprint": fp, "quality": q})  # last: it marks both files done
+    return q, frame_path
+
+
+def quality_diff(old: pl.DataFrame, new: pl.DataFrame, resamples: int, seed: int) -> dict:
+    """Generator k against generator 0, paired by user with bootstrap intervals (quality.paired_quality): distinct-2
+    and the names-history share over every user's profiles, as the quality table counts them; the perplexity ratios
+    over the test users', where the table measures perplexity."""
+    from rlrf.quality import paired_quality
+
+    cols = ["user_id", "text", "names_history"]
+    out = paired_quality(old.select(cols), new.select(cols), resamples, seed)
+    test = [df.filter((pl.col("split") == "test") & pl.col("nll").is_not_nan()).select("user_id", "nll", "tokens")
+            for df in (old, new)]
+    if test[0].height and test[1].height:
+        out.update(paired_quality(*test, resamples, seed))
+    return out
 
 
 def evaluate_stage(recipe: Recipe, *, force: bool = False, recipe_path: str = "<recipe>") -> Path:
@@ -240,11 +266,16 @@ def evaluate_stage(recipe: Recipe, *, force: bool = False, recipe_path: str = "<
                 model.append(load_generator(recipe.sample.model))
             return model[0]
 
-        quality = {k: _quality(recipe, out / f"gen_{k}", profiles[k], items, interactions, load_model) for k in gens}
+        quality, frames = {}, {}
+        for k in gens:
+            quality[k], frames[k] = _quality(recipe, out / f"gen_{k}", profiles[k], items, interactions, load_model)
+        frames = {k: pl.read_parquet(p) for k, p in frames.items()}
+        diffs = {k: quality_diff(frames[0], frames[k], recipe.rounds.bootstrap, recipe.seed + k) for k in gens[1:]}
 
         hw = hardware()
         results = {"run": recipe.run, "recipe": recipe_path, "hardware": hw, "generators": {k: runs.generator(recipe, k) for k in gens},
-                   "rlrf_round": last, "conditions": conditions, **tables, "reward": reward, "quality": quality}
+                   "rlrf_round": last, "conditions": conditions, **tables, "reward": reward, "quality": quality,
+                   "quality_diff": diffs}
         results = _str_keys(results)  # json wants string keys; generator k becomes "k"
         write_json(out / "results.json", results)
         (out / "results.md").write_text(results_markdown(results, recipe))
@@ -338,4 +369,7 @@ def results_markdown(res: dict, recipe: Recipe) -> str:
         ppl = f"{q['perplexity']:.2f}" if "perplexity" in q else "—"
         lines.append(f"| {name} | {q['profiles']} | {q['mean_tokens']:.1f} | {q['mean_words']:.1f} | "
                      f"{q['distinct_2']:.3f} | {q['names_history']:.1%} | {q['share_truncated']:.1%} | {ppl} |")
+    for k, diff in sorted(res.get("quality_diff", {}).items(), key=lambda x: int(x[0])):
+        lines += ["", f"Round {k} (new) against the original (old), paired by user (95% bootstrap interval):", ""]
+        lines += [f"- {x}" for x in criteria_lines(diff)]
     return "\n".join(lines) + "\n"

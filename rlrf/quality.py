@@ -16,6 +16,8 @@ from collections import Counter
 import numpy as np
 import polars as pl
 
+from rlrf.stats import ci_text
+
 _WORD = re.compile(r"[a-z0-9]+(?:['\-][a-z0-9]+)*")
 # MovieLens spells some genres the way nobody writes them in prose
 _GENRE_ALIASES = {"sci-fi": ("sci-fi", "science fiction", "science-fiction"),
@@ -302,3 +304,36 @@ def paired_quality(old: pl.DataFrame, new: pl.DataFrame, resamples: int = 2000, 
 
         out["perplexity_at_old_lengths"] = interval(matched(np.arange(n)), np.array([matched(p) for p in draws]))
     return out
+
+
+def profile_frame(profiles: pl.DataFrame, items: pl.DataFrame, interactions: pl.DataFrame, nll=None,
+                  tokens=None) -> pl.DataFrame:
+    """What paired_quality reads, one row per profile: user_id, split, text, names_history, and with token_nll's
+    arrays (one value per profile row) nll and tokens."""
+    out = profiles.select("user_id", "split", pl.col("text").fill_null("")).with_columns(
+        names_history=pl.Series(history_mentions(profiles, items, interactions), dtype=pl.Boolean))
+    if nll is not None:
+        out = out.with_columns(nll=pl.Series(np.asarray(nll, dtype=np.float64)),
+                               tokens=pl.Series(np.asarray(tokens, dtype=np.int64)))
+    return out
+
+
+def criteria_lines(diff: dict | None) -> list[str]:
+    """paired_quality's figures read against issue 11's quality criteria: distinct-2 and the names-history share
+    not lower ("lower" only when the whole interval is below 0), perplexity within +25% of the old generator's."""
+    if not diff:
+        return []
+
+    def move(ci: dict) -> str:
+        return ("lower: the whole 95% interval is below 0" if ci["high"] < 0 else
+                "higher: the whole 95% interval is above 0" if ci["low"] > 0 else "no detectable change")
+
+    lines = [f"{name} new - old {ci_text(diff[key])} -> {move(diff[key])}"
+             for key, name in (("distinct_2", "distinct-2"), ("names_history", "names-history share")) if key in diff]
+    for key, name in (("perplexity", "perplexity"), ("perplexity_at_old_lengths", "perplexity at old's lengths")):
+        ci = diff.get(key)
+        if ci:
+            bound = ("over +25%" if ci["low"] > 1.25 else "within +25%" if ci["high"] <= 1.25
+                     else "+25% inside the interval")
+            lines.append(f"{name} new / old {ci['mean']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}] -> {bound}")
+    return lines

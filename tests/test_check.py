@@ -93,14 +93,14 @@ def test_quality_criteria_are_read_off_their_intervals(tmp_path):
     quality = {"old": side, "new": side, "diff": {
         "distinct_2": ci(-0.077, -0.0975, -0.0556), "names_history": ci(0.02, -0.01, 0.05),
         "perplexity": ci(1.08, 1.01, 1.16), "perplexity_at_old_lengths": ci(1.31, 1.15, 1.48)}}
-    lines = check.quality_lines(quality)
+    lines = check.criteria_lines(quality["diff"])
     assert lines == ["distinct-2 new - old -0.0770 [-0.0975, -0.0556] -> lower: the whole 95% interval is below 0",
                      "names-history share new - old +0.0200 [-0.0100, +0.0500] -> no detectable change",
                      "perplexity new / old 1.080 [1.010, 1.160] -> within +25%",
                      "perplexity at old's lengths new / old 1.310 [1.150, 1.480] -> +25% inside the interval"]
     quality["diff"]["perplexity"] = ci(1.4, 1.3, 1.5)
-    assert check.quality_lines(quality)[2].endswith("-> over +25%")
-    assert check.quality_lines({"old": side, "new": side}) == []  # a check finished before the intervals
+    assert check.criteria_lines(quality["diff"])[2].endswith("-> over +25%")
+    assert check.criteria_lines(None) == []  # a check finished before the intervals
     check.write_summary(tmp_path / "summary.md", 1, {}, "old", "new", None, quality)
     md = (tmp_path / "summary.md").read_text()
     assert "| old | 50.0000 | 0.3700 |" in md and "- distinct-2 new - old -0.0770 [-0.0975, -0.0556]" in md

@@ -180,8 +180,17 @@ def test_evaluate_stage_writes_tables_figures_and_resumes(fake_stages):
     assert q["0"]["names_history"] == pytest.approx(4 / 5)  # user 5's Comedy is not in its history
     assert q["0"]["perplexity"] == pytest.approx(10.0)      # uniform over 10 tokens
     assert fake_stages.loads == [r.sample.model]           # the base model, loaded once for both generators
+    # round 1 against the original, paired by user: the fake generators write alike ("... round k user u"), the
+    # same shared bigrams, the same history names and lengths under a uniform model: no change in any draw
+    d = res["quality_diff"]["1"]
+    assert set(d) == {"distinct_2", "names_history", "perplexity", "perplexity_at_old_lengths"}
+    assert d["distinct_2"]["n"] == 5 and d["perplexity"]["n"] == 2  # every user; the test users for perplexity
+    assert all(d[x][b] == pytest.approx(0.0) for x in ("distinct_2", "names_history") for b in ("mean", "low", "high"))
+    assert all(d[x][b] == pytest.approx(1.0) for x in ("perplexity", "perplexity_at_old_lengths")
+               for b in ("mean", "low", "high"))
 
     md = (out / "results.md").read_text()
+    assert "Round 1 (new) against the original (old)" in md and "- perplexity new / old 1.000 [1.000, 1.000]" in md
     assert "## Table I" in md and "## Table II" in md
     assert "| DLCM | base | none | 0.3200 ± 0.0100 | 0.4200 ± 0.0100 |" in md
     assert "| PRM | RLRF w/o DPO | = KAR: knowledge from the untuned LLM (round 0) | 0.4700 ± 0.0100 |" in md
@@ -203,6 +212,7 @@ def test_evaluate_stage_writes_tables_figures_and_resumes(fake_stages):
     evaluate_stage(r)
     assert len(work) == n and (out / "results.md").is_file()
     assert (out / "gen_0" / "quality.json").is_file() and fake_stages.loads == [r.sample.model]  # cached
+    assert (out / "gen_1" / "quality_profiles.parquet").is_file()
 
 
 def _comparable(res: dict) -> dict:
@@ -287,6 +297,7 @@ def test_round1_then_evaluate_on_tiny_recipe(tiny_round1):
         assert 0.0 <= row["map@5"]["mean"] <= 1.0 and 0.0 <= row["ndcg@5"]["mean"] <= 1.0
     assert res["reward"]["users"] >= 1
     assert np.isfinite(res["quality"]["0"]["perplexity"]) and res["quality"]["1"]["profiles"] == 12
+    assert np.isfinite(res["quality_diff"]["1"]["perplexity"]["mean"]) and res["quality_diff"]["1"]["distinct_2"]["n"] >= 1
     md = (out / "results.md").read_text()
     assert "## Table I" in md and "## Table II" in md
     # evaluate.max_users=4: knowledge rerankers see only those users' lists, and results.md says so
