@@ -217,10 +217,11 @@ def profile_quality(profiles: pl.DataFrame, items: pl.DataFrame, interactions: p
     return out
 
 
-def _bigram_incidence(texts: list[str], users: np.ndarray, user_ids: list[int]) -> tuple[np.ndarray, np.ndarray,
-                                                                                      np.ndarray]:
-    """Per user: a 0/1 row over the word bigrams that two or more users' texts use, the count of the bigrams only
-    this user's texts use, and the user's count of bigrams (with repeats)."""
+def _bigram_incidence(texts: list[str], users: np.ndarray, user_ids: list[int]):
+    """Per user: a sparse 0/1 row over the word bigrams that two or more users' texts use, the count of the bigrams
+    only this user's texts use, and the user's count of bigrams (with repeats)."""
+    from scipy import sparse
+
     at = {u: i for i, u in enumerate(users.tolist())}
     per_user: list[set] = [set() for _ in users]
     total = np.zeros(len(users))
@@ -230,13 +231,26 @@ def _bigram_incidence(texts: list[str], users: np.ndarray, user_ids: list[int]) 
         per_user[at[u]].update(zip(w, w[1:]))
     users_of: Counter = Counter(g for grams in per_user for g in grams)
     shared = {g: i for i, g in enumerate(g for g, c in users_of.items() if c > 1)}
-    inc = np.zeros((len(users), max(len(shared), 1)), dtype=np.float32)
-    own = np.zeros(len(users))
+    rows, cols, own = [], [], np.zeros(len(users))
     for i, grams in enumerate(per_user):
-        cols = [shared[g] for g in grams if g in shared]
-        inc[i, cols] = 1.0
-        own[i] = len(grams) - len(cols)
+        mine = [shared[g] for g in grams if g in shared]
+        rows += [i] * len(mine)
+        cols += mine
+        own[i] = len(grams) - len(mine)
+    inc = sparse.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)),
+                            shape=(len(users), max(len(shared), 1)))
     return inc, own, total
+
+
+def _covered(mult: np.ndarray, inc, chunk: int = 256) -> np.ndarray:
+    """Per draw (a row of user multiplicities): how many of `inc`'s bigrams some drawn user uses. In chunks of
+    draws, so memory stays at chunk x bigrams whatever the corpus (ML-1M's 6,040 users, ~10^5 bigrams)."""
+    out = np.zeros(len(mult), dtype=np.int64)
+    at = inc.T.tocsr()
+    for s in range(0, len(mult), chunk):
+        drawn = (mult[s:s + chunk] > 0).T.astype(np.float32)
+        out[s:s + chunk] = (np.asarray(at @ drawn) > 0).sum(0)
+    return out
 
 
 def paired_quality(old: pl.DataFrame, new: pl.DataFrame, resamples: int = 2000, seed: int = 0,
@@ -276,7 +290,7 @@ def paired_quality(old: pl.DataFrame, new: pl.DataFrame, resamples: int = 2000, 
         distinct = {}
         for name, df in (("old", old), ("new", new)):
             inc, own, total = _bigram_incidence(df["text"].fill_null("").to_list(), users, df["user_id"].to_list())
-            distinct[name] = (((mult @ inc) > 0).sum(1) + mult @ own) / np.maximum(mult @ total, 1)
+            distinct[name] = (_covered(mult, inc) + mult @ own) / np.maximum(mult @ total, 1)
         point = distinct_n(new["text"].fill_null("").to_list()) - distinct_n(old["text"].fill_null("").to_list())
         out["distinct_2"] = interval(point, distinct["new"] - distinct["old"])
     if "names_history" in old.columns and "names_history" in new.columns:
