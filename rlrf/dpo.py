@@ -254,16 +254,17 @@ def train_trl(recipe: Recipe, pairs_dir: Path, model_dir: Path, out_dir: Path, l
 
     cfg = recipe.dpo
     bf16 = use_bf16(cfg.dtype)
-    torch.manual_seed(recipe.seed)
+    seed = cfg.training_seed(recipe.seed)
+    torch.manual_seed(seed)
     ds = load_pairs_dataset(pairs_dir, out_dir / "hf_cache")
     model, tok = load_policy(model_dir, bf16)
     ckpt_dir = out_dir / "checkpoints"
-    trainer = DPOTrainer(model=model, args=trl_args(cfg, ckpt_dir, recipe.seed, bf16), train_dataset=ds,
+    trainer = DPOTrainer(model=model, args=trl_args(cfg, ckpt_dir, seed, bf16), train_dataset=ds,
                          processing_class=tok, peft_config=lora_config(cfg), callbacks=[_checkpoint_callback()])
     if cfg.share_prompt:
         share_prompt(trainer)
     if cfg.group_by_length:
-        trainer.train_dataset = group_by_length(trainer.train_dataset, cfg.per_device_train_batch_size, recipe.seed)
+        trainer.train_dataset = group_by_length(trainer.train_dataset, cfg.per_device_train_batch_size, seed)
     resume = last_checkpoint(ckpt_dir)
     if resume:
         log(f"dpo: resuming from {resume}")

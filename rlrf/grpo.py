@@ -94,7 +94,8 @@ class Rollout:
         s = recipe.sample
         self.sp = Sampling(n=1, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                            min_new_tokens=s.min_new_tokens)
-        self.seed, self.batch_size, self.pad_to = recipe.seed, s.batch_size, s.max_prompt_tokens
+        self.seed, self.batch_size = recipe.grpo.training_seed(recipe.seed), s.batch_size
+        self.pad_to = s.max_prompt_tokens
         self.merged = recipe.grpo.merged_rollout
         self.step, self.calls = -1, 0  # generation calls within the current optimizer step
         self.seconds: dict[int, float] = {}  # wall seconds sampling, by the optimizer step TRL logs them under
@@ -248,7 +249,8 @@ def trl_args(recipe: Recipe, output_dir: Path):
         num_generations=cfg.num_generations, max_completion_length=s.max_new_tokens,
         temperature=s.temperature, top_p=s.top_p, scale_rewards=cfg.scale_rewards, loss_type=cfg.loss_type,
         bf16=False,  # the frozen base is bf16 already where bf16 is on (load_policy); LoRA stays fp32
-        save_strategy="steps", save_steps=cfg.save_steps, logging_steps=1, seed=recipe.seed, data_seed=recipe.seed,
+        save_strategy="steps", save_steps=cfg.save_steps, logging_steps=1, seed=cfg.training_seed(recipe.seed),
+        data_seed=cfg.training_seed(recipe.seed),
         report_to=[], disable_tqdm=False, dataloader_num_workers=0, use_cpu=not has_cuda(),
         remove_unused_columns=False,  # user_id travels to the reward function
         reward_weights=reward_terms(cfg)[1],
@@ -305,7 +307,7 @@ def train(recipe: Recipe, model_dir: Path, out_dir: Path, log=print) -> dict:
 
     cfg = recipe.grpo
     bf16 = use_bf16(cfg.dtype)
-    torch.manual_seed(recipe.seed)
+    torch.manual_seed(cfg.training_seed(recipe.seed))
     model, tok = load_policy(model_dir, bf16)
     tok.padding_side = "left"
     prompts = train_prompts(recipe, tok)

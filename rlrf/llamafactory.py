@@ -132,8 +132,8 @@ def llamafactory_recipe(recipe: Recipe, pairs_dir: Path, model_dir: Path, out_di
         "lr_scheduler_type": "linear",
         # LLaMA-Factory turns checkpointing on unless told not to; `gradient_checkpointing: false` is ignored
         "disable_gradient_checkpointing": not cfg.gradient_checkpointing,
-        "seed": recipe.seed,
-        "data_seed": recipe.seed,
+        "seed": cfg.training_seed(recipe.seed),
+        "data_seed": cfg.training_seed(recipe.seed),
         "report_to": "none",
     }
     if cfg.sft_weight > 0:  # RPO: LLaMA-Factory's SFT term in the DPO loss (the chosen side's mean token NLL)

@@ -126,6 +126,28 @@ def test_sft_weight_adds_the_chosen_nll_and_keeps_chosen_likely(trained, tmp_pat
     assert "sft_weight" not in read_stage_json(plain)["config"]["dpo"]  # a late key: old runs keep their fingerprint
 
 
+def test_training_seed_makes_a_replicate_on_the_same_pairs(trained, tmp_path):
+    """dpo.seed replaces the recipe's seed in training only (LoRA init, pair order): the recipe's own value redoes the
+    plain run loss for loss, another one trains differently on the same pairs. A late key: plain runs keep their
+    fingerprint; -1 is the default and nothing below it is a seed."""
+    from rlrf.dpo import dpo_stage
+
+    _, model_dir, pairs, plain = trained
+    r = load_recipe(None, TINY)
+    base = [round(float(x["loss"]), 5) for x in csv.DictReader(open(plain / "train_log.csv"))]
+
+    def losses(seed: int) -> list[float]:
+        out = dpo_stage(load_recipe(None, TINY + [f"dpo.seed={seed}"]), pairs, str(model_dir), tmp_path / f"s{seed}")
+        assert read_stage_json(out)["config"]["dpo"]["seed"] == seed
+        return [round(float(x["loss"]), 5) for x in csv.DictReader(open(out / "train_log.csv"))]
+
+    assert losses(r.seed) == base
+    assert losses(r.seed + 1)[1:] != base[1:]
+    assert "seed" not in read_stage_json(plain)["config"]["dpo"]
+    with pytest.raises(ValueError, match="dpo.seed"):
+        load_recipe(None, ["dpo.seed=-2"])
+
+
 def test_divergence_reaches_trls_loss(trained, tmp_path):
     """dpo.divergence is TRL's f_divergence_type: at step 1 the policy is the reference, so the JS loss is log 2 as
     plain DPO's (log 2 + logsigmoid(0) on both sides); from the same seed and pairs the later steps' losses differ,

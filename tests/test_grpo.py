@@ -73,6 +73,27 @@ def test_rollout_samples_each_group_from_the_policy_and_gives_the_model_back(tin
     assert model(**x).logits.requires_grad
 
 
+def test_grpo_seed_reseeds_the_rollouts_and_trl_but_not_the_users(tiny_model, tmp_path):
+    """grpo.seed is the training seed: the rollouts sample other texts, TRL's seed and data_seed follow it, and the
+    train users GRPO draws stay the recipe seed's (a replicate on the same users); the recipe's own value changes
+    nothing."""
+    from rlrf.config import load_recipe
+    from rlrf.grpo import Rollout, trl_args
+
+    model, tok = policy(tiny_model)
+    over = ["sample.max_new_tokens=12", "sample.max_prompt_tokens=64"]
+    plain = load_recipe(None, over)
+    b = [{"role": "user", "content": "I liked Alien."}]
+    out = Rollout(plain)([b, b], fake_trainer(model, tok))["completion_ids"]
+    same = load_recipe(None, over + [f"grpo.seed={plain.seed}"])
+    assert Rollout(same)([b, b], fake_trainer(model, tok))["completion_ids"] == out
+    other = load_recipe(None, over + [f"grpo.seed={plain.seed + 1}"])
+    assert Rollout(other)([b, b], fake_trainer(model, tok))["completion_ids"] != out
+    args = trl_args(other, tmp_path)
+    assert args.seed == args.data_seed == plain.seed + 1 and trl_args(plain, tmp_path).seed == plain.seed
+    assert other.seed == plain.seed  # the split and GRPO's users (select_users) still come from the recipe's seed
+
+
 def test_rollout_samples_from_the_merged_update_and_puts_the_base_weights_back_bit_for_bit(tiny_model):
     """grpo.merged_rollout: inside the block the model is the policy (base + LoRA update) in one matmul per
     projection; after it, every base weight is what it was, bit for bit, also in bf16 where peft's own unmerge

@@ -257,6 +257,12 @@ class DPOConfig:
     llamafactory_cli: str = _f("auto", "llamafactory-cli to run (auto: on PATH, else .venv-llamafactory/bin/)")
     heldout_max_pairs: int = _f(64, "held-out pairs (pairs.heldout_splits) scored after training for the implicit-reward "
                                     "accuracy; each costs a policy and a reference forward; 0 = skip")
+    seed: int = _f(-1, "the training seed (LoRA init, pair order, dropout); -1 = the recipe's `seed`, which also draws "
+                       "the users' split and the samples: set this, not `seed`, for a replicate of the round's DPO on "
+                       "the same pairs", late=True)
+
+    def training_seed(self, recipe_seed: int) -> int:
+        return recipe_seed if self.seed < 0 else self.seed
 
     def __post_init__(self):
         _check_choices(self, "dpo")
@@ -271,6 +277,7 @@ class DPOConfig:
                "set max_steps > 0 or num_train_epochs > 0")
         _check(self.save_steps >= 1, "dpo.save_steps", "must be >= 1")
         _check(0 < self.lora_r and 0 <= self.lora_dropout < 1, "dpo.lora_r", "lora_r must be > 0, lora_dropout in [0, 1)")
+        _check(self.seed >= -1, "dpo.seed", "a seed >= 0, or -1 for the recipe's")
 
 
 @dataclass
@@ -317,6 +324,12 @@ class GRPOConfig:
                                        "profiles sampled in the same step (rlrf.quality.typicality: the per-profile side "
                                        "of corpus distinct-2), so a profile written like everyone's earns less than one "
                                        "of its group written for this user; 0 = off", late=True)
+    seed: int = _f(-1, "the training seed (LoRA init, each step's rollouts, data order); -1 = the recipe's `seed`, which "
+                       "also draws the users' split and which train users GRPO samples: set this, not `seed`, for a "
+                       "replicate on the same users", late=True)
+
+    def training_seed(self, recipe_seed: int) -> int:
+        return recipe_seed if self.seed < 0 else self.seed
 
     def __post_init__(self):
         _check(self.length_range == [] or (len(self.length_range) == 2 and all(isinstance(x, int) for x in self.length_range)
@@ -324,6 +337,7 @@ class GRPOConfig:
                "grpo.length_range", f"[] or [lo, hi] token counts with 0 <= lo <= hi; got {self.length_range}")
         _check(self.length_weight >= 0, "grpo.length_weight", "must be >= 0")
         _check(self.typicality_weight >= 0, "grpo.typicality_weight", "must be >= 0")
+        _check(self.seed >= -1, "grpo.seed", "a seed >= 0, or -1 for the recipe's")
         _check(self.reward != "reranker", "grpo.reward", "retrieval | lexical | genres, or empty for score.reward (the "
                "reranker judge is cross-fitted on the sample stage's users, which GRPO does not draw)")
         _check_choices(self, "grpo")
