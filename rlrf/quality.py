@@ -16,7 +16,7 @@ from collections import Counter
 import numpy as np
 import polars as pl
 
-from rlrf.stats import ci_text
+from rlrf.stats import ci_text, verdict
 
 _WORD = re.compile(r"[a-z0-9]+(?:['\-][a-z0-9]+)*")
 # MovieLens spells some genres the way nobody writes them in prose
@@ -305,8 +305,8 @@ def paired_quality(old: pl.DataFrame, new: pl.DataFrame, resamples: int = 2000, 
         out["perplexity"] = interval(pooled_perplexity(new["nll"].to_numpy(), new["tokens"].to_numpy())
                                      / pooled_perplexity(old["nll"].to_numpy(), old["tokens"].to_numpy()), plain)
         # at old's length mix: the bins move with each draw's old profiles, so each draw is recomputed in full
-        rows = {name: [np.flatnonzero(df["user_id"].to_numpy() == u) for u in users] for name, df in
-                (("old", old), ("new", new))}
+        ids = {name: df["user_id"].to_numpy() for name, df in (("old", old), ("new", new))}
+        rows = {name: [np.flatnonzero(side == u) for u in users] for name, side in ids.items()}
         arrays = {name: (df["nll"].to_numpy(), df["tokens"].to_numpy()) for name, df in (("old", old), ("new", new))}
 
         def matched(pick: np.ndarray) -> float:
@@ -338,11 +338,7 @@ def criteria_lines(diff: dict | None) -> list[str]:
     if not diff:
         return []
 
-    def move(ci: dict) -> str:
-        return ("lower: the whole 95% interval is below 0" if ci["high"] < 0 else
-                "higher: the whole 95% interval is above 0" if ci["low"] > 0 else "no detectable change")
-
-    lines = [f"{name} new - old {ci_text(diff[key])} -> {move(diff[key])}"
+    lines = [f"{name} new - old {ci_text(diff[key])} -> {verdict(diff[key], 'higher', 'lower')}"
              for key, name in (("distinct_2", "distinct-2"), ("names_history", "names-history share")) if key in diff]
     for key, name in (("perplexity", "perplexity"), ("perplexity_at_old_lengths", "perplexity at old's lengths")):
         ci = diff.get(key)

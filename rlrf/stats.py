@@ -39,9 +39,11 @@ def paired(old: pl.DataFrame, new: pl.DataFrame, col: str = "reward") -> pl.Data
             .with_columns((pl.col("new") - pl.col("old")).alias("diff")).sort("user_id"))
 
 
-def verdict(ci: dict) -> str:
+def verdict(ci: dict, up: str = "improved", down: str = "got worse") -> str:
+    """A difference read off its interval; `up` / `down` name the two directions (a reward improves, a quality
+    figure is higher or lower)."""
     if ci["low"] > 0:
-        return "improved: the whole 95% interval is above 0"
+        return f"{up}: the whole 95% interval is above 0"
     if ci["high"] < 0:
-        return "got worse: the whole 95% interval is below 0"
+        return f"{down}: the whole 95% interval is below 0"
     return "no detectable change: the 95% interval contains 0"

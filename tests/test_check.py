@@ -95,7 +95,8 @@ def test_quality_criteria_are_read_off_their_intervals(tmp_path):
         "perplexity": ci(1.08, 1.01, 1.16), "perplexity_at_old_lengths": ci(1.31, 1.15, 1.48)}}
     lines = check.criteria_lines(quality["diff"])
     assert lines == ["distinct-2 new - old -0.0770 [-0.0975, -0.0556] -> lower: the whole 95% interval is below 0",
-                     "names-history share new - old +0.0200 [-0.0100, +0.0500] -> no detectable change",
+                     "names-history share new - old +0.0200 [-0.0100, +0.0500] -> no detectable change: the 95% interval "
+                     "contains 0",
                      "perplexity new / old 1.080 [1.010, 1.160] -> within +25%",
                      "perplexity at old's lengths new / old 1.310 [1.150, 1.480] -> +25% inside the interval"]
     quality["diff"]["perplexity"] = ci(1.4, 1.3, 1.5)
