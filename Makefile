@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed
 RUN    := $(BIN)/python pipelines
 LF_VENV ?= .venv-llamafactory
 
-.PHONY: install data test test-integration test-faults test-llamafactory round1 round2 round3 grpo1 evaluate bench clean-runs llamafactory-env
+.PHONY: install data test test-integration test-faults test-llamafactory round1 round2 round3 control1 grpo1 evaluate bench clean-runs llamafactory-env
 
 install: $(STAMP)
 $(STAMP): pyproject.toml
@@ -60,6 +60,14 @@ round2: round1
 
 round3: round2
 	$(call round,3)
+
+# The null control of round 1: the same round in a run of its own with chosen and rejected swapped in a seeded half
+# of the pairs (pairs.coin_flip), then round 1's generator against the control's on the valid users
+# (benchmarks/check_against.py): what the control reproduces is DPO's own doing, not the reward's.
+CONTROL_RUN ?= coinflip
+control1: round1
+	$(MAKE) --no-print-directory round1 ARGS="$(ARGS) run=$(CONTROL_RUN) pairs.coin_flip=true"
+	$(BIN)/python benchmarks/check_against.py --recipe $(RECIPE) --against $(CONTROL_RUN) $(ARGS)
 
 # Round 1 trained online instead (GRPO from the same reward: rlrf/grpo.py), in a run of its own (a run is one
 # lineage of generators), then the same is-it-learning check on the valid users.

@@ -107,8 +107,14 @@ def show_pairs(run_dir: Path, round: int | None, user: int | None, worst_margin:
                 f"user {r['user_id']}  margin {r['margin']:+.4f}",
                 columns([_assistant(r["chosen"]), _assistant(r["rejected"])],
                         [f"CHOSEN #{r['chosen_idx']}  reward {r['chosen_reward']:.4f}",
-                         f"REJECTED #{r['rejected_idx']}  reward {r['rejected_reward']:.4f}"], w)]
+                         f"REJECTED {_whose(r)}#{r['rejected_idx']}  reward {r['rejected_reward']:.4f}"], w)]
     return "\n".join(out)
+
+
+def _whose(pair: dict) -> str:
+    """'' for a user's own rejected profile, 'user <v> ' for another user's (pairs.cross_user)."""
+    v = pair.get("rejected_user")
+    return "" if v is None or v == pair["user_id"] else f"user {v} "
 
 
 def show_profiles(run_dir: Path, round: int | None, user: int | None, limit: int) -> str:

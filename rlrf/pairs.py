@@ -111,6 +111,65 @@ def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance
     return keep, +dropped
 
 
+def cross_user_pairs(picked: pl.DataFrame, chosen_profiles: pl.DataFrame, reward, n: int, draws: int = 16,
+                     length_tolerance: int = -1, min_margin: float = 0.0, seed: int = 0) -> tuple[pl.DataFrame, int]:
+    """Pairs whose rejected profile is another user's: for each user of `picked` (select_pairs' rows), up to `n`
+    other picked users' chosen profiles that `reward(texts, user_ids)["reward"]` scores below this user's chosen
+    reward by more than `min_margin` on this user, and (with `length_tolerance` >= 0) within that many tokens of
+    its chosen profile. `chosen_profiles` holds user_id, sample_idx, text, n_tokens of the picked users' chosen
+    profiles. Up to `draws` others are tried per user in an order seeded by (seed, user), the first that qualify
+    taken. Returns rows shaped as select_pairs' plus `rejected_user`, and how many users got none.
+
+    A profile judged on another user's positives scores lower on average (the reward's personal part), but the
+    generic part of what profiles say is the same on both sides of such a pair, so DPO's log-ratio difference is
+    carried by what is particular to the user: the pressure that pairs within one user's samples lack."""
+    empty = pl.DataFrame(schema={"user_id": pl.Int64, "chosen_idx": pl.Int32, "chosen_reward": pl.Float64,
+                                 "rejected_user": pl.Int64, "rejected_idx": pl.Int32, "rejected_reward": pl.Float64,
+                                 "margin": pl.Float64})
+    if n <= 0 or picked.height < 2:
+        return empty, picked.height if n > 0 else 0
+    pool = picked.select("user_id", "chosen_idx").join(
+        chosen_profiles.select("user_id", pl.col("sample_idx").alias("chosen_idx"), "text", "n_tokens"),
+        on=["user_id", "chosen_idx"], how="left").sort("user_id")
+    if pool["text"].null_count():
+        raise ValueError("cross_user_pairs: chosen_profiles lacks some picked users' chosen profiles")
+    ids = pool["user_id"].to_numpy()
+    texts, tokens, idx = pool["text"].to_list(), pool["n_tokens"].to_numpy(), pool["chosen_idx"].to_numpy()
+    own = dict(zip(picked["user_id"].to_list(), picked["chosen_reward"].to_list()))
+    tries_u, tries_v = [], []  # (row of the user, row of the other user) pairs to score
+    for i, u in enumerate(ids.tolist()):
+        others = np.delete(np.arange(len(ids)), i)
+        if length_tolerance >= 0:
+            others = others[np.abs(tokens[others] - tokens[i]) <= length_tolerance]
+        order = np.random.default_rng([int(seed), int(u)]).permutation(others)[:draws]
+        tries_u += [i] * len(order)
+        tries_v += order.tolist()
+    tries_u, tries_v = np.asarray(tries_u, np.int64), np.asarray(tries_v, np.int64)
+    r = (np.asarray(reward([texts[v] for v in tries_v], ids[tries_u])["reward"], dtype=np.float64)
+         if len(tries_u) else np.zeros(0))
+    rows = []
+    for i, u in enumerate(ids.tolist()):
+        at = np.flatnonzero(tries_u == i)
+        ok = at[~np.isnan(r[at]) & (own[u] - r[at] > min_margin)][:n]
+        rows += [(u, int(idx[i]), own[u], int(ids[tries_v[j]]), int(idx[tries_v[j]]), float(r[j]),
+                  own[u] - float(r[j])) for j in ok]
+    out = pl.DataFrame(rows, schema=empty.schema, orient="row") if rows else empty
+    return out, int(len(ids) - out["user_id"].n_unique())
+
+
+def coin_flip(pairs: pl.DataFrame, seed: int) -> pl.DataFrame:
+    """The pairs (TRL rows) with chosen and rejected swapped, rewards and indices with them, in a seeded half of the
+    rows (floor(n/2), drawn by `seed`): the null control of pairs.coin_flip. A swapped row's margin is negative."""
+    flip = np.zeros(pairs.height, dtype=bool)
+    flip[np.random.default_rng([int(seed), 0xC014]).permutation(pairs.height)[: pairs.height // 2]] = True
+    f = pl.Series("flip", flip)
+    swap = {a: pl.when(f).then(pl.col(b)).otherwise(pl.col(a))
+            for a, b in (("chosen", "rejected"), ("rejected", "chosen"), ("chosen_reward", "rejected_reward"),
+                         ("rejected_reward", "chosen_reward"), ("chosen_idx", "rejected_idx"),
+                         ("rejected_idx", "chosen_idx"))}
+    return pairs.with_columns(**swap, margin=pl.when(f).then(-pl.col("margin")).otherwise(pl.col("margin")))
+
+
 def with_typicality(profiles: pl.DataFrame) -> pl.DataFrame:
     """The profiles with a `typicality` column (`rlrf.quality.typicality`), measured among the profiles of the same
     split: what that split's corpus distinct-2 is made of."""
@@ -131,7 +190,8 @@ def sides(pairs: pl.DataFrame, scores: pl.DataFrame) -> dict:
     side = scores.select("user_id", "sample_idx", "n_tokens", "typicality")
     out = {}
     for name in ("chosen", "rejected"):
-        d = pairs.select("user_id", pl.col(f"{name}_idx").alias("sample_idx"),
+        who = "rejected_user" if name == "rejected" and "rejected_user" in pairs.columns else "user_id"
+        d = pairs.select(pl.col(who).alias("user_id"), pl.col(f"{name}_idx").alias("sample_idx"),
                          pl.col(name).list.first().struct.field("content").alias("text")).join(
             side, on=["user_id", "sample_idx"], how="left")
         out[name] = {"mean_tokens": float(d["n_tokens"].mean()), "distinct_2": distinct_n(d["text"].to_list()),
@@ -142,10 +202,12 @@ def sides(pairs: pl.DataFrame, scores: pl.DataFrame) -> dict:
 def to_trl(chosen: pl.DataFrame, profiles: pl.DataFrame, round: int) -> pl.DataFrame:
     """Join picked indices with the profile texts and shape TRL's conversational preference rows."""
     texts = profiles.select("user_id", "sample_idx", "prompt", "text")
+    if "rejected_user" not in chosen.columns:  # a pair of one user's own profiles
+        chosen = chosen.with_columns(rejected_user=pl.col("user_id"))
     df = (chosen
           .join(texts.rename({"sample_idx": "chosen_idx", "text": "chosen_text"}), on=["user_id", "chosen_idx"])
-          .join(texts.rename({"sample_idx": "rejected_idx", "text": "rejected_text"}).drop("prompt"),
-                on=["user_id", "rejected_idx"]))
+          .join(texts.rename({"user_id": "rejected_user", "sample_idx": "rejected_idx",
+                              "text": "rejected_text"}).drop("prompt"), on=["rejected_user", "rejected_idx"]))
 
     def msg(role: str, col: str) -> pl.Expr:
         return pl.concat_list(pl.struct(pl.lit(role).alias("role"), pl.col(col).alias("content")))
@@ -155,9 +217,9 @@ def to_trl(chosen: pl.DataFrame, profiles: pl.DataFrame, round: int) -> pl.DataF
         msg("assistant", "chosen_text").alias("chosen"),
         msg("assistant", "rejected_text").alias("rejected"),
         "user_id", pl.lit(round).alias("round"), "chosen_reward", "rejected_reward", "margin",
-        "chosen_idx", "rejected_idx",
+        "chosen_idx", "rejected_idx", pl.col("rejected_user").cast(pl.Int64),
     )
-    return out.cast(SCHEMAS["pairs"]).sort("user_id")
+    return out.cast(SCHEMAS["pairs"]).sort("user_id", "rejected_user")
 
 
 def to_sharegpt(pairs: pl.DataFrame) -> list[dict]:
@@ -221,6 +283,25 @@ def pairs_stage(recipe: Recipe, profiles_dir, scores_dir, out_dir, round: int, *
         if pairs.height < picked.height:
             raise StageError(f"{scores_dir} scores profiles that {profiles_dir} does not hold "
                              f"({picked.height - pairs.height} users); rerun the score stage with --force")
+        n_cross = 0
+        if cfg.cross_user > 0:
+            from rlrf.reward import load_reward
+
+            chosen = profiles.select("user_id", "sample_idx", "text", "n_tokens")
+            cross, dropped["no_cross_user_pair"] = cross_user_pairs(
+                picked, chosen, load_reward(recipe, round), cfg.cross_user, cfg.cross_user_draws,
+                cfg.length_tolerance, cfg.min_margin, recipe.seed)
+            if dropped["no_cross_user_pair"] == 0:
+                del dropped["no_cross_user_pair"]
+            n_cross = cross.height
+            pairs = pl.concat([pairs, to_trl(cross, profiles.filter(pl.col("split").is_in(cfg.splits)), round)]
+                              ).sort("user_id", "rejected_user")
+            st.log(f"pairs: {n_cross} more pairs whose rejected profile is another user's (pairs.cross_user="
+                   f"{cfg.cross_user}; reward {recipe.score.reward} on the pair's own user)")
+        if cfg.coin_flip:
+            pairs = coin_flip(pairs, recipe.seed)
+            st.log(f"pairs: NULL CONTROL (pairs.coin_flip): chosen and rejected swapped in {pairs.height // 2} of "
+                   f"{pairs.height} pairs; what DPO learns from these is not the reward's")
         # the held-out users' pairs: never trained on; DPO reports its implicit-reward accuracy on them
         held = to_trl(pick(cfg.heldout_splits)[1], profiles.filter(pl.col("split").is_in(cfg.heldout_splits)), round)
         for todo in st.todo(1):
@@ -229,6 +310,7 @@ def pairs_stage(recipe: Recipe, profiles_dir, scores_dir, out_dir, round: int, *
             st.write_shard(todo, {"pairs": pairs, "heldout_pairs": held}, counters=dict(dropped))
         users = scores["user_id"].n_unique()
         info = st.finish(extra={"users": users, "mean_margin": float(pairs["margin"].mean() or 0.0),
+                                "cross_user_pairs": n_cross,
                                 "sides": sides(pairs, every),
                                 "heldout_pairs": held.height, "heldout_splits": cfg.heldout_splits,
                                 "llamafactory_dataset": dataset_name(round) if cfg.llamafactory_export else None})

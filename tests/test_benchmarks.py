@@ -119,3 +119,41 @@ def test_check_perplexity_ratios_separate_length_from_fluency():
     table = m.quartile_table(old, new, bins=2)
     assert table == [f"  tokens [0, 50): old {math.e ** 3:6.2f} (  4 profiles), new {math.e ** 3:6.2f} (  6 profiles)",
                      f"  tokens [50, inf): old {math.e:6.2f} (  4 profiles), new {math.e:6.2f} (  2 profiles)"]
+
+
+def test_check_against_pairs_two_runs_new_generators_by_user(tmp_path):
+    """check_against: run - control per judge over the users both checks scored (each user's profiles averaged
+    first), worked by hand; checks from different generators k-1 are refused."""
+    import polars as pl
+
+    from rlrf.config import load_recipe
+    from rlrf.schema import SCHEMAS
+    from rlrf.store import Stage
+    from tests.loop_fixtures import score_rows
+
+    def check(run, lexical, retrieval, old="g0"):
+        d = tmp_path / run / "round_1" / "check"
+        rows = score_rows({u: [0.0] * len(v) for u, v in lexical.items()}, split="valid")
+        df = pl.DataFrame(rows, schema=SCHEMAS["scores"]).with_columns(
+            lexical=pl.Series([x for u in lexical for x in lexical[u]]),
+            retrieval=pl.Series([x for u in retrieval for x in retrieval[u]]))
+        with Stage(d / "new" / "score", "score", {"synthetic": run}, quiet=True) as st:
+            for i in st.todo(1):
+                st.write_shard(i, {"scores": df})
+            st.finish()
+        _stage(d, config={"old": old, "new": run})
+
+    m = load("check_against")
+    recipe = lambda run: load_recipe(None, [f"runs_dir={tmp_path}", f"run={run}", "score.reward=lexical"])  # noqa: E731
+    check("h3", {1: [0.3, 0.5], 2: [0.2, 0.2], 3: [0.9, 0.9]}, {1: [0.1, 0.1], 2: [0.4, 0.2], 3: [0.5, 0.5]})
+    check("coinflip", {1: [0.1, 0.1], 2: [0.2, 0.0]}, {1: [0.1, 0.1], 2: [0.1, 0.1]})
+    judges, q = m.against(recipe("h3"), recipe("coinflip"), 1, quality=False)
+    assert q == {} and list(judges) == ["retrieval (encoder cosine)", "lexical (TF-IDF cosine) - picked the pairs"]
+    lex = judges["lexical (TF-IDF cosine) - picked the pairs"]
+    assert lex["n"] == 2 and lex["mean"] == pytest.approx(((0.4 - 0.1) + (0.2 - 0.1)) / 2)
+    assert judges["retrieval (encoder cosine)"]["mean"] == pytest.approx((0.0 + 0.2) / 2)
+    check("other", {1: [0.1]}, {1: [0.1]}, old="g0-elsewhere")
+    with pytest.raises(SystemExit, match="different generators"):
+        m.against(recipe("h3"), recipe("other"), 1, quality=False)
+    with pytest.raises(SystemExit, match="not a finished check stage"):
+        m.against(recipe("h3"), recipe("absent"), 1, quality=False)

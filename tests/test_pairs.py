@@ -221,3 +221,115 @@ def test_parquet_loads_with_datasets_and_dpo_trainer_tokenizes_it(tmp_path):
     assert len(ex["prompt_ids"]) > 10 and len(ex["chosen_ids"]) > 3 and len(ex["rejected_ids"]) > 3
     # the completion tokens are the profile text (plus the template's end-of-turn), not the prompt
     assert "likes drama" in tok.decode(ex["chosen_ids"])
+
+
+def test_cross_user_pairs_take_the_first_other_user_the_reward_scores_lower_worked_by_hand():
+    """Three users' chosen profiles; the reward pays 0.3 for text "e" (user 3's) and 0 otherwise, whoever judges.
+    User 2 (chosen reward 0.2) can only be paired against a profile scored below 0.2, so never against "e"; with a
+    length tolerance of 5 tokens user 2's 30-token profile has no other user near its length."""
+    import numpy as np
+
+    from rlrf.pairs import cross_user_pairs
+
+    picked = pl.DataFrame({"user_id": [1, 2, 3], "chosen_idx": [0, 1, 2], "chosen_reward": [0.5, 0.2, 0.9],
+                           "rejected_idx": [1, 0, 0], "rejected_reward": [0.1, 0.1, 0.1], "margin": [0.4, 0.1, 0.8]})
+    prof = pl.DataFrame({"user_id": [1, 1, 2, 2, 3, 3], "sample_idx": [0, 1, 0, 1, 2, 0],
+                         "text": ["a", "b", "c", "d", "e", "f"], "n_tokens": [10, 10, 10, 30, 12, 12]})
+    seen = []
+
+    def reward(texts, user_ids):
+        seen.extend(zip(texts, np.asarray(user_ids).tolist()))
+        return {"reward": np.array([0.3 if t == "e" else (np.nan if t == "nan" else 0.0) for t in texts])}
+
+    got, none = cross_user_pairs(picked, prof, reward, n=2)
+    rows = {(r["user_id"], r["rejected_user"]): r for r in got.iter_rows(named=True)}
+    # user 1: both others qualify (0.0 and 0.3 < 0.5); user 2: only user 1's "a"; user 3: both
+    assert set(rows) == {(1, 2), (1, 3), (2, 1), (3, 1), (3, 2)} and none == 0
+    assert rows[(1, 3)] == pytest.approx({"user_id": 1, "chosen_idx": 0, "chosen_reward": 0.5, "rejected_user": 3,
+                                          "rejected_idx": 2, "rejected_reward": 0.3, "margin": 0.2})
+    assert rows[(2, 1)]["rejected_idx"] == 0 and rows[(2, 1)]["margin"] == pytest.approx(0.2)
+    # every profile is judged on the pair's own user, never on its author
+    assert ("d", 1) in seen and ("a", 2) in seen and all(t != {1: "a", 2: "d", 3: "e"}[u] for t, u in seen)
+    one, _ = cross_user_pairs(picked, prof, reward, n=1)
+    assert one["user_id"].to_list() == [1, 2, 3]
+    assert one.equals(cross_user_pairs(picked, prof, reward, n=1)[0])  # seeded: the same draw every time
+    near, none = cross_user_pairs(picked, prof, reward, n=1, length_tolerance=5)
+    assert near["user_id"].to_list() == [1, 3] and none == 1
+    small, none = cross_user_pairs(picked, prof, reward, n=2, min_margin=0.25)  # gaps must exceed 0.25
+    assert {(r["user_id"], r["rejected_user"]) for r in small.iter_rows(named=True)} == {(1, 2), (3, 1), (3, 2)}
+    assert none == 1
+    off, none = cross_user_pairs(picked, prof, reward, n=0)
+    assert off.is_empty() and none == 0 and off.columns == got.columns
+
+
+def test_cross_user_pairs_through_the_stage_with_the_real_lexical_reward(tmp_path):
+    """Each train user writes one profile naming the genre its held-out positives hold and one naming the next
+    genre; the lexical reward (TF-IDF over the item texts) picks the own pairs, and pairs.cross_user=1 adds, per
+    user, a pair against another user's chosen profile that names another genre (a same-taste user's profile scores
+    the same, so it is never the rejected side). The prompt is always the pair's own user's."""
+    from rlrf.config import fingerprint
+    from rlrf.reward import load_reward
+    from tests.reward_fixtures import GENRES, make_recipe, taste, write_prepare
+
+    recipe = make_recipe(tmp_path, "score.reward=lexical", "score.retrieval_k=10", "pairs.cross_user=1")
+    assert "cross_user" not in fingerprint(load_recipe(None).pairs) and fingerprint(recipe.pairs)["cross_user"] == 1
+    write_prepare(recipe)
+    users = list(range(1, 9))
+    texts = {u: [f"This user loves {GENRES[taste(u)]} films.", f"This user loves {GENRES[(taste(u) + 1) % 4]} films."]
+             for u in users}
+    r = load_reward(recipe)([t for u in users for t in texts[u]], [u for u in users for _ in texts[u]])["reward"]
+    rewards = {u: r[2 * i: 2 * i + 2].tolist() for i, u in enumerate(users)}
+    prof = write_stage(tmp_path / "sample", "sample", "profiles", profile_rows(texts))
+    sc = write_stage(tmp_path / "score", "score", "scores", score_rows(rewards))
+    out = pairs_stage(recipe, prof, sc, tmp_path / "run" / "round_1" / "pairs", round=1)
+    df = read_artifact(out, "pairs")
+    own = df.filter(pl.col("rejected_user") == pl.col("user_id"))
+    cross = df.filter(pl.col("rejected_user") != pl.col("user_id"))
+    assert own["user_id"].to_list() == users and cross["user_id"].to_list() == users
+    for row in cross.iter_rows(named=True):
+        u, v = row["user_id"], row["rejected_user"]
+        assert taste(v) != taste(u) and row["rejected_reward"] < row["chosen_reward"]
+        assert row["chosen"][0]["content"] == texts[u][0] and row["rejected"][0]["content"] == texts[v][0]
+        assert row["prompt"][0]["content"].startswith(f"Given a user {u} ")
+    info = read_stage_json(out)
+    assert info["cross_user_pairs"] == len(users) and info["rows"]["pairs"] == 2 * len(users)
+    # the LLaMA-Factory export holds the same pairs
+    lf = json.loads((out / "llamafactory" / f"{dataset_name(1)}.json").read_text())
+    assert len(lf) == 2 * len(users)
+    # `rlrf inspect pairs` names whose profile a rejected one is when it is another user's
+    from rlrf.inspect import show_pairs
+
+    shown = show_pairs(tmp_path / "run", 1, users[0], False, 0)
+    v = cross.filter(pl.col("user_id") == users[0])["rejected_user"][0]
+    assert f"REJECTED user {v} #0" in shown and "REJECTED #1" in shown
+    with pytest.raises(ValueError, match="pairs.cross_user"):
+        load_recipe(None, ["pairs.cross_user=-1"])
+
+
+def test_coin_flip_swaps_a_seeded_half_of_the_pairs_and_keeps_the_held_out_labels(tmp_path):
+    """pairs.coin_flip, the null control: half of the pairs (floor) have chosen and rejected swapped with their
+    rewards and indices, the same half every time; the held-out pairs keep the reward's labels."""
+    train = {u: [0.1 * (u % 3), 0.5 + 0.01 * u] for u in range(1, 8)}
+    valid = {u: [0.9, 0.2] for u in range(20, 23)}
+    texts = {u: [f"user {u} profile {i}" for i in range(2)] for u in [*train, *valid]}
+    prof = write_stage(tmp_path / "sample", "sample", "profiles",
+                       profile_rows({u: texts[u] for u in train}) + profile_rows({u: texts[u] for u in valid}, "valid"))
+    sc = write_stage(tmp_path / "score", "score", "scores", score_rows(train) + score_rows(valid, "valid"))
+    plain = read_artifact(pairs_stage(load_recipe(None), prof, sc, tmp_path / "plain", round=1), "pairs")
+    recipe = load_recipe(None, ["pairs.coin_flip=true"])
+    flipped = read_artifact(pairs_stage(recipe, prof, sc, tmp_path / "flip", round=1), "pairs")
+    again = read_artifact(pairs_stage(recipe, prof, sc, tmp_path / "flip2", round=1), "pairs")
+    assert flipped.equals(again) and flipped["user_id"].to_list() == plain["user_id"].to_list()
+    swapped = flipped["chosen_idx"] != plain["chosen_idx"]
+    assert int(swapped.sum()) == 3  # floor(7 / 2)
+    for a, b in zip(plain.iter_rows(named=True), flipped.iter_rows(named=True)):
+        if a["chosen_idx"] == b["chosen_idx"]:
+            assert a == b
+        else:
+            assert (b["chosen"], b["rejected"], b["chosen_reward"], b["rejected_idx"]) == \
+                (a["rejected"], a["chosen"], a["rejected_reward"], a["chosen_idx"])
+            assert b["margin"] == pytest.approx(-a["margin"])
+    held = read_artifact(tmp_path / "flip", "heldout_pairs")
+    assert held["user_id"].to_list() == [20, 21, 22] and held["chosen_idx"].to_list() == [0, 0, 0]
+    with pytest.raises(ValueError, match="pairs.coin_flip"):
+        load_recipe(None, ["pairs.coin_flip=true", "pairs.cross_user=1"])

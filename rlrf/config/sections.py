@@ -204,9 +204,25 @@ class PairsConfig:
                                          "none of them contradicts, so DPO learns only what the reward and these judges "
                                          "share. A judge named here no longer judges the round independently of its "
                                          "pairs. [] = off", late=True)
+    cross_user: int = _f(0, "besides each user's own pair, up to this many pairs whose rejected profile is another "
+                            "pair user's chosen one (within pairs.length_tolerance of it) that the reward scores lower "
+                            "on this user's held-out positives: what every user's profile shares cancels between the "
+                            "two sides, so DPO learns what tells this user's profile from another's (0 = off)",
+                         late=True)
+    coin_flip: bool = _f(False, "a null control: swap chosen and rejected in a seeded half of the pairs, so DPO trains "
+                                "as it would but on labels the reward did not give; what such a round changes (a "
+                                "judge, distinct-2) is DPO's own doing, not the reward's. The held-out pairs keep "
+                                "the reward's labels", late=True)
+    cross_user_draws: int = _f(16, "other users' chosen profiles tried per user for pairs.cross_user, in a seeded order "
+                                   "(the first ones the reward scores lower are taken)", late=True)
 
     def __post_init__(self):
         _check(self.min_margin >= 0, "pairs.min_margin", "must be >= 0 (ties are always dropped)")
+        _check(self.cross_user >= 0, "pairs.cross_user", f"must be >= 0 pairs a user (0 = off); got {self.cross_user}")
+        _check(not (self.coin_flip and self.cross_user), "pairs.coin_flip",
+               "is a control on a user's own pairs; it does not combine with pairs.cross_user")
+        _check(self.cross_user_draws >= self.cross_user, "pairs.cross_user_draws",
+               f"must be >= pairs.cross_user ({self.cross_user}); got {self.cross_user_draws}")
         _check(self.length_tolerance >= -1, "pairs.length_tolerance", "must be >= 0 tokens, or -1 (off)")
         _check(self.typicality_tolerance == -1 or 0 <= self.typicality_tolerance <= 1, "pairs.typicality_tolerance",
                f"must be in [0, 1], or -1 (off); got {self.typicality_tolerance}")
