@@ -183,8 +183,9 @@ def with_typicality(profiles: pl.DataFrame) -> pl.DataFrame:
 
 
 def sides(pairs: pl.DataFrame, scores: pl.DataFrame) -> dict:
-    """What the pairs teach besides the reward: chosen vs rejected mean tokens, corpus distinct-2 and mean typicality.
-    `scores` holds n_tokens and typicality per (user_id, sample_idx). DPO learns whatever tells the two sides apart."""
+    """What the pairs teach besides the reward: chosen vs rejected mean tokens, corpus distinct-2 and mean typicality,
+    each profile counted once per side (with pairs.cross_user a chosen profile is in two pairs). `scores` holds
+    n_tokens and typicality per (user_id, sample_idx). DPO learns whatever tells the two sides apart."""
     if pairs.is_empty():
         return {}
     side = scores.select("user_id", "sample_idx", "n_tokens", "typicality")
@@ -193,7 +194,7 @@ def sides(pairs: pl.DataFrame, scores: pl.DataFrame) -> dict:
         who = "rejected_user" if name == "rejected" and "rejected_user" in pairs.columns else "user_id"
         d = pairs.select(pl.col(who).alias("user_id"), pl.col(f"{name}_idx").alias("sample_idx"),
                          pl.col(name).list.first().struct.field("content").alias("text")).join(
-            side, on=["user_id", "sample_idx"], how="left")
+            side, on=["user_id", "sample_idx"], how="left").unique(["user_id", "sample_idx"], maintain_order=True)
         out[name] = {"mean_tokens": float(d["n_tokens"].mean()), "distinct_2": distinct_n(d["text"].to_list()),
                      "typicality": float(d["typicality"].mean())}
     return out

@@ -293,6 +293,10 @@ def test_cross_user_pairs_through_the_stage_with_the_real_lexical_reward(tmp_pat
         assert row["prompt"][0]["content"].startswith(f"Given a user {u} ")
     info = read_stage_json(out)
     assert info["cross_user_pairs"] == len(users) and info["rows"]["pairs"] == 2 * len(users)
+    # each chosen profile is in two pairs, and counts once in what the sides summary says of the chosen side
+    from rlrf.quality import distinct_n
+
+    assert info["sides"]["chosen"]["distinct_2"] == pytest.approx(distinct_n([texts[u][0] for u in users]))
     # the LLaMA-Factory export holds the same pairs
     lf = json.loads((out / "llamafactory" / f"{dataset_name(1)}.json").read_text())
     assert len(lf) == 2 * len(users)
