@@ -239,7 +239,7 @@ def test_cross_user_pairs_take_the_first_other_user_the_reward_scores_lower_work
 
     def reward(texts, user_ids):
         seen.extend(zip(texts, np.asarray(user_ids).tolist()))
-        return {"reward": np.array([0.3 if t == "e" else (np.nan if t == "nan" else 0.0) for t in texts])}
+        return {"reward": np.array([0.3 if t == "e" else 0.0 for t in texts])}
 
     got, none = cross_user_pairs(picked, prof, reward, n=2)
     rows = {(r["user_id"], r["rejected_user"]): r for r in got.iter_rows(named=True)}
@@ -258,6 +258,10 @@ def test_cross_user_pairs_take_the_first_other_user_the_reward_scores_lower_work
     small, none = cross_user_pairs(picked, prof, reward, n=2, min_margin=0.25)  # gaps must exceed 0.25
     assert {(r["user_id"], r["rejected_user"]) for r in small.iter_rows(named=True)} == {(1, 2), (3, 1), (3, 2)}
     assert none == 1
+    # a profile the reward cannot judge (NaN: e.g. no held-out positive) is never the rejected side
+    nan_a = lambda texts, user_ids: {"reward": np.array([np.nan if t == "a" else 0.0 for t in texts])}  # noqa: E731
+    got, none = cross_user_pairs(picked, prof, nan_a, n=2)
+    assert 1 not in got["rejected_user"].to_list() and got["user_id"].to_list() == [1, 1, 2, 3] and none == 0
     off, none = cross_user_pairs(picked, prof, reward, n=0)
     assert off.is_empty() and none == 0 and off.columns == got.columns
 
