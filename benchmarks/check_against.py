@@ -18,14 +18,11 @@ quality criterion (distinct-2 and names-history run - control, perplexity under 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-import polars as pl
-
 from rlrf import runs
-from rlrf.artifacts import read_artifact
+from rlrf.artifacts import read_artifact, read_stage_json
 from rlrf.config import load_recipe
 from rlrf.stats import ci_text, verdict
 
@@ -36,7 +33,7 @@ def new_side(recipe, k: int) -> tuple[Path, dict]:
     if not (check / "stage.json").is_file() or not (check / "new" / "score" / "stage.json").is_file():
         sys.exit(f"check_against: {check} is not a finished check stage: run "
                  f"`python pipelines/check.py --recipe <recipe> --round {k} run={recipe.run}` first")
-    return check / "new" / "score", json.loads((check / "stage.json").read_text())
+    return check / "new" / "score", read_stage_json(check)
 
 
 def against(recipe, control, k: int, quality: bool = True) -> tuple[dict, dict]:
@@ -78,5 +75,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    pl.Config.set_tbl_rows(20)
     main()

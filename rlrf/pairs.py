@@ -147,9 +147,10 @@ def cross_user_pairs(picked: pl.DataFrame, chosen_profiles: pl.DataFrame, reward
     tries_u, tries_v = np.asarray(tries_u, np.int64), np.asarray(tries_v, np.int64)
     r = (np.asarray(reward([texts[v] for v in tries_v], ids[tries_u])["reward"], dtype=np.float64)
          if len(tries_u) else np.zeros(0))
+    bounds = np.searchsorted(tries_u, np.arange(len(ids) + 1))  # tries_u is built user by user, in order
     rows = []
     for i, u in enumerate(ids.tolist()):
-        at = np.flatnonzero(tries_u == i)
+        at = np.arange(bounds[i], bounds[i + 1])
         ok = at[~np.isnan(r[at]) & (own[u] - r[at] > min_margin)][:n]
         rows += [(u, int(idx[i]), own[u], int(ids[tries_v[j]]), int(idx[tries_v[j]]), float(r[j]),
                   own[u] - float(r[j])) for j in ok]
@@ -280,7 +281,8 @@ def pairs_stage(recipe: Recipe, profiles_dir, scores_dir, out_dir, round: int, *
         if scores.is_empty():
             raise StageError(f"{scores_dir}: no scored profiles of split(s) {cfg.splits}; check pairs.splits "
                              f"against sample.splits in the recipe")
-        pairs = to_trl(picked, profiles.filter(pl.col("split").is_in(cfg.splits)), round)
+        mine = profiles.filter(pl.col("split").is_in(cfg.splits))
+        pairs = to_trl(picked, mine, round)
         if pairs.height < picked.height:
             raise StageError(f"{scores_dir} scores profiles that {profiles_dir} does not hold "
                              f"({picked.height - pairs.height} users); rerun the score stage with --force")
@@ -288,15 +290,13 @@ def pairs_stage(recipe: Recipe, profiles_dir, scores_dir, out_dir, round: int, *
         if cfg.cross_user > 0:
             from rlrf.reward import load_reward
 
-            chosen = profiles.select("user_id", "sample_idx", "text", "n_tokens")
-            cross, dropped["no_cross_user_pair"] = cross_user_pairs(
-                picked, chosen, load_reward(recipe, round), cfg.cross_user, cfg.cross_user_draws,
-                cfg.length_tolerance, cfg.min_margin, recipe.seed)
-            if dropped["no_cross_user_pair"] == 0:
-                del dropped["no_cross_user_pair"]
+            cross, none = cross_user_pairs(picked, mine.select("user_id", "sample_idx", "text", "n_tokens"),
+                                           load_reward(recipe, round), cfg.cross_user, cfg.cross_user_draws,
+                                           cfg.length_tolerance, cfg.min_margin, recipe.seed)
+            if none:
+                dropped["no_cross_user_pair"] = none
             n_cross = cross.height
-            pairs = pl.concat([pairs, to_trl(cross, profiles.filter(pl.col("split").is_in(cfg.splits)), round)]
-                              ).sort("user_id", "rejected_user")
+            pairs = pl.concat([pairs, to_trl(cross, mine, round)]).sort("user_id", "rejected_user")
             st.log(f"pairs: {n_cross} more pairs whose rejected profile is another user's (pairs.cross_user="
                    f"{cfg.cross_user}; reward {recipe.score.reward} on the pair's own user)")
         if cfg.coin_flip:

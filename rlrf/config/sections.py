@@ -233,8 +233,15 @@ class PairsConfig:
                "pairs.heldout_splits", f"must be splits not in pairs.splits (held out from DPO); got {self.heldout_splits}")
 
 
+class _TrainingSeed:
+    """A trainer section's `seed` key: -1 = the recipe's `seed`."""
+
+    def training_seed(self, recipe_seed: int) -> int:
+        return recipe_seed if self.seed < 0 else self.seed
+
+
 @dataclass
-class DPOConfig:
+class DPOConfig(_TrainingSeed):
     backend: DPOBackend = _f("trl", "trl | llamafactory (writes a LLaMA-Factory recipe and runs llamafactory-cli)")
     beta: float = _f(0.1, "DPO beta; smaller lets the policy move further from the reference")
     sft_weight: float = _f(0.0, "RPO (Pang et al., 2024): add this weight x the chosen profile's mean token NLL to the "
@@ -277,9 +284,6 @@ class DPOConfig:
                        "the users' split and the samples: set this, not `seed`, for a replicate of the round's DPO on "
                        "the same pairs", late=True)
 
-    def training_seed(self, recipe_seed: int) -> int:
-        return recipe_seed if self.seed < 0 else self.seed
-
     def __post_init__(self):
         _check_choices(self, "dpo")
         _check(self.beta > 0, "dpo.beta", "must be > 0")
@@ -297,7 +301,7 @@ class DPOConfig:
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(_TrainingSeed):
     reward: TextReward = _f("", "the reward GRPO learns from: retrieval | lexical | genres (training-free, so never in-sample); "
                          "empty = score.reward")
     max_users: int = _f(100, "train users whose KAR prompts GRPO samples from (first by user id after a seeded shuffle, as "
@@ -343,9 +347,6 @@ class GRPOConfig:
     seed: int = _f(-1, "the training seed (LoRA init, each step's rollouts, data order); -1 = the recipe's `seed`, which "
                        "also draws the users' split and which train users GRPO samples: set this, not `seed`, for a "
                        "replicate on the same users", late=True)
-
-    def training_seed(self, recipe_seed: int) -> int:
-        return recipe_seed if self.seed < 0 else self.seed
 
     def __post_init__(self):
         _check(self.length_range == [] or (len(self.length_range) == 2 and all(isinstance(x, int) for x in self.length_range)
