@@ -21,7 +21,8 @@ def main() -> None:
                          f"pipelines/{recipe.rounds.trainer}.py; drop the override to train with DPO")
     out = dpo_stage(recipe, runs.stage_dir(recipe, "pairs", k), runs.generator_for_round(recipe, k),
                     runs.stage_dir(recipe, "dpo", k), force=args.force)
-    print(f"dpo: generator {k} -> {out / 'merged'}")
+    scaled = "" if recipe.dpo.merge_scale == 1 else f" (generator {k - 1} + {recipe.dpo.merge_scale:g} x the update)"
+    print(f"dpo: generator {k} -> {out / 'merged'}{scaled}")
 
 
 if __name__ == "__main__":

@@ -230,14 +230,21 @@ def write_log(log_history: list[dict], out_dir: Path) -> list[dict]:
     return rows
 
 
-def merge(model_dir: Path, adapter_dir: Path, out: Path) -> Path:
-    """Base + adapter merged in fp32 (a bf16 merge would round the small LoRA update away), saved atomically."""
+def merge(model_dir: Path, adapter_dir: Path, out: Path, scale: float = 1.0) -> Path:
+    """Base + scale x the adapter's update, merged in fp32 (a bf16 merge would round the small LoRA update away),
+    saved atomically. scale < 1 interpolates the trained policy towards its initialisation (dpo.merge_scale)."""
     import torch
     from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **SAFE_MODEL)
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    policy = PeftModel.from_pretrained(base, adapter_dir)
+    if scale != 1.0:
+        for module in policy.modules():
+            if isinstance(module, LoraLayer):
+                module.scale_layer(scale)  # each layer's update B A x alpha/r, times scale
+    merged = policy.merge_and_unload()
     tok = AutoTokenizer.from_pretrained(model_dir, **SAFE_TOKENIZER)
     with atomic_path(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
@@ -278,9 +285,10 @@ def train_trl(recipe: Recipe, pairs_dir: Path, model_dir: Path, out_dir: Path, l
         log(f"dpo: held-out pairs ({held['pairs']}, users never trained on): implicit-reward accuracy "
             f"{held['accuracy']:.3f} [{held['low']:.3f}, {held['high']:.3f}], margin {held['margin']:+.4f}")
     del trainer, model
-    merge(model_dir, adapter, out_dir / "merged")
+    merge(model_dir, adapter, out_dir / "merged", scale=cfg.merge_scale)
     last = rows[-1] if rows else {}
     return {"backend": "trl", "bf16": bf16, "steps": int(result.global_step), "pairs_used": ds.num_rows,
+            "merge_scale": cfg.merge_scale,
             "train_loss": float(result.training_loss), "final": last, "resumed_from": resume,
             "heldout": held, "generator_out": str(out_dir / "merged")}
 

@@ -293,11 +293,11 @@ def run_llamafactory(recipe: Recipe, pairs_dir: Path, model_dir: Path, out_dir: 
     state = json.loads((lf_out / "trainer_state.json").read_text())
     _copy_adapter(lf_out, out_dir / "adapter")
     rows = write_log(state["log_history"], out_dir)
-    merge(model_dir, out_dir / "adapter", out_dir / "merged")
+    merge(model_dir, out_dir / "adapter", out_dir / "merged", scale=recipe.dpo.merge_scale)
     summary = next((h for h in reversed(state["log_history"]) if "train_loss" in h), {})
     return {"backend": "llamafactory", "recipe": str(path), "cli": cli, "versions": probe["versions"],
             "bf16": lf["bf16"], "use_cpu": lf["use_cpu"], "cutoff_len": cutoff_len, "longest_pair_tokens": longest,
-            "steps": int(state["global_step"]), "pairs_used": len(expected),
+            "steps": int(state["global_step"]), "pairs_used": len(expected), "merge_scale": recipe.dpo.merge_scale,
             "train_loss": summary.get("train_loss"), "final": rows[-1] if rows else {}, "resumed_from": resume,
             # the stage's own peak_rss_mb is this process's; LLaMA-Factory trains in a child of its own
             "llamafactory_peak_rss_mb": peak_rss_mb(children=True),

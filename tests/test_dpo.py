@@ -185,6 +185,29 @@ def test_merged_model_differs_from_base_loads_and_generates(trained):
     assert gen.shape[1] == ids["input_ids"].shape[1] + 5 or int(gen[0, -1]) == tok.eos_token_id
 
 
+def test_merge_scale_interpolates_between_the_base_and_the_trained_policy(trained, tmp_path):
+    """dpo.merge_scale: generator k = base + scale x the adapter's update, weight by weight (WARP's LITI)."""
+    from safetensors.torch import load_file
+
+    from rlrf.dpo import merge
+
+    _, model_dir, _, out = trained
+    base = load_file(model_dir / "model.safetensors")
+    full = load_file(out / "merged" / "model.safetensors")
+    half = load_file(merge(model_dir, out / "adapter", tmp_path / "half", scale=0.5) / "model.safetensors")
+    assert set(half) == set(base)
+    moved = [k for k in base if not torch.equal(base[k], full[k])]
+    assert moved and all("q_proj" in k or "k_proj" in k or "v_proj" in k or "o_proj" in k for k in moved)
+    for k in base:
+        torch.testing.assert_close(half[k], base[k] + 0.5 * (full[k] - base[k]), rtol=0, atol=1e-6)
+        if k in moved:  # strictly between the two ends, not one of them
+            assert not torch.equal(half[k], base[k]) and not torch.equal(half[k], full[k])
+    assert load_recipe(None, ["dpo.merge_scale=0.5"]).dpo.merge_scale == 0.5
+    for bad in ("0", "1.5", "-0.5"):
+        with pytest.raises(ValueError, match="dpo.merge_scale"):
+            load_recipe(None, [f"dpo.merge_scale={bad}"])
+
+
 @pytest.mark.faults
 def test_a_step_the_machine_cannot_hold_is_refused_before_anything_loads(trained, tmp_path, monkeypatch):
     from rlrf import memory

@@ -254,6 +254,10 @@ class DPOConfig(_TrainingSeed):
                                               "covering: pays for every answer the reference gives, its most likely "
                                               "long ones included; README: Is it learning? has what each did). TRL "
                                               "backend only", late=True)
+    merge_scale: float = _f(1.0, "generator k = generator k-1 + this x the adapter's update: 1 = the trained policy; "
+                                 "below 1 interpolates it towards its initialisation (WiSE-FT; WARP's LITI, Rame et "
+                                 "al., 2024), which keeps part of the reward for less drift from the base model. "
+                                 "Applied at the merge, either backend", late=True)
     learning_rate: float = _f(5e-5, "AdamW learning rate")
     per_device_train_batch_size: int = _f(2, "pairs per forward")
     gradient_accumulation_steps: int = _f(8, "forwards per optimizer step")
@@ -290,6 +294,8 @@ class DPOConfig(_TrainingSeed):
         _check(self.sft_weight >= 0, "dpo.sft_weight", "must be >= 0 (0 = plain DPO)")
         _check(self.divergence == "reverse_kl" or self.backend == "trl", "dpo.divergence",
                f"{self.divergence}: LLaMA-Factory's DPO has the reverse KL only; set dpo.backend=trl or drop the key")
+        _check(0 < self.merge_scale <= 1, "dpo.merge_scale", f"{self.merge_scale}: must be in (0, 1] (1 = the "
+                                                             f"trained policy; 0 would be the base model itself)")
         _check(self.learning_rate > 0, "dpo.learning_rate", "must be > 0")
         _check(self.per_device_train_batch_size >= 1 and self.gradient_accumulation_steps >= 1,
                "dpo.per_device_train_batch_size", "batch size and gradient_accumulation_steps must be >= 1")
