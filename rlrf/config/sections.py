@@ -257,7 +257,8 @@ class DPOConfig(_TrainingSeed):
     merge_scale: float = _f(1.0, "generator k = generator k-1 + this x the adapter's update: 1 = the trained policy; "
                                  "below 1 interpolates it towards its initialisation (WiSE-FT; WARP's LITI, Rame et "
                                  "al., 2024), which keeps part of the reward for less drift from the base model. "
-                                 "Applied at the merge, either backend", late=True)
+                                 "Applied at the merge, either backend; the held-out pair accuracy is the trained "
+                                 "policy's", late=True)
     learning_rate: float = _f(5e-5, "AdamW learning rate")
     per_device_train_batch_size: int = _f(2, "pairs per forward")
     gradient_accumulation_steps: int = _f(8, "forwards per optimizer step")
