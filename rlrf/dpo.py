@@ -288,7 +288,6 @@ def train_trl(recipe: Recipe, pairs_dir: Path, model_dir: Path, out_dir: Path, l
     merge(model_dir, adapter, out_dir / "merged", scale=cfg.merge_scale)
     last = rows[-1] if rows else {}
     return {"backend": "trl", "bf16": bf16, "steps": int(result.global_step), "pairs_used": ds.num_rows,
-            "merge_scale": cfg.merge_scale,
             "train_loss": float(result.training_loss), "final": last, "resumed_from": resume,
             "heldout": held, "generator_out": str(out_dir / "merged")}
 
@@ -330,7 +329,7 @@ def dpo_stage(recipe: Recipe, pairs_dir, generator: str, out_dir, *, force: bool
             raise StageError(f"{pairs_dir}: no preference pairs (every user was dropped; see its stage.json "
                              f"'dropped'). Raise sample.n or sample.temperature, or lower pairs.min_margin.")
         extra = BACKENDS[recipe.dpo.backend](recipe, pairs_dir, model_dir, out_dir, st.log)
-        st.finish(extra=extra, rows={"pairs": pairs.height})
+        st.finish(extra={**extra, "merge_scale": recipe.dpo.merge_scale}, rows={"pairs": pairs.height})
     return out_dir
 
 

@@ -297,7 +297,7 @@ def run_llamafactory(recipe: Recipe, pairs_dir: Path, model_dir: Path, out_dir: 
     summary = next((h for h in reversed(state["log_history"]) if "train_loss" in h), {})
     return {"backend": "llamafactory", "recipe": str(path), "cli": cli, "versions": probe["versions"],
             "bf16": lf["bf16"], "use_cpu": lf["use_cpu"], "cutoff_len": cutoff_len, "longest_pair_tokens": longest,
-            "steps": int(state["global_step"]), "pairs_used": len(expected), "merge_scale": recipe.dpo.merge_scale,
+            "steps": int(state["global_step"]), "pairs_used": len(expected),
             "train_loss": summary.get("train_loss"), "final": rows[-1] if rows else {}, "resumed_from": resume,
             # the stage's own peak_rss_mb is this process's; LLaMA-Factory trains in a child of its own
             "llamafactory_peak_rss_mb": peak_rss_mb(children=True),

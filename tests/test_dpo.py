@@ -197,11 +197,13 @@ def test_merge_scale_interpolates_between_the_base_and_the_trained_policy(traine
     half = load_file(merge(model_dir, out / "adapter", tmp_path / "half", scale=0.5) / "model.safetensors")
     assert set(half) == set(base)
     moved = [k for k in base if not torch.equal(base[k], full[k])]
-    assert moved and all("q_proj" in k or "k_proj" in k or "v_proj" in k or "o_proj" in k for k in moved)
+    targets = load_recipe(None, TINY).dpo.lora_target_modules
+    assert moved and all(any(t in k for t in targets) for k in moved)
     for k in base:
         torch.testing.assert_close(half[k], base[k] + 0.5 * (full[k] - base[k]), rtol=0, atol=1e-6)
         if k in moved:  # strictly between the two ends, not one of them
             assert not torch.equal(half[k], base[k]) and not torch.equal(half[k], full[k])
+    assert read_stage_json(out)["merge_scale"] == 1.0  # the stage records the scale its generator was merged at
     assert load_recipe(None, ["dpo.merge_scale=0.5"]).dpo.merge_scale == 0.5
     for bad in ("0", "1.5", "-0.5"):
         with pytest.raises(ValueError, match="dpo.merge_scale"):
