@@ -7,20 +7,14 @@ A killed run resumes from its last checkpoint (dpo.save_steps). `dpo.backend=lla
 LLaMA-Factory recipe there instead and runs `llamafactory-cli train` on it (`make llamafactory-env`).
 """
 
-from rlrf import runs
 from rlrf.cli import run_main, stage_args
-from rlrf.dpo import dpo_stage
-from rlrf.errors import StageError
+from rlrf.trainers import train_round
 
 
 def main() -> None:
     recipe, args = stage_args(__doc__)
     k = args.round
-    if recipe.rounds.trainer != "dpo":
-        raise StageError(f"dpo: rounds.trainer={recipe.rounds.trainer}, so round {k}'s generator comes from "
-                         f"pipelines/{recipe.rounds.trainer}.py; drop the override to train with DPO")
-    out = dpo_stage(recipe, runs.stage_dir(recipe, "pairs", k), runs.generator_for_round(recipe, k),
-                    runs.stage_dir(recipe, "dpo", k), force=args.force)
+    out = train_round(recipe, "dpo", k, force=args.force)  # rlrf.dpo.make_generator, when rounds.trainer=dpo
     scaled = "" if recipe.dpo.merge_scale == 1 else f" (generator {k - 1} + {recipe.dpo.merge_scale:g} x the update)"
     print(f"dpo: generator {k} -> {out / 'merged'}{scaled}")
 

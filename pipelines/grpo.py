@@ -8,19 +8,14 @@ checkpoints/}. A killed run resumes from its last checkpoint (grpo.save_steps). 
 that the check, the next round and evaluate take this stage's generator as generator k (`make grpo1` sets it).
 """
 
-from rlrf import runs
 from rlrf.cli import run_main, stage_args
-from rlrf.errors import StageError
-from rlrf.grpo import grpo_stage
+from rlrf.trainers import train_round
 
 
 def main() -> None:
     recipe, args = stage_args(__doc__)
     k = args.round
-    if recipe.rounds.trainer != "grpo":
-        raise StageError("grpo: round k's generator is the dpo stage's unless rounds.trainer=grpo; pass "
-                         "rounds.trainer=grpo to this and every later stage of the run (make grpo1 does)")
-    out = grpo_stage(recipe, runs.generator_for_round(recipe, k), runs.stage_dir(recipe, "grpo", k), force=args.force)
+    out = train_round(recipe, "grpo", k, force=args.force)  # rlrf.grpo.make_generator, when rounds.trainer=grpo
     print(f"grpo: generator {k} -> {out / 'merged'}")
 
 

@@ -31,6 +31,7 @@ from rlrf.plots import pyplot, save_png
 from rlrf.quality import criteria_lines
 from rlrf.stats import ci_text, paired, paired_bootstrap, verdict
 from rlrf.store import Stage
+from rlrf.trainers import learned_reward
 
 
 def judges(recipe: Recipe, columns) -> dict[str, str]:
@@ -44,10 +45,10 @@ def judges(recipe: Recipe, columns) -> dict[str, str]:
                   for j in REWARDS.values() if j.personal})
     judge = REWARDS[recipe.score.reward]
     picked = (judge.check_column or judge.column) + ("_personal" if recipe.score.contrast else "")
-    grpo = recipe.rounds.trainer == "grpo"
-    mark = " - GRPO's reward" if grpo else " - picked the pairs"
+    direct = learned_reward(recipe) is not None  # the trainer learned from a reward, not from the round's pairs
+    mark = f" - {recipe.rounds.trainer.upper()}'s reward" if direct else " - picked the pairs"
     # pairs.agree_with: judges that vetoed pairs took part in picking them, so they are not independent either
-    vetoes = [] if grpo else [REWARDS[n].column for n in recipe.pairs.agree_with if REWARDS[n].column != picked]
+    vetoes = [] if direct else [REWARDS[n].column for n in recipe.pairs.agree_with if REWARDS[n].column != picked]
     order = [c for c in names if c != picked and c not in vetoes] + vetoes + [picked]
     found = {names[c] + (mark if c == picked else " - vetoed the pairs" if c in vetoes else ""): c
              for c in order if c in columns}
@@ -131,12 +132,12 @@ def plot(path: Path, pairs: pl.DataFrame, ci: dict, k: int) -> None:
 
 
 def judged(recipe: Recipe) -> Recipe:
-    """The recipe the check judges with: a GRPO round names the reward GRPO learned from as the round's own."""
-    if recipe.rounds.trainer != "grpo":
+    """The recipe the check judges with: a round whose trainer learned from a reward directly (GRPO) names that
+    reward as the round's own."""
+    reward = learned_reward(recipe)
+    if reward is None:
         return recipe
-    from rlrf.grpo import reward_kind
-
-    return dataclasses.replace(recipe, score=dataclasses.replace(recipe.score, reward=reward_kind(recipe)))
+    return dataclasses.replace(recipe, score=dataclasses.replace(recipe.score, reward=reward))
 
 
 def judge_diffs(recipe: Recipe, old: pl.DataFrame, new: pl.DataFrame, k: int) -> dict[str, tuple[str, pl.DataFrame, dict]]:

@@ -7,13 +7,15 @@ the scripts take the same flags.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import runpy
 import shutil
 import sys
 from pathlib import Path
 
 from rlrf.config import ConfigError, Recipe, describe, load_recipe
-from rlrf.runs import STAGES, script
+from rlrf import runs
+from rlrf.runs import script
 from rlrf.errors import StageError
 from rlrf.store import parse_shard
 
@@ -106,6 +108,7 @@ def recipes_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    STAGES = runs.STAGES
     usage = ("usage: rlrf <command> [--recipe R] [key.sub=value ...]\n\n"
              f"stages:   {', '.join(STAGES)}\n"
              "others:   config (print the resolved recipe), inspect (pairs | profiles | summary),\n"
@@ -140,6 +143,11 @@ def main(argv: list[str] | None = None) -> None:
               file=sys.stderr)
         sys.exit(2)
     module = f"rlrf.pipelines.{script(cmd)}"  # the repo's pipelines/, shipped inside the package
+    if importlib.util.find_spec(module) is None:  # a trainer registered without a script of its own
+        from rlrf.trainers import main as trainer_main
+
+        trainer_main(cmd, rest)
+        return
     sys.argv = [f"rlrf {cmd}", *rest]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 

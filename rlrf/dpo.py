@@ -20,10 +20,15 @@ from pathlib import Path
 from rlrf import runs
 from rlrf.artifacts import part_paths, read_artifact
 from rlrf.config import Recipe
+from rlrf.config.sections import DPOConfig
 from rlrf.errors import StageError
 from rlrf.files import atomic_path
 from rlrf.llm import SAFE_MODEL, SAFE_TOKENIZER, checkpointing
 from rlrf.machine import has_cuda
+
+# the trainer interface (rlrf.trainers): the recipe's `dpo:` section and what the stage's output depends on
+SECTION = DPOConfig
+STAGE = runs.Declared("dpo", ("dpo",))  # + generator and its weights hash
 
 LOG_COLUMNS = ("step", "epoch", "loss", "rewards/margins", "rewards/accuracies", "rewards/chosen",
                "rewards/rejected", "logps/chosen", "logps/rejected", "learning_rate", "grad_norm")
@@ -314,13 +319,19 @@ def check_memory(recipe: Recipe, model_dir: Path, log=print) -> float | None:
     return round(need, 1)
 
 
+def make_generator(recipe: Recipe, k: int, *, force: bool = False) -> Path:
+    """Round k's dpo stage (rlrf.trainers): generator k-1 tuned on round k's pairs; its merged/ is generator k."""
+    return dpo_stage(recipe, runs.stage_dir(recipe, "pairs", k), runs.generator_for_round(recipe, k),
+                     runs.stage_dir(recipe, "dpo", k), force=force)
+
+
 def dpo_stage(recipe: Recipe, pairs_dir, generator: str, out_dir, *, force: bool = False) -> Path:
     """Tune `generator` on the pairs in `pairs_dir`; out_dir/merged is the next round's generator."""
     from rlrf.llm import resolve_model, weights_hash
 
     pairs_dir, out_dir = Path(pairs_dir), Path(out_dir)
     model_dir = resolve_model(generator)
-    with runs.STAGES["dpo"].open(recipe, out_dir, inputs=[pairs_dir], force=force, extra={
+    with STAGE.open(recipe, out_dir, inputs=[pairs_dir], force=force, extra={
             "generator": str(generator), "generator_hash": weights_hash(model_dir)}) as st:
         if st.done:
             return out_dir

@@ -32,11 +32,18 @@ import polars as pl
 from rlrf import runs
 from rlrf.artifacts import read_artifact
 from rlrf.config import Recipe
+from rlrf.config.sections import GRPOConfig
 from rlrf.errors import StageError
 from rlrf.files import atomic_path, write_parquet
 from rlrf.llm import checkpointing
 from rlrf.machine import has_cuda
 from rlrf.store import Stage
+
+# the trainer interface (rlrf.trainers): the recipe's `grpo:` section and what the stage's output depends on
+SECTION = GRPOConfig
+STAGE = runs.Declared("grpo", ("grpo",), some_keys=(  # + reward, generator and its weights hash
+    ("sample", ("temperature", "top_p", "max_new_tokens", "min_new_tokens", "max_prompt_tokens")),
+    ("score", ("retrieval_candidates", "retrieval_k", "contrast", "contrast_weight"))))
 
 LOG_COLUMNS = ("step", "epoch", "loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "entropy",
                "completions/mean_length", "completions/clipped_ratio", "learning_rate", "grad_norm",
@@ -44,6 +51,7 @@ LOG_COLUMNS = ("step", "epoch", "loss", "reward", "reward_std", "frac_reward_zer
 
 
 def reward_kind(recipe: Recipe) -> str:
+    """The reward GRPO learns from (rlrf.trainers.learned_reward): grpo.reward, else score.reward."""
     return recipe.grpo.reward or recipe.score.reward
 
 
@@ -357,8 +365,13 @@ def train(recipe: Recipe, model_dir: Path, out_dir: Path, log=print) -> dict:
 def stage_config(recipe: Recipe, generator: str, generator_hash: str) -> dict:
     """What the grpo stage's output depends on (runs.STAGES: its section, the decoding, the judge's keys), the
     reward and the generator."""
-    return runs.STAGES["grpo"].config(recipe, reward=reward_kind(recipe), generator=str(generator),
+    return STAGE.config(recipe, reward=reward_kind(recipe), generator=str(generator),
                                       generator_hash=generator_hash)
+
+
+def make_generator(recipe: Recipe, k: int, *, force: bool = False) -> Path:
+    """Round k's grpo stage (rlrf.trainers): generator k-1 tuned online; its merged/ is generator k."""
+    return grpo_stage(recipe, runs.generator_for_round(recipe, k), runs.stage_dir(recipe, "grpo", k), force=force)
 
 
 def grpo_stage(recipe: Recipe, generator: str, out_dir, *, force: bool = False) -> Path:

@@ -55,24 +55,44 @@ class Declared:
                      shard=shard, quiet=quiet, summary=summary)
 
 
-# Every stage, in the order a round runs them (grpo makes the generator instead of pairs + dpo when
-# rounds.trainer=grpo), with what its output depends on: the store builds each fingerprint from this line, the
-# inputs' fingerprints and what the stage adds that the recipe does not hold (a round, a generator's weights
-# hash). Each is `rlrf <name>` and pipelines/<name, "-" as "_">.py; what it writes is in rlrf.schema.PRODUCED_BY.
-STAGES: dict[str, Declared] = {d.name: d for d in (
+# Every stage but the trainers, in the order a round runs them, with what its output depends on: the store builds
+# each fingerprint from this line, the inputs' fingerprints and what the stage adds that the recipe does not hold
+# (a round, a generator's weights hash). Each is `rlrf <name>` and pipelines/<name, "-" as "_">.py; what it writes
+# is in rlrf.schema.PRODUCED_BY. The trainers (rlrf.trainers.TRAINERS: dpo, grpo) declare themselves in their
+# modules (STAGE) and join STAGES after pairs.
+_STAGES = (
     Declared("prepare", ("data", "prepare")),
     Declared("sample", ("sample",)),                          # + run, round, generator and its weights hash
     Declared("encode", ("encode",)),
     Declared("train-reranker", ("reranker", "encode")),       # + score.judges (the cross-fitted judge's members)
     Declared("score", ("score",)),                            # + the splits it scores
     Declared("pairs", ("pairs",), seeded=False),              # + round
-    Declared("dpo", ("dpo",)),                                # + generator and its weights hash
-    Declared("grpo", ("grpo",), some_keys=(                   # + reward, generator and its weights hash
-        ("sample", ("temperature", "top_p", "max_new_tokens", "min_new_tokens", "max_prompt_tokens")),
-        ("score", ("retrieval_candidates", "retrieval_k", "contrast", "contrast_weight")))),
     Declared("check", ("check", "rounds", "sample", "encode", "score")),  # + round, both generators' weights hashes
     Declared("evaluate", ("data", "prepare", "sample", "encode", "reranker", "score", "rounds", "evaluate")),
-)}
+)
+
+
+def stages() -> dict[str, Declared]:
+    """Every stage by name, in the order a round runs them: _STAGES with each trainer's STAGE after pairs."""
+    from rlrf.trainers import TRAINERS, trainer
+
+    out: dict[str, Declared] = {}
+    for d in _STAGES:
+        out[d.name] = d
+        if d.name == "pairs":
+            for name in TRAINERS:
+                declared = trainer(name).STAGE
+                if declared.name != name:
+                    raise ValueError(f"trainer {name!r} declares its stage as {declared.name!r}: they must be one name")
+                out[name] = declared
+    return out
+
+
+def __getattr__(name: str):
+    # runs.STAGES, built when first read: the trainer modules import this one for Declared
+    if name == "STAGES":
+        return stages()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def script(stage: str) -> str:

@@ -134,10 +134,14 @@ def modules(work: WorkLog) -> dict[str, types.ModuleType]:
         f = Path(path) / "weights.txt"
         return f.read_text() if f.is_file() else "w0"
 
+    import importlib
+
     out = {}
     for name, fns in (("rlrf.sample", [sample_stage]), ("rlrf.encode", [encode_stage]), ("rlrf.rerank_train", [train_stage]),
                       ("rlrf.score", [score_stage]), ("rlrf.llm", [load_generator, weights_hash])):
         out[name] = types.ModuleType(name)
+        # the rest of the real module stays (the trainer modules import rlrf.llm's constants when runs.STAGES is read)
+        out[name].__dict__.update({k: v for k, v in vars(importlib.import_module(name)).items() if not k.startswith("__")})
         for fn in fns:
             setattr(out[name], fn.__name__, fn)
     return out

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from rlrf.config.keys import (Backbone, Candidates, ConfigError, DatasetName, Divergence, DPOBackend, DType, GRPOLoss,
-                              Layout, Pooling, RerankLoss, Reward, SampleBackend, ScaleRewards, TextReward, Trainer, Trim,
+                              Layout, Pooling, RerankLoss, Reward, SampleBackend, ScaleRewards, TextReward, Trim,
                               WithoutProfile, _check, _f, choices, fingerprint)
 from rlrf.config.sections import (CheckConfig, DataConfig, DPOConfig, EncodeConfig, EvaluateConfig, GRPOConfig, PairsConfig,
                                   PrepareConfig, RerankerConfig, RoundsConfig, SampleConfig, ScoreConfig)
@@ -32,12 +32,16 @@ __all__ = [
     "choices", "DataConfig", "PrepareConfig", "SampleConfig", "EncodeConfig", "RerankerConfig", "ScoreConfig",
     "PairsConfig", "DPOConfig", "GRPOConfig", "RoundsConfig", "CheckConfig", "EvaluateConfig", "Backbone", "Candidates",
     "DatasetName", "Divergence", "DPOBackend", "DType", "GRPOLoss", "Layout", "Pooling", "RerankLoss", "Reward",
-    "SampleBackend", "ScaleRewards", "TextReward", "Trainer", "Trim", "WithoutProfile",
+    "SampleBackend", "ScaleRewards", "TextReward", "Trim", "WithoutProfile",
 ]
 
 
 @dataclass
 class Recipe:
+    """A whole recipe: the run's name, place and seed, then one section per stage. The trainers' sections (one per
+    rlrf.trainers.TRAINERS entry: dpo, grpo) are each trainer module's own SECTION, held in `trainer_sections` and
+    read as `recipe.dpo`, `recipe.grpo`: a new trainer is its module and a registry line, not a field here."""
+
     run: str = _f("demo", "run name: artifacts land in <runs_dir>/<run>/")
     runs_dir: str = _f("runs", "where runs live")
     seed: int = _f(1234, "the run's seed: splits, list padding, sampling, training")
@@ -48,25 +52,41 @@ class Recipe:
     reranker: RerankerConfig = _f(None, "train-reranker stage")
     score: ScoreConfig = _f(None, "score stage")
     pairs: PairsConfig = _f(None, "pairs stage")
-    dpo: DPOConfig = _f(None, "dpo stage")
-    grpo: GRPOConfig = _f(None, "grpo stage (online RL from the same reward; rounds.trainer=grpo)")
     rounds: RoundsConfig = _f(None, "what makes each round's generator, and the bootstrap of every interval")
     check: CheckConfig = _f(None, "check stage (is it learning? generator k-1 vs k on the valid users)")
     evaluate: EvaluateConfig = _f(None, "evaluate stage")
+    trainer_sections: dict = dataclasses.field(default_factory=dict, repr=False, metadata={"internal": True})
 
     def __post_init__(self):
+        from rlrf.trainers import TRAINERS, section_class
+
         for f in dataclasses.fields(self):
-            if getattr(self, f.name) is None:
+            if not f.metadata.get("internal") and getattr(self, f.name) is None:
                 setattr(self, f.name, _hint(Recipe, f.name)())
+        for name in set(self.trainer_sections) - set(TRAINERS):
+            raise ConfigError(f"{name}: no trainer of that name is registered (rlrf.trainers.TRAINERS: "
+                              f"{', '.join(TRAINERS)})")
+        self.trainer_sections = {name: self.trainer_sections.get(name) or section_class(name)() for name in TRAINERS}
         _check(re.fullmatch(r"[A-Za-z0-9_.-]+", self.run) is not None, "run",
                f"{self.run!r} must be letters, digits, '_', '-', '.' (it names a directory)")
+
+    def __getattr__(self, name: str):
+        """A trainer's section: `recipe.dpo` is trainer_sections["dpo"]."""
+        sections = self.__dict__.get("trainer_sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def section_names(self) -> list[str]:
+        """Every section's name in the recipe's order: the stages' sections, each trainer's after pairs."""
+        return [n for n, tp in _keys(Recipe) if dataclasses.is_dataclass(tp)]
 
     @property
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.run
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {name: _plain(getattr(self, name)) for name, _ in _keys(Recipe)}
 
     def sections(self, *names: str) -> dict:
         """The named sections as a stage fingerprints them (config.fingerprint): what its output depends on."""
@@ -76,6 +96,24 @@ class Recipe:
         """Hash of the named sections (and the seed)."""
         payload = {"seed": self.seed, **self.sections(*names)}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def _keys(cls) -> list[tuple[str, Any]]:
+    """(key, type) of every key of `cls` a recipe can set, in order; for Recipe each trainer's section after pairs."""
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        out.append((f.name, _hint(cls, f.name)))
+        if cls is Recipe and f.name == "pairs":
+            from rlrf.trainers import TRAINERS, section_class
+
+            out += [(name, section_class(name)) for name in TRAINERS]
+    return out
 
 
 # ----------------------------------------------------------------------------- loading
@@ -152,15 +190,22 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _build(cls, values: dict, prefix: str = ""):
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
+    types_ = dict(_keys(cls))
+    names = list(types_)
+    kwargs, trainer_sections = {}, {}
     for k, v in values.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if key in MOVED:
             raise ConfigError(f"{key} is now {MOVED[key]}; rename it in the recipe (or the override)")
         if k not in names:
             raise ConfigError(_unknown(key, k, names, prefix))
-        kwargs[k] = _coerce(v, _hint(cls, k), key)
+        value = _coerce(v, types_[k], key)
+        if cls is Recipe and k not in {f.name for f in dataclasses.fields(cls)}:
+            trainer_sections[k] = value
+        else:
+            kwargs[k] = value
+    if cls is Recipe:
+        kwargs["trainer_sections"] = trainer_sections
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -237,12 +282,13 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
 def describe(cls=Recipe, prefix: str = "") -> list[tuple[str, Any, str]]:
     """(key, default, help) for every field, for `--help` output and docs."""
     rows = []
-    for f in dataclasses.fields(cls):
-        tp = _hint(cls, f.name)
-        key = f"{prefix}{f.name}"
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name, tp in _keys(cls):
+        key = f"{prefix}{name}"
         if dataclasses.is_dataclass(tp):
             rows += describe(tp, key + ".")
         else:
+            f = fields[name]
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             rows.append((key, default, f.metadata.get("help", "")))
     return rows

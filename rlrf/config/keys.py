@@ -64,7 +64,6 @@ DPOBackend = Literal["trl", "llamafactory"]
 Divergence = Literal["reverse_kl", "forward_kl", "js_divergence"]  # dpo.divergence: TRL's f_divergence_type
 ScaleRewards = Literal["group", "batch", "none"]
 GRPOLoss = Literal["dapo", "grpo", "dr_grpo", "bnpo"]
-Trainer = Literal["dpo", "grpo"]
 
 
 def choices(tp: Any) -> tuple | None:

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 
 from rlrf.config.keys import (Backbone, Candidates, DatasetName, Divergence, DPOBackend, DType, GRPOLoss, Layout,
-                              Pooling, RerankLoss, Reward, SampleBackend, ScaleRewards, TextJudge, TextReward, Trainer,
+                              Pooling, RerankLoss, Reward, SampleBackend, ScaleRewards, TextJudge, TextReward,
                               Trim, WithoutProfile, _check, _check_choices, _f)
 from rlrf.prompts import INSTRUCTIONS
 
@@ -388,11 +388,14 @@ class CheckConfig:
 @dataclass
 class RoundsConfig:
     bootstrap: int = _f(2000, "bootstrap resamples for the 95% interval")
-    trainer: Trainer = _f("dpo", "what makes generator k from generator k-1: dpo (the round's pairs; RLRF4Rec) | grpo (online, "
-                             "from the reward itself; the grpo stage)", late=True)
+    trainer: str = _f("dpo", "what makes generator k from generator k-1, a name in rlrf.trainers.TRAINERS: dpo (the "
+                             "round's pairs; RLRF4Rec) | grpo (online, from the reward itself; the grpo stage)", late=True)
 
     def __post_init__(self):
-        _check_choices(self, "rounds")
+        from rlrf.trainers import TRAINERS, _one_of
+
+        _check(self.trainer in TRAINERS, "rounds.trainer",
+               f"unknown value {self.trainer!r}; choose {_one_of(list(TRAINERS))}")
 
 
 @dataclass
