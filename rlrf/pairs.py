@@ -20,7 +20,7 @@ from rlrf.artifacts import read_artifact
 from rlrf.config import Recipe
 from rlrf.errors import StageError
 from rlrf.files import write_json
-from rlrf.quality import distinct_n, typicality
+from rlrf.quality import bigram_overlap, distinct_n, typicality
 from rlrf.schema import SCHEMAS
 
 LLAMAFACTORY_DIR = "llamafactory"
@@ -33,10 +33,10 @@ def dataset_name(round: int) -> str:
 
 def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance: int = -1,
                  ended_only: bool = False, typicality_tolerance: float = -1.0,
-                 agree_with: tuple[str, ...] = ()) -> tuple[pl.DataFrame, Counter]:
+                 agree_with: tuple[str, ...] = (), min_overlap: float = 0.0) -> tuple[pl.DataFrame, Counter]:
     """Best and worst profile per user from a scores frame (user_id, sample_idx, reward, empty_text; plus
     n_tokens with `length_tolerance`, finish_reason with `ended_only`, typicality with `typicality_tolerance`, each
-    column named in `agree_with`).
+    column named in `agree_with`, text with `min_overlap`).
 
     Returns one row per kept user (user_id, chosen_idx, rejected_idx, chosen_reward, rejected_reward,
     margin) and the users dropped by reason. Empty profiles are left out before picking (an empty
@@ -49,7 +49,9 @@ def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance
     write alike for everyone. With `agree_with` (other judges' columns) the pair is the largest-margin one that none
     of those judges ranks the other way (chosen below rejected; a judge that ties or cannot judge does not veto):
     what the reward prefers and another judge contradicts is left out of what DPO learns. Equal rewards resolve to
-    the lowest sample_idx for both picks, so the choice is deterministic.
+    the lowest sample_idx for both picks, so the choice is deterministic. With `min_overlap` > 0 the two profiles
+    share at least that share of their word bigrams (`rlrf.quality.bigram_overlap`, Jaccard): minimal pairs, which
+    differ in what they say of the user and not in template, so DPO cannot learn a template from them.
     """
     dropped: Counter = Counter()
     n_empty = int(scores["empty_text"].sum())
@@ -64,8 +66,9 @@ def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance
         dropped["cut_at_limit"] += int(cut.sum())
         live = live.filter(~cut)
     counts = live.group_by("user_id").len()
-    if length_tolerance >= 0 or typicality_tolerance >= 0 or agree_with:
-        cols = ["n_tokens"] * (length_tolerance >= 0) + ["typicality"] * (typicality_tolerance >= 0) + list(agree_with)
+    if length_tolerance >= 0 or typicality_tolerance >= 0 or agree_with or min_overlap > 0:
+        cols = (["n_tokens"] * (length_tolerance >= 0) + ["typicality"] * (typicality_tolerance >= 0) + list(agree_with)
+                + ["text"] * (min_overlap > 0))
         side = live.select("user_id", "sample_idx", "reward", *cols)
         allowed = pl.col("sample_idx") != pl.col("sample_idx_r")
         if length_tolerance >= 0:
@@ -77,8 +80,11 @@ def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance
             allowed &= ~((a < b) & a.is_not_nan() & b.is_not_nan()).fill_null(False)
         # never a pair whose chosen profile has the lower reward (typicality is one-sided: a user may have only those)
         allowed &= pl.col("reward") >= pl.col("reward_r")
-        cand = (side.join(side, on="user_id", suffix="_r").filter(allowed)
-                .with_columns((pl.col("reward") - pl.col("reward_r")).alias("margin"))
+        cand = side.join(side, on="user_id", suffix="_r").filter(allowed)
+        if min_overlap > 0:
+            overlap = [bigram_overlap(a, b) for a, b in zip(cand["text"].to_list(), cand["text_r"].to_list())]
+            cand = cand.filter(pl.Series(overlap, dtype=pl.Float64) >= min_overlap)
+        cand = (cand.with_columns((pl.col("reward") - pl.col("reward_r")).alias("margin"))
                 .sort(["user_id", "margin", "sample_idx", "sample_idx_r"], descending=[False, True, False, False])
                 .group_by("user_id", maintain_order=True).first()
                 .select("user_id", pl.col("sample_idx").alias("chosen_idx"), pl.col("reward").alias("chosen_reward"),
@@ -87,7 +93,7 @@ def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance
         df = counts.join(cand, on="user_id", how="left").sort("user_id")
         far = (df["len"] >= 2) & df["margin"].is_null()
         why = ("no_pair_within_length" if length_tolerance >= 0 and typicality_tolerance < 0 and not agree_with
-               else "no_pair_within_tolerance")
+               and min_overlap <= 0 else "no_pair_within_tolerance")
         dropped[why] += int(far.sum())
         df = df.filter(~far)
     else:
@@ -263,7 +269,8 @@ def pairs_stage(recipe: Recipe, profiles_dir, scores_dir, out_dir, round: int, *
         profiles = with_typicality(read_artifact(profiles_dir, "profiles", "sample"))
         # every split's scores with what the pairing options look at (length, finish, typicality), read once
         every = read_artifact(scores_dir, "scores", "score").join(
-            profiles.select("user_id", "sample_idx", "n_tokens", "finish_reason", "typicality"),
+            profiles.select("user_id", "sample_idx", "n_tokens", "finish_reason", "typicality",
+                            *(["text"] * (cfg.min_overlap > 0))),
             on=["user_id", "sample_idx"], how="left")
 
         missing = [j for j in cfg.agree_with if j not in every.columns]
@@ -274,7 +281,7 @@ def pairs_stage(recipe: Recipe, profiles_dir, scores_dir, out_dir, round: int, *
         def pick(splits: list[str]) -> tuple[pl.DataFrame, pl.DataFrame, Counter]:
             scores = every.filter(pl.col("split").is_in(splits))
             picked, dropped = select_pairs(scores, cfg.min_margin, cfg.length_tolerance, cfg.ended_only,
-                                           cfg.typicality_tolerance, tuple(cfg.agree_with))
+                                           cfg.typicality_tolerance, tuple(cfg.agree_with), cfg.min_overlap)
             return scores, picked, dropped
 
         scores, picked, dropped = pick(cfg.splits)

@@ -44,6 +44,12 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
     return len(seen) / total if total else 0.0
 
 
+def bigram_overlap(a: str, b: str) -> float:
+    """Jaccard overlap of two texts' word-bigram sets: 1 for the same bigrams, 0 for none shared (or none at all)."""
+    x, y = ({tuple(w[i:i + 2]) for i in range(len(w) - 1)} for w in (words(a), words(b)))
+    return len(x & y) / len(x | y) if x or y else 0.0
+
+
 def typicality(texts: list[str], user_ids: list[int]) -> np.ndarray:
     """Per text: the mean, over its distinct word bigrams, of the share of the *other* users whose texts use that
     bigram (0 = nothing it says is said for anyone else, 1 = every bigram is in every other user's texts).

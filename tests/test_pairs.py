@@ -9,6 +9,7 @@ from rlrf.artifacts import read_artifact, read_stage_json
 from rlrf.config import load_recipe
 from rlrf.errors import StageError
 from rlrf.pairs import dataset_name, pairs_stage, select_pairs
+from rlrf.quality import bigram_overlap
 from tests.loop_fixtures import profile_rows, score_rows, write_stage
 
 
@@ -105,6 +106,31 @@ def test_typicality_tolerance_never_pairs_a_more_typical_chosen():
     assert both.is_empty() and dropped["no_pair_within_tolerance"] == 2
     with pytest.raises(ValueError, match="pairs.typicality_tolerance"):
         load_recipe(None, ["pairs.typicality_tolerance=1.5"])
+
+
+def test_bigram_overlap_worked_by_hand():
+    # "likes dark comedies" vs "likes dark dramas": bigrams {likes dark, dark comedies} and {likes dark, dark dramas}
+    assert bigram_overlap("Likes dark comedies", "likes dark dramas") == pytest.approx(1 / 3)
+    assert bigram_overlap("likes dark comedies.", "Likes dark comedies") == 1.0
+    assert bigram_overlap("drama", "comedy") == 0.0 and bigram_overlap("", "") == 0.0
+
+
+def test_min_overlap_pairs_only_profiles_that_share_their_template():
+    """User 1: the best (0.9) shares no bigram with the others; 0.5 and 0.1 share 1 of 3 bigrams: with
+    min_overlap 0.3 the pair is 0.5 over 0.1, with 0.5 none is left. User 2's two profiles are the same text but the
+    last word: 3 of their 5 bigrams shared (0.6). Worked by hand."""
+    sc = _scores({1: [0.9, 0.5, 0.1], 2: [0.8, 0.2]}).with_columns(text=pl.Series([
+        "a fan of westerns", "likes dark comedies", "likes dark dramas", "likes war films a lot", "likes war films a bit"]))
+    picked, dropped = select_pairs(sc, min_overlap=0.3)
+    assert picked.select("user_id", "chosen_idx", "rejected_idx").rows() == [(1, 1, 2), (2, 0, 1)]
+    assert picked["margin"].to_list() == pytest.approx([0.4, 0.6])
+    assert dict(dropped) == {}
+    strict, dropped = select_pairs(sc, min_overlap=0.5)
+    assert strict.select("user_id", "chosen_idx", "rejected_idx").rows() == [(2, 0, 1)]
+    assert dict(dropped) == {"no_pair_within_tolerance": 1}
+    assert select_pairs(sc)[0].select("user_id", "chosen_idx", "rejected_idx").rows() == [(1, 0, 2), (2, 0, 1)]
+    with pytest.raises(ValueError, match="pairs.min_overlap"):
+        load_recipe(None, ["pairs.min_overlap=1.5"])
 
 
 def test_agree_with_takes_the_largest_margin_pair_no_other_judge_contradicts():

@@ -199,6 +199,8 @@ class PairsConfig:
                                            "use each of its word bigrams), so a reward that pays for what every "
                                            "profile says cannot teach DPO to write alike for all (-1 = off; 0 = never "
                                            "more typical)", late=True)
+    min_overlap: float = _f(0.0, "minimal pairs: the two profiles share at least this share of their word bigrams "
+                                 "(Jaccard), so they differ in what they say, not in template (0 = off)", late=True)
     agree_with: list[TextJudge] = _f([], "other judges (score columns: retrieval | lexical | genres) that must not rank "
                                          "the chosen profile below the rejected one: the pair is the largest-margin one "
                                          "none of them contradicts, so DPO learns only what the reward and these judges "
@@ -226,6 +228,7 @@ class PairsConfig:
         _check(self.length_tolerance >= -1, "pairs.length_tolerance", "must be >= 0 tokens, or -1 (off)")
         _check(self.typicality_tolerance == -1 or 0 <= self.typicality_tolerance <= 1, "pairs.typicality_tolerance",
                f"must be in [0, 1], or -1 (off); got {self.typicality_tolerance}")
+        _check(0 <= self.min_overlap <= 1, "pairs.min_overlap", f"must be in [0, 1] (0 = off); got {self.min_overlap}")
         _check_choices(self, "pairs")
         _check(set(self.splits) <= {"train", "valid", "test"} and self.splits, "pairs.splits",
                f"must be a non-empty subset of train, valid, test; got {self.splits}")
