@@ -348,7 +348,9 @@ def criteria_lines(diff: dict | None) -> list[str]:
              for key, name in (("distinct_2", "distinct-2"), ("names_history", "names-history share")) if key in diff]
     for key, name in (("perplexity", "perplexity"), ("perplexity_at_old_lengths", "perplexity at old's lengths")):
         ci = diff.get(key)
-        if ci:
+        if ci and math.isnan(ci["mean"]):  # length_matched_perplexity: a length bin of old's holds no new profile
+            lines.append(f"{name} new / old: not measured (some length bin of the old profiles holds no new profile)")
+        elif ci:
             bound = ("over +25%" if ci["low"] > 1.25 else "within +25%" if ci["high"] <= 1.25
                      else "+25% inside the interval")
             lines.append(f"{name} new / old {ci['mean']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}] -> {bound}")

@@ -291,7 +291,8 @@ class Judge:
 
 
 # score.reward -> its judge: adding a reward that reads the text in a space of its own is one `space` function and
-# one line here (and its name in rlrf/config/keys.py's Reward)
+# one line here (and its name in rlrf/config/keys.py's Reward, from which grpo.reward's and pairs.agree_with's
+# values follow)
 REWARDS: dict[str, Judge] = {
     "retrieval": Judge("retrieval", ("retrieval_a", "retrieval_b"), "retrieval (encoder cosine)"),
     "genres": Judge("genres", ("genres_a", "genres_b"), "genres (catalogue genres named)", space=_genres_space),

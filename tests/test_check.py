@@ -102,6 +102,10 @@ def test_quality_criteria_are_read_off_their_intervals(tmp_path):
     quality["diff"]["perplexity"] = ci(1.4, 1.3, 1.5)
     assert check.criteria_lines(quality["diff"])[2].endswith("-> over +25%")
     assert check.criteria_lines(None) == []  # a check finished before the intervals
+    # a length bin of old's that no new profile reaches leaves the matched ratio NaN: said so, never read as a verdict
+    nan = float("nan")
+    assert check.criteria_lines({"perplexity_at_old_lengths": ci(nan, nan, nan)}) == [
+        "perplexity at old's lengths new / old: not measured (some length bin of the old profiles holds no new profile)"]
     check.write_summary(tmp_path / "summary.md", 1, {}, "old", "new", None, quality)
     md = (tmp_path / "summary.md").read_text()
     assert "| old | 50.0000 | 0.3700 |" in md and "- distinct-2 new - old -0.0770 [-0.0975, -0.0556]" in md

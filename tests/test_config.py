@@ -158,6 +158,10 @@ def test_each_key_with_fixed_values_is_dispatched_from_a_table_of_exactly_those_
             assert set(table) == set(get_args(literal))
     # grpo.reward: every training-free judge ("" = score.reward's)
     assert set(get_args(config.TextReward)) == {""} | {k for k in reward.REWARDS if k != "reranker"}
+    # pairs.agree_with: the same judges, derived from Reward, so a new reward is named once
+    from rlrf.config.keys import TextJudge
+
+    assert set(get_args(TextJudge)) == {k for k in reward.REWARDS if k != "reranker"}
 
 
 @pytest.mark.parametrize("override,msg", [

@@ -57,8 +57,10 @@ Backbone = Literal["dlcm", "prm"]
 RerankLoss = Literal["bce", "listwise"]
 WithoutProfile = Literal["drop", "zero"]
 Reward = Literal["reranker", "retrieval", "lexical", "genres"]
-TextReward = Literal["", "retrieval", "lexical", "genres"]  # grpo.reward: "" = score.reward
-TextJudge = Literal["retrieval", "lexical", "genres"]  # pairs.agree_with: the score stage's training-free judges
+# derived from Reward, so that a new reward is named once: the training-free judges (pairs.agree_with), and those or
+# "" (= score.reward) for grpo.reward
+TextJudge = Literal[tuple(r for r in typing.get_args(Reward) if r != "reranker")]
+TextReward = Literal[("", *typing.get_args(TextJudge))]
 Candidates = Literal["catalogue", "lists"]
 DPOBackend = Literal["trl", "llamafactory"]
 Divergence = Literal["reverse_kl", "forward_kl", "js_divergence"]  # dpo.divergence: TRL's f_divergence_type
