@@ -108,9 +108,9 @@ def recipes_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    STAGES = runs.STAGES
+    stages = runs.STAGES
     usage = ("usage: rlrf <command> [--recipe R] [key.sub=value ...]\n\n"
-             f"stages:   {', '.join(STAGES)}\n"
+             f"stages:   {', '.join(stages)}\n"
              "others:   config (print the resolved recipe), inspect (pairs | profiles | summary),\n"
              "          verify RUN (hash every file of runs/RUN against its stage's checksums),\n"
              "          recipes (list the shipped recipes; `recipes cp NAME [DEST]` copies one to edit)\n")
@@ -136,9 +136,9 @@ def main(argv: list[str] | None = None) -> None:
         from rlrf.inspect import main as inspect_main
         inspect_main(rest)
         return
-    if cmd not in STAGES:
+    if cmd not in stages:
         import difflib
-        close = difflib.get_close_matches(cmd, (*STAGES, "config", "inspect", "verify", "recipes"), n=1)
+        close = difflib.get_close_matches(cmd, (*stages, "config", "inspect", "verify", "recipes"), n=1)
         print(f"error: unknown command {cmd!r}" + (f"; did you mean {close[0]}?" if close else "") + "\n\n" + usage,
               file=sys.stderr)
         sys.exit(2)

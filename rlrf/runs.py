@@ -89,7 +89,8 @@ def stages() -> dict[str, Declared]:
 
 
 def __getattr__(name: str):
-    # runs.STAGES, built when first read: the trainer modules import this one for Declared
+    # runs.STAGES, built on each read (a dict over imported modules), not at import: the trainer modules import this
+    # one for Declared
     if name == "STAGES":
         return stages()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

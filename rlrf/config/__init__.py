@@ -63,8 +63,9 @@ class Recipe:
         for f in dataclasses.fields(self):
             if not f.metadata.get("internal") and getattr(self, f.name) is None:
                 setattr(self, f.name, _hint(Recipe, f.name)())
-        for name in set(self.trainer_sections) - set(TRAINERS):
-            raise ConfigError(f"{name}: no trainer of that name is registered (rlrf.trainers.TRAINERS: "
+        unknown = sorted(set(self.trainer_sections) - set(TRAINERS))
+        if unknown:
+            raise ConfigError(f"{unknown[0]}: no trainer of that name is registered (rlrf.trainers.TRAINERS: "
                               f"{', '.join(TRAINERS)})")
         self.trainer_sections = {name: self.trainer_sections.get(name) or section_class(name)() for name in TRAINERS}
         _check(re.fullmatch(r"[A-Za-z0-9_.-]+", self.run) is not None, "run",
