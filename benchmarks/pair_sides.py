@@ -8,8 +8,8 @@ it keeps, their mean margin, and chosen - rejected for corpus distinct-2 and for
 apart: a rule whose chosen side is less diverse than its rejected side (distinct-2 below 0) teaches "write alike",
 whatever its reward teaches.
 
-The rules: the pairs stage's own (the baseline, in the same run); the same with a two-sided typicality band
-(|chosen - rejected| <= b: no typicality direction on average); and "minimal pairs" whose two profiles share at
+Every rule is rlrf.pairs.select_pairs: the pairs stage's own (the baseline, in the same run); the same with a
+two-sided typicality band (`typicality_band`: |chosen - rejected| <= b, no typicality direction on average); and "minimal pairs" whose two profiles share at
 least a share t of their word bigrams (Jaccard; the pairs stage's `pairs.min_overlap`), so that the two sides differ
 in content, not in template.
 """
@@ -23,38 +23,19 @@ import polars as pl
 from rlrf import runs
 from rlrf.artifacts import read_artifact
 from rlrf.config import load_recipe
-from rlrf.pairs import with_typicality
-from rlrf.quality import bigram_overlap, paired_quality
+from rlrf.pairs import scored_profiles, select_pairs, with_typicality
+from rlrf.quality import paired_quality
 from rlrf.stats import ci_text, paired_bootstrap
 
 
-def candidates(recipe, k: int) -> pl.DataFrame:
-    """Every same-user (chosen, rejected) pair of train profiles the pairs stage could pick: both judged, ended when
-    pairs.ended_only, within pairs.length_tolerance tokens, chosen's reward above rejected's."""
-    cfg = recipe.pairs
-    prof = with_typicality(read_artifact(runs.stage_dir(recipe, "sample", k), "profiles", "sample"))
-    scores = read_artifact(runs.stage_dir(recipe, "score", k), "scores", "score").join(
-        prof.select("user_id", "sample_idx", "n_tokens", "finish_reason", "typicality", "text"),
-        on=["user_id", "sample_idx"], how="left")
-    live = scores.filter(pl.col("split").is_in(cfg.splits) & ~pl.col("empty_text") & pl.col("reward").is_not_nan())
-    if cfg.ended_only:
-        live = live.filter(pl.col("finish_reason") != "length")
-    side = live.select("user_id", "sample_idx", "reward", "n_tokens", "typicality", "text")
-    ok = (pl.col("sample_idx") != pl.col("sample_idx_r")) & (pl.col("reward") > pl.col("reward_r"))
-    if cfg.length_tolerance >= 0:
-        ok &= (pl.col("n_tokens") - pl.col("n_tokens_r")).abs() <= cfg.length_tolerance
-    pairs = side.join(side, on="user_id", suffix="_r").filter(ok)
-    overlap = [bigram_overlap(a, b) for a, b in zip(pairs["text"].to_list(), pairs["text_r"].to_list())]
-    return pairs.with_columns(margin=pl.col("reward") - pl.col("reward_r"), overlap=pl.Series(overlap, dtype=pl.Float64))
+def picked_sides(profiles: pl.DataFrame, picked: pl.DataFrame) -> pl.DataFrame:
+    """select_pairs' pairs with each side's text, tokens and typicality (the rejected side's suffixed _r)."""
+    side = profiles.select("user_id", "sample_idx", "text", "n_tokens", "typicality")
+    return (picked.join(side, left_on=["user_id", "chosen_idx"], right_on=["user_id", "sample_idx"])
+            .join(side, left_on=["user_id", "rejected_idx"], right_on=["user_id", "sample_idx"], suffix="_r"))
 
 
-def pick(pairs: pl.DataFrame) -> pl.DataFrame:
-    """The largest-margin pair per user (ties to the lowest sample indices, as the pairs stage)."""
-    return (pairs.sort(["user_id", "margin", "sample_idx", "sample_idx_r"], descending=[False, True, False, False])
-            .group_by("user_id", maintain_order=True).first())
-
-
-def sides(picked: pl.DataFrame, resamples: int) -> dict:
+def sides_with_intervals(picked: pl.DataFrame, resamples: int) -> dict:
     """chosen - rejected corpus distinct-2 (rlrf.quality.paired_quality: the check's own bootstrap, a drawn user
     bringing both its profiles) and mean typicality, each with a 95% bootstrap interval over users."""
     chosen = picked.select("user_id", "text")
@@ -74,25 +55,30 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args()
     recipe = load_recipe(args.recipe, args.overrides)
-    pairs = candidates(recipe, args.round)
-    rules = {f"the pairs stage's (length_tolerance={recipe.pairs.length_tolerance}, "
-             f"ended_only={recipe.pairs.ended_only}): the baseline": pairs}
-    rules.update({f"+ typicality band {b}": pairs.filter((pl.col("typicality") - pl.col("typicality_r")).abs() <= b)
+    cfg = recipe.pairs
+    profiles = with_typicality(read_artifact(runs.stage_dir(recipe, "sample", args.round), "profiles", "sample"))
+    scores = scored_profiles(profiles, runs.stage_dir(recipe, "score", args.round), text=True).filter(
+        pl.col("split").is_in(cfg.splits))
+    stage_rule = dict(min_margin=cfg.min_margin, length_tolerance=cfg.length_tolerance, ended_only=cfg.ended_only,
+                      typicality_tolerance=cfg.typicality_tolerance, agree_with=tuple(cfg.agree_with),
+                      min_overlap=cfg.min_overlap)
+    rules = {f"the pairs stage's (length_tolerance={cfg.length_tolerance}, ended_only={cfg.ended_only}): the "
+             f"baseline": stage_rule}
+    rules.update({f"+ typicality band {b}": {**stage_rule, "typicality_band": b}
                   for b in map(float, args.bands.split(",")) if args.bands})
-    rules.update({f"+ minimal pairs, bigram Jaccard >= {t}": pairs.filter(pl.col("overlap") >= t)
+    rules.update({f"+ minimal pairs, bigram Jaccard >= {t}": {**stage_rule, "min_overlap": t}
                   for t in map(float, args.overlaps.split(",")) if args.overlaps})
-    print(f"round {args.round} of run {recipe.run}: {pairs['user_id'].n_unique()} users with a candidate pair; "
-          f"chosen - rejected with 95% bootstrap intervals over users ({args.resamples} draws)")
-    for name, cand in rules.items():
-        picked = pick(cand)
+    print(f"round {args.round} of run {recipe.run}: chosen - rejected with 95% bootstrap intervals over users "
+          f"({args.resamples} draws)")
+    for name, rule in rules.items():
+        picked = picked_sides(profiles, select_pairs(scores, **rule)[0])
         if picked.height < 2:
             print(f"- {name}: {picked.height} pairs, too few to measure")
             continue
-        s = sides(picked, args.resamples)
+        s = sides_with_intervals(picked, args.resamples)
         print(f"- {name}: {picked.height} pairs, mean margin {picked['margin'].mean():.3f}, mean tokens "
               f"{picked['n_tokens'].mean():.0f} vs {picked['n_tokens_r'].mean():.0f}; distinct-2 {ci_text(s['distinct_2'])}; "
               f"typicality {ci_text(s['typicality'])}")
-
 
 if __name__ == "__main__":
     main()

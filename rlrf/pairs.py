@@ -33,10 +33,11 @@ def dataset_name(round: int) -> str:
 
 def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance: int = -1,
                  ended_only: bool = False, typicality_tolerance: float = -1.0,
-                 agree_with: tuple[str, ...] = (), min_overlap: float = 0.0) -> tuple[pl.DataFrame, Counter]:
+                 agree_with: tuple[str, ...] = (), min_overlap: float = 0.0,
+                 typicality_band: float = -1.0) -> tuple[pl.DataFrame, Counter]:
     """Best and worst profile per user from a scores frame (user_id, sample_idx, reward, empty_text; plus
-    n_tokens with `length_tolerance`, finish_reason with `ended_only`, typicality with `typicality_tolerance`, each
-    column named in `agree_with`, text with `min_overlap`).
+    n_tokens with `length_tolerance`, finish_reason with `ended_only`, typicality with `typicality_tolerance` or
+    `typicality_band`, each column named in `agree_with`, text with `min_overlap`).
 
     Returns one row per kept user (user_id, chosen_idx, rejected_idx, chosen_reward, rejected_reward,
     margin) and the users dropped by reason. Empty profiles are left out before picking (an empty
@@ -51,7 +52,9 @@ def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance
     what the reward prefers and another judge contradicts is left out of what DPO learns. Equal rewards resolve to
     the lowest sample_idx for both picks, so the choice is deterministic. With `min_overlap` > 0 the two profiles
     share at least that share of their word bigrams (`rlrf.quality.bigram_overlap`, Jaccard): minimal pairs, which
-    differ in what they say of the user and not in template, so DPO cannot learn a template from them.
+    differ in what they say of the user and not in template, so DPO cannot learn a template from them. With
+    `typicality_band` >= 0 the two profiles' typicality differs by at most that much either way (no recipe key:
+    benchmarks/pair_sides.py measures what it would teach).
     """
     dropped: Counter = Counter()
     n_empty = int(scores["empty_text"].sum())
@@ -66,8 +69,9 @@ def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance
         dropped["cut_at_limit"] += int(cut.sum())
         live = live.filter(~cut)
     counts = live.group_by("user_id").len()
-    if length_tolerance >= 0 or typicality_tolerance >= 0 or agree_with or min_overlap > 0:
-        cols = (["n_tokens"] * (length_tolerance >= 0) + ["typicality"] * (typicality_tolerance >= 0) + list(agree_with)
+    typical = typicality_tolerance >= 0 or typicality_band >= 0
+    if length_tolerance >= 0 or typical or agree_with or min_overlap > 0:
+        cols = (["n_tokens"] * (length_tolerance >= 0) + ["typicality"] * typical + list(agree_with)
                 + ["text"] * (min_overlap > 0))
         side = live.select("user_id", "sample_idx", "reward", *cols)
         allowed = pl.col("sample_idx") != pl.col("sample_idx_r")
@@ -75,6 +79,8 @@ def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance
             allowed &= (pl.col("n_tokens") - pl.col("n_tokens_r")).abs() <= length_tolerance
         if typicality_tolerance >= 0:
             allowed &= pl.col("typicality") - pl.col("typicality_r") <= typicality_tolerance
+        if typicality_band >= 0:
+            allowed &= (pl.col("typicality") - pl.col("typicality_r")).abs() <= typicality_band
         for judge in agree_with:  # a veto needs both profiles judged (NaN compares above every number in polars)
             a, b = pl.col(judge), pl.col(f"{judge}_r")
             allowed &= ~((a < b) & a.is_not_nan() & b.is_not_nan()).fill_null(False)
@@ -92,7 +98,7 @@ def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance
                         "margin"))
         df = counts.join(cand, on="user_id", how="left").sort("user_id")
         far = (df["len"] >= 2) & df["margin"].is_null()
-        why = ("no_pair_within_length" if length_tolerance >= 0 and typicality_tolerance < 0 and not agree_with
+        why = ("no_pair_within_length" if length_tolerance >= 0 and not typical and not agree_with
                and min_overlap <= 0 else "no_pair_within_tolerance")
         dropped[why] += int(far.sum())
         df = df.filter(~far)
@@ -258,6 +264,14 @@ def write_llamafactory(pairs: pl.DataFrame, out_dir: Path, round: int) -> Path:
     return d
 
 
+def scored_profiles(profiles: pl.DataFrame, scores_dir, text: bool = False) -> pl.DataFrame:
+    """Every split's scores with what the pairing options look at: length, finish, typicality (`profiles` holds it:
+    with_typicality) and, with `text`, the text (pairs.min_overlap)."""
+    return read_artifact(scores_dir, "scores", "score").join(
+        profiles.select("user_id", "sample_idx", "n_tokens", "finish_reason", "typicality", *(["text"] * text)),
+        on=["user_id", "sample_idx"], how="left")
+
+
 def pairs_stage(recipe: Recipe, profiles_dir, scores_dir, out_dir, round: int, *, force: bool = False) -> Path:
     """Build round `round`'s preference pairs from a sample stage's profiles and a score stage's rewards."""
     cfg = recipe.pairs
@@ -267,11 +281,7 @@ def pairs_stage(recipe: Recipe, profiles_dir, scores_dir, out_dir, round: int, *
         if st.done:
             return out_dir
         profiles = with_typicality(read_artifact(profiles_dir, "profiles", "sample"))
-        # every split's scores with what the pairing options look at (length, finish, typicality), read once
-        every = read_artifact(scores_dir, "scores", "score").join(
-            profiles.select("user_id", "sample_idx", "n_tokens", "finish_reason", "typicality",
-                            *(["text"] * (cfg.min_overlap > 0))),
-            on=["user_id", "sample_idx"], how="left")
+        every = scored_profiles(profiles, scores_dir, text=cfg.min_overlap > 0)
 
         missing = [j for j in cfg.agree_with if j not in every.columns]
         if missing:

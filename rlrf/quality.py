@@ -44,9 +44,15 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
     return len(seen) / total if total else 0.0
 
 
+def bigrams(text: str) -> set[tuple[str, str]]:
+    """The text's distinct word bigrams."""
+    w = words(text)
+    return set(zip(w, w[1:]))
+
+
 def bigram_overlap(a: str, b: str) -> float:
     """Jaccard overlap of two texts' word-bigram sets: 1 for the same bigrams, 0 for none shared (or none at all)."""
-    x, y = ({tuple(w[i:i + 2]) for i in range(len(w) - 1)} for w in (words(a), words(b)))
+    x, y = bigrams(a), bigrams(b)
     return len(x & y) / len(x | y) if x or y else 0.0
 
 
@@ -57,7 +63,7 @@ def typicality(texts: list[str], user_ids: list[int]) -> np.ndarray:
     The per-profile side of corpus distinct-2: a set of profiles whose typicality rises has a falling distinct-2.
     A user's own texts do not count for one another (N profiles of one user share their history's words). A text
     with no bigram scores 0; with a single user every text scores 0."""
-    grams = [set(zip(w, w[1:])) for w in (words(t) for t in texts)]
+    grams = [bigrams(t) for t in texts]
     per_user: dict = {}
     for u, g in zip(user_ids, grams):
         per_user.setdefault(u, set()).update(g)

@@ -27,12 +27,16 @@ TRAINERS: dict[str, str] = {
 }
 
 
+def check_name(name: str) -> None:
+    """ConfigError unless `name` is a registered trainer (rounds.trainer's allowed values)."""
+    from rlrf.config.keys import _check, _one_of
+
+    _check(name in TRAINERS, "rounds.trainer", f"unknown value {name!r}; choose {_one_of(tuple(TRAINERS))}")
+
+
 def trainer(name: str) -> ModuleType:
     """The trainer module registered under `name`."""
-    if name not in TRAINERS:
-        from rlrf.config.keys import ConfigError
-
-        raise ConfigError(f"rounds.trainer: unknown value {name!r}; choose {_one_of(list(TRAINERS))}")
+    check_name(name)
     return importlib.import_module(TRAINERS[name])
 
 
@@ -71,7 +75,3 @@ def main(name: str, argv: list[str] | None = None) -> None:
         print(f"{name}: generator {args.round} -> {out / 'merged'}")
 
     run_main(run)
-
-
-def _one_of(names: list[str]) -> str:
-    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"

@@ -108,6 +108,25 @@ def test_typicality_tolerance_never_pairs_a_more_typical_chosen():
         load_recipe(None, ["pairs.typicality_tolerance=1.5"])
 
 
+def test_typicality_band_bounds_the_difference_both_ways():
+    """The typicality data above: with a band of 0.15 user 1's only pair is 0.5 (0.1) over 0.1 (0.2), |-0.1|; with
+    0.35 the best, 0.9 (0.5) over 0.1 (0.2), +0.3. User 2's pair differs by 0.8 either way: never a pair. Worked by
+    hand."""
+    sc = _scores({1: [0.9, 0.5, 0.1], 2: [0.8, 0.2]}).with_columns(
+        typicality=pl.Series([0.5, 0.1, 0.2, 0.9, 0.1]))
+    picked, dropped = select_pairs(sc, typicality_band=0.15)
+    assert picked.select("user_id", "chosen_idx", "rejected_idx").rows() == [(1, 1, 2)]
+    assert dict(dropped) == {"no_pair_within_tolerance": 1}
+    wide, _ = select_pairs(sc, typicality_band=0.35)
+    assert wide.select("user_id", "chosen_idx", "rejected_idx").rows() == [(1, 0, 2)]
+    # a chosen profile far less typical than its rejected one is out too (typicality_tolerance would allow it):
+    # 0.9 (0.0) over 0.1 (0.6) differs by 0.6, so the band's pair is 0.9 over 0.5 (0.1)
+    less = sc.with_columns(typicality=pl.Series([0.0, 0.1, 0.6, 0.9, 0.1]))
+    assert select_pairs(less, typicality_band=0.35)[0].select("user_id", "chosen_idx", "rejected_idx").rows() == [(1, 0, 1)]
+    assert select_pairs(less, typicality_tolerance=0.35)[0].select("user_id", "chosen_idx", "rejected_idx").rows() == [
+        (1, 0, 2)]
+
+
 def test_bigram_overlap_worked_by_hand():
     # "likes dark comedies" vs "likes dark dramas": bigrams {likes dark, dark comedies} and {likes dark, dark dramas}
     assert bigram_overlap("Likes dark comedies", "likes dark dramas") == pytest.approx(1 / 3)

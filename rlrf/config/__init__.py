@@ -193,6 +193,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _build(cls, values: dict, prefix: str = ""):
     types_ = dict(_keys(cls))
     names = list(types_)
+    fields = {f.name for f in dataclasses.fields(cls)}  # for Recipe, the names past these are trainers' sections
     kwargs, trainer_sections = {}, {}
     for k, v in values.items():
         key = f"{prefix}.{k}" if prefix else str(k)
@@ -201,7 +202,7 @@ def _build(cls, values: dict, prefix: str = ""):
         if k not in names:
             raise ConfigError(_unknown(key, k, names, prefix))
         value = _coerce(v, types_[k], key)
-        if cls is Recipe and k not in {f.name for f in dataclasses.fields(cls)}:
+        if k not in fields:
             trainer_sections[k] = value
         else:
             kwargs[k] = value

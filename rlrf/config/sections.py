@@ -395,10 +395,9 @@ class RoundsConfig:
                              "round's pairs; RLRF4Rec) | grpo (online, from the reward itself; the grpo stage)", late=True)
 
     def __post_init__(self):
-        from rlrf.trainers import TRAINERS, _one_of
+        from rlrf.trainers import check_name
 
-        _check(self.trainer in TRAINERS, "rounds.trainer",
-               f"unknown value {self.trainer!r}; choose {_one_of(list(TRAINERS))}")
+        check_name(self.trainer)
 
 
 @dataclass
