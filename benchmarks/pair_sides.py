@@ -61,7 +61,7 @@ def main() -> None:
         pl.col("split").is_in(cfg.splits))
     stage_rule = dict(min_margin=cfg.min_margin, length_tolerance=cfg.length_tolerance, ended_only=cfg.ended_only,
                       typicality_tolerance=cfg.typicality_tolerance, agree_with=tuple(cfg.agree_with),
-                      min_overlap=cfg.min_overlap)
+                      min_overlap=cfg.min_overlap, typicality_band=cfg.typicality_band)
     rules = {f"the pairs stage's (length_tolerance={cfg.length_tolerance}, ended_only={cfg.ended_only}): the "
              f"baseline": stage_rule}
     rules.update({f"+ typicality band {b}": {**stage_rule, "typicality_band": b}

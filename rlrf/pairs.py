@@ -53,8 +53,8 @@ def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance
     the lowest sample_idx for both picks, so the choice is deterministic. With `min_overlap` > 0 the two profiles
     share at least that share of their word bigrams (`rlrf.quality.bigram_overlap`, Jaccard): minimal pairs, which
     differ in what they say of the user and not in template, so DPO cannot learn a template from them. With
-    `typicality_band` >= 0 the two profiles' typicality differs by at most that much either way (no recipe key:
-    benchmarks/pair_sides.py measures what it would teach).
+    `typicality_band` >= 0 (pairs.typicality_band) the two profiles' typicality differs by at most that much either
+    way.
     """
     dropped: Counter = Counter()
     n_empty = int(scores["empty_text"].sum())
@@ -291,7 +291,8 @@ def pairs_stage(recipe: Recipe, profiles_dir, scores_dir, out_dir, round: int, *
         def pick(splits: list[str]) -> tuple[pl.DataFrame, pl.DataFrame, Counter]:
             scores = every.filter(pl.col("split").is_in(splits))
             picked, dropped = select_pairs(scores, cfg.min_margin, cfg.length_tolerance, cfg.ended_only,
-                                           cfg.typicality_tolerance, tuple(cfg.agree_with), cfg.min_overlap)
+                                           cfg.typicality_tolerance, tuple(cfg.agree_with), cfg.min_overlap,
+                                           cfg.typicality_band)
             return scores, picked, dropped
 
         scores, picked, dropped = pick(cfg.splits)

@@ -195,6 +195,13 @@ def test_stage_reports_what_tells_chosen_from_rejected(tmp_path):
     out = pairs_stage(recipe, prof, sc, tmp_path / "pairs_t", round=1)
     assert read_artifact(out, "pairs").is_empty()
     assert read_stage_json(out)["dropped"] == {"no_pair_within_tolerance": 3}
+    # the two-sided band from the recipe: typicality 1 vs 0 differs by 1, within a band of 1, outside 0.5
+    band = pairs_stage(load_recipe(None, ["pairs.typicality_band=0.5"]), prof, sc, tmp_path / "pairs_b", round=1)
+    assert read_stage_json(band)["dropped"] == {"no_pair_within_tolerance": 3}
+    wide = pairs_stage(load_recipe(None, ["pairs.typicality_band=1"]), prof, sc, tmp_path / "pairs_w", round=1)
+    assert read_artifact(wide, "pairs").height == 3
+    with pytest.raises(ValueError, match="pairs.typicality_band"):
+        load_recipe(None, ["pairs.typicality_band=1.5"])
 
 
 def test_pairing_options_reach_the_stage_and_its_fingerprint_only_when_set(tmp_path):

@@ -199,6 +199,9 @@ class PairsConfig:
                                            "use each of its word bigrams), so a reward that pays for what every "
                                            "profile says cannot teach DPO to write alike for all (-1 = off; 0 = never "
                                            "more typical)", late=True)
+    typicality_band: float = _f(-1.0, "the two profiles' typicality differs by at most this much either way, so the "
+                                      "pairs carry no typicality direction on average (-1 = off; "
+                                      "benchmarks/pair_sides.py measures what a band leaves)", late=True)
     min_overlap: float = _f(0.0, "minimal pairs: the two profiles share at least this share of their word bigrams "
                                  "(Jaccard), so they differ in what they say, not in template (0 = off)", late=True)
     agree_with: list[TextJudge] = _f([], "other judges (score columns: retrieval | lexical | genres) that must not rank "
@@ -228,6 +231,8 @@ class PairsConfig:
         _check(self.length_tolerance >= -1, "pairs.length_tolerance", "must be >= 0 tokens, or -1 (off)")
         _check(self.typicality_tolerance == -1 or 0 <= self.typicality_tolerance <= 1, "pairs.typicality_tolerance",
                f"must be in [0, 1], or -1 (off); got {self.typicality_tolerance}")
+        _check(self.typicality_band == -1 or 0 <= self.typicality_band <= 1, "pairs.typicality_band",
+               f"must be in [0, 1], or -1 (off); got {self.typicality_band}")
         _check(0 <= self.min_overlap <= 1, "pairs.min_overlap", f"must be in [0, 1] (0 = off); got {self.min_overlap}")
         _check_choices(self, "pairs")
         _check(set(self.splits) <= {"train", "valid", "test"} and self.splits, "pairs.splits",
