@@ -2,9 +2,11 @@
 profile quality, as runs/<run>/evaluate/results.md + results.json + PNGs.
 
 Every generator (0 = the base model, k = round k's DPO output) writes N=evaluate.n profiles for every
-user with the same seeds and decoding; a reranker per backbone x seed is trained on train users with
-that generator's knowledge, early-stopped on valid, and reported on test. Each piece is its own
-resumable sub-stage under evaluate/, so a rerun only does what is not done:
+user with the same seeds and decoding (the first evaluated round's: the profiles that round's sample and
+check already hold are taken from them); a reranker per backbone x seed is trained on train users with
+that generator's knowledge, early-stopped on valid, and reported on test, evaluate.workers of them at
+once in processes of their own. Each piece is its own resumable sub-stage under evaluate/, so a rerun
+only does what is not done:
 
     evaluate/gen_<k>/sample/  encode/  quality.json      generator k's profiles, their embeddings, quality
     evaluate/gen_<k>/quality_profiles.parquet            per profile: names-history, NLL (test users), for the
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +35,24 @@ from rlrf.errors import StageError
 from rlrf.files import write_json, write_parquet
 from rlrf.quality import criteria_lines
 
-# All generators are sampled with this round argument, so their seeds (recipe.seed, user, round, idx)
-# match and a difference between generators is the generator's, not the dice's.
-EVAL_SAMPLE_ROUND = 0
+
+
+def seed_round(recipe: Recipe) -> int:
+    """The round argument every generator is sampled with: the first evaluated round's. The seeds (recipe.seed,
+    user, round, idx) then match across generators, so a difference between them is the generator's, not the
+    dice's; and they match that round's own sample (generator k-1 on the round's users) and its check (generator k
+    on the valid users), whose texts are taken instead of sampled again (`sources`)."""
+    return min(recipe.evaluate.rounds)
+
+
+def sources(recipe: Recipe) -> list[Path]:
+    """The run's sample stages that may hold evaluation profiles: each evaluated round's sample and its check's
+    two sides (sample_stage takes from those that match a generator's weights and seeds, and skips the rest)."""
+    out = []
+    for k in sorted(set(recipe.evaluate.rounds)):
+        check = runs.stage_dir(recipe, "check", k)
+        out += [runs.stage_dir(recipe, "sample", k), check / "old" / "sample", check / "new" / "sample"]
+    return out
 METRICS = ("map@3", "ndcg@3", "map@5", "ndcg@5", "map@7", "ndcg@7")
 TABLE_METRICS = ("map@5", "ndcg@5")
 
@@ -59,6 +77,82 @@ def check_rounds(recipe: Recipe, recipe_path: str = "<recipe>") -> list[int]:
         raise StageError(f"evaluate.rounds lists round(s) {missing} that {recipe.run_dir} does not have: {todo}. "
                          f"Run those first, or evaluate only what exists ({alt}).")
     return [0, *sorted(set(recipe.evaluate.rounds))]
+
+
+# ----------------------------------------------------------------------------- rerankers
+
+
+@dataclass(frozen=True)
+class RerankJob:
+    """One evaluation reranker: its sub-stage directory, the encode stage it reads (None: the base model), its
+    backbone and seed."""
+    out: Path
+    knowledge: Path | None
+    backbone: str
+    seed: int
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def reranker_workers(recipe: Recipe, jobs: int) -> int:
+    """How many evaluation rerankers train at once: evaluate.workers, or (0) as many as this process has CPU cores
+    for at reranker.threads each; never more than there are rerankers."""
+    n = recipe.evaluate.workers or usable_cores() // max(1, recipe.reranker.threads)
+    return max(1, min(n, jobs))
+
+
+def _train(recipe: Recipe, job: RerankJob, progress: bool = True) -> dict[str, float]:
+    from rlrf.rerank_train import train_stage
+
+    train_stage(recipe, job.out, job.knowledge, backbone=job.backbone, knowledge=job.knowledge is not None,
+                seeds=[job.seed], history=recipe.evaluate.history, progress=progress)
+    return read_test_metrics(job.out, job.seed)
+
+
+def train_rerankers(recipe: Recipe, jobs: list[RerankJob], workers: int = 1) -> list[dict[str, float]]:
+    """Each job's reranker trained (or found done) and its test metrics, in job order.
+
+    The rerankers are tiny (one torch thread each barely waits on memory), so on a 2-core machine two of them in
+    two processes train in about half the time of one after the other. With `workers` > 1 they train in that many
+    spawned processes; each is its own resumable sub-stage with its own seed, so what one writes is what it would
+    write alone (tests/test_evaluate.py compares), and a stop keeps the finished ones and kills the rest, which the
+    next run redoes. A worker that dies (out of memory) stops the stage with the rerankers it was training."""
+    from tqdm import tqdm
+
+    if workers <= 1:
+        return [_train(recipe, job) for job in tqdm(jobs, desc="evaluate: rerankers", unit="model")]
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    results: dict[int, dict] = {}
+    bar = tqdm(total=len(jobs), desc=f"evaluate: rerankers ({workers} at a time)", unit="model")
+    # spawn, not fork: the parent has run torch (the sampler), and a forked copy of its thread pools can deadlock
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        running = {pool.submit(_train, recipe, job, False): i for i, job in enumerate(jobs)}
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in done:
+                i = running.pop(f)
+                try:
+                    results[i] = f.result()
+                except BrokenProcessPool:
+                    raise StageError(f"evaluate: a reranker worker process died (killed, or out of memory?) with "
+                                     f"{jobs[i].out} unfinished. The finished rerankers are kept: rerun to go on, "
+                                     f"with evaluate.workers=1 to train one at a time in this process.") from None
+                bar.update()
+    except BaseException:
+        for p in list((getattr(pool, "_processes", None) or {}).values()):
+            p.terminate()  # a stop stops the workers too; their sub-stages resume on the next run
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+    return [results[i] for i in range(len(jobs))]
 
 
 # ----------------------------------------------------------------------------- tables (pure)
@@ -153,7 +247,7 @@ def hardware() -> dict:
 
     from rlrf.machine import machine
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     return {**machine(), "cores": cores, "platform": platform.platform()}
 
 
@@ -202,12 +296,9 @@ def evaluate_stage(recipe: Recipe, *, force: bool = False, recipe_path: str = "<
     """Run (or resume) every sub-stage, then write results.md / results.json / rounds.png / rewards.png."""
     gens = check_rounds(recipe, recipe_path)  # before anything heavy: a missing round is the common mistake
 
-    from tqdm import tqdm
-
     from rlrf.encode import encode_stage
     from rlrf.llm import weights_hash
     from rlrf.plots import plot_rewards, plot_rounds
-    from rlrf.rerank_train import train_stage
     from rlrf.sample import sample_stage
     from rlrf.score import score_stage
 
@@ -229,18 +320,20 @@ def evaluate_stage(recipe: Recipe, *, force: bool = False, recipe_path: str = "<
         profiles, encoded = {}, {}
         for k in gens:
             g = out / f"gen_{k}"
-            profiles[k] = Path(sample_stage(recipe, g / "sample", runs.generator(recipe, k), EVAL_SAMPLE_ROUND,
-                                            splits=["train", "valid", "test"], n=ev.n, max_users=ev.max_users))
+            profiles[k] = Path(sample_stage(recipe, g / "sample", runs.generator(recipe, k), seed_round(recipe),
+                                            splits=["train", "valid", "test"], n=ev.n, max_users=ev.max_users,
+                                            source=sources(recipe)))
             encoded[k] = Path(encode_stage(recipe, profiles[k], g / "encode"))
 
         jobs = [(b, c, s) for b in ev.backbones for c in ["base", *gens] for s in ev.seeds]
+        work = [RerankJob(out / "rerank" / b / ("base" if c == "base" else f"gen_{c}") / f"seed_{s}",
+                          None if c == "base" else encoded[c], b, s) for b, c, s in jobs]
+        workers = reranker_workers(recipe, len(work))
+        st.log(f"evaluate: {len(work)} rerankers, {workers} at a time (evaluate.workers), "
+               f"{recipe.reranker.threads} torch thread(s) each")
         per_seed: dict = {}
-        for b, c, s in tqdm(jobs, desc="evaluate: rerankers", unit="model"):
-            tdir = out / "rerank" / b / ("base" if c == "base" else f"gen_{c}") / f"seed_{s}"
-            know = None if c == "base" else encoded[c]
-            train_stage(recipe, tdir, know, backbone=b, knowledge=know is not None, seeds=[s],
-                        history=recipe.evaluate.history)
-            per_seed.setdefault(b, {}).setdefault(c, []).append(read_test_metrics(tdir, s))
+        for (b, c, s), metrics in zip(jobs, train_rerankers(recipe, work, workers)):
+            per_seed.setdefault(b, {}).setdefault(c, []).append(metrics)
         conditions = {b: {c: summarize(v) for c, v in conds.items()} for b, conds in per_seed.items()}
         tables = assemble_tables(conditions, last)
         plot_rounds(tables["per_round"], tables["base"], out / "rounds.png")

@@ -134,8 +134,9 @@ def _mean_std(per_seed: list[dict]) -> dict:
 
 def train_stage(recipe: Recipe, out_dir: str | Path, knowledge_dir: str | Path | None, *, backbone: str | None = None,
                 knowledge: bool | None = None, seeds: list[int] | None = None, history: int | None = None,
-                force: bool = False) -> Path:
-    """Train the reranker (one model per seed) on train users' lists; early stop on valid MAP@5."""
+                force: bool = False, progress: bool = True) -> Path:
+    """Train the reranker (one model per seed) on train users' lists; early stop on valid MAP@5. `progress=False`
+    leaves out the per-epoch bars (a worker among others: make evaluate), not the log lines."""
     cfg = dataclasses.replace(recipe.reranker, **{k: v for k, v in
                               {"backbone": backbone, "knowledge": knowledge, "seeds": seeds,
                                "history": history}.items() if v is not None})
@@ -156,7 +157,7 @@ def train_stage(recipe: Recipe, out_dir: str | Path, knowledge_dir: str | Path |
         write_json(out_dir / "model.json", spec.to_dict())
         for i in st.todo(len(cfg.seeds)):
             seed = int(cfg.seeds[i])
-            model, log = fit(spec, data, cfg, seed, progress=not st.quiet)
+            model, log = fit(spec, data, cfg, seed, progress=progress and not st.quiet)
             save_checkpoint(model, out_dir, seed)
             frames, result = [], {"best_epoch": log["best_epoch"], "epochs_run": len(log["epochs"]),
                                   "epoch_s": float(np.mean([e["epoch_s"] for e in log["epochs"]])), "log": log}

@@ -28,9 +28,10 @@ import polars as pl
 from tqdm import tqdm
 
 from rlrf import prompts as kar, runs, schema
-from rlrf.artifacts import read_artifact
+from rlrf.artifacts import read_artifact, read_json
 from rlrf.config import Recipe
 from rlrf.errors import StageError
+from rlrf.files import write_json
 from rlrf.generate import Sampling, open_backend
 from rlrf.llm import resolve_model, weights_hash
 from rlrf.store import Stage, parse_shard
@@ -120,11 +121,16 @@ def _stage_config(recipe: Recipe, cfg, generator: str, round: int, ghash: str) -
 
 
 def sample_stage(recipe: Recipe, out_dir: str | Path, generator: str, round: int, *, splits=None, n=None,
-                 max_users=None, force: bool = False, shard=None, source: str | Path | None = None) -> Path:
+                 max_users=None, force: bool = False, shard=None,
+                 source: str | Path | list[str | Path] | None = None) -> Path:
     """Write the `profiles` artifact (N per user) for `generator` into out_dir; returns out_dir.
 
-    `source`, a finished sample stage, is where the texts are taken from instead of sampled when it holds them all
-    (`from_source`): the stage's config, hence its fingerprint, is the same either way, because the texts are."""
+    `source`, one finished sample stage or a list of them, is where texts are taken from instead of sampled
+    (`from_sources`): every user that one of them holds with the same seeds, generator, decoding and arithmetic.
+    The stage's config, hence its fingerprint, is the same either way, because the texts are. When the sources
+    hold every user, the stage is one shard of taken texts; otherwise the taken users are shard 0 (their ids kept
+    in `taken.json`, so a resume cuts the rest the same way whatever the sources hold by then) and the rest are
+    sampled in shards after it."""
     cfg = _sample_config(recipe, splits, n, max_users)
     out_dir = Path(out_dir)
     shard = parse_shard(shard) if isinstance(shard, str) else shard
@@ -141,30 +147,69 @@ def sample_stage(recipe: Recipe, out_dir: str | Path, generator: str, round: int
         if users.height == 0:
             raise StageError(f"sample: no users in splits {cfg.splits} of {prep} (sample.splits); "
                              f"check the prepare stage's output")
-        taken = (from_source(recipe, source, users, cfg, config)
-                 if source is not None and shard is None and not st.done_shards() else None)
-        if taken is not None:
+        sources = [] if source is None else [source] if isinstance(source, (str, Path)) else list(source)
+        taken, reused = None, None
+        if sources and shard is None:
+            taken, reused = _taken(st, out_dir, recipe, sources, users, cfg, config)
+        if taken is not None and len(reused["users"]) == users.height:  # the sources hold every user: no sampling
             for i in st.todo(1):
                 st.write_shard(i, {"profiles": taken})
-            st.finish(extra={**_summary(taken, cfg), "taken_from": str(source)})
+            st.finish(extra={**_summary(taken, cfg), "taken_from": ", ".join(reused["from"])})
             return out_dir
-        chunks = user_shards(users["user_id"].to_list(), max(1, cfg.batch_size // cfg.n), cfg.shards)
-        n_shards = len(chunks) + (1 if cfg.item_knowledge else 0)
+        first = 1 if reused else 0  # shard 0: the taken users
+        rest = users.filter(~pl.col("user_id").is_in(reused["users"])) if reused else users
+        chunks = user_shards(rest["user_id"].to_list(), max(1, cfg.batch_size // cfg.n), cfg.shards)
+        n_shards = first + len(chunks) + (1 if cfg.item_knowledge else 0)
         todo = st.todo(n_shards)
+        if first and 0 in todo:
+            if taken is None:
+                taken, _ = from_sources(recipe, sources, users.filter(pl.col("user_id").is_in(reused["users"])),
+                                        cfg, config)
+            if taken.select("user_id").n_unique() != len(reused["users"]):
+                raise StageError(f"{out_dir / TAKEN} lists {len(reused['users'])} users to take from "
+                                 f"{reused['from']}, which no longer hold them all; rerun with --force")
+            st.write_shard(0, {"profiles": taken})
+        todo = [i for i in todo if i >= first]
         if todo and cfg.backend == "hf":
             _check_memory(model_dir, cfg, st.log)
         backend = open_backend(cfg.backend, str(model_dir), cfg.dtype, cfg.batch_size, cfg.threads,
                                pad_to=cfg.max_prompt_tokens) if todo else None
         meta = dict(run=recipe.run, round=round, generator=str(generator), generator_hash=ghash)
         for i in todo:
-            if i == len(chunks):
+            if i == first + len(chunks):
                 st.write_shard(i, {"item_knowledge": _item_knowledge(backend, prep, prompts, cfg, recipe.seed, meta)})
             else:
-                part = users.filter(pl.col("user_id").is_in(chunks[i]))
-                desc = f"sample shard {i + 1}/{len(chunks)}"
+                part = rest.filter(pl.col("user_id").is_in(chunks[i - first]))
+                desc = f"sample shard {i + 1 - first}/{len(chunks)}"
                 st.write_shard(i, {"profiles": _profiles(backend, part, cfg, recipe.seed, meta, desc)})
-        st.finish(extra=_summary(st.written("profiles"), cfg) if _all_done(st, n_shards) else None)
+        extra = None
+        if _all_done(st, n_shards):
+            extra = {**_summary(st.written("profiles"), cfg),
+                     **({"reused": {"users": len(reused["users"]), "from": reused["from"]}} if reused else {})}
+        st.finish(extra=extra)
     return out_dir
+
+
+TAKEN = "taken.json"
+
+
+def _taken(st: Stage, out_dir: Path, recipe: Recipe, sources: list, users: pl.DataFrame, cfg,
+           config: dict) -> tuple[pl.DataFrame | None, dict | None]:
+    """(the profiles taken from the sources, {"users": their ids, "from": the sources used}); (None, None) when
+    nothing is taken, and (None, what was taken) on a resume.
+
+    Decided once, before the first shard, and kept in taken.json: a resume reads which users were taken instead of
+    asking the sources again (a source finished in between would otherwise cut the rest into other shards)."""
+    path = out_dir / TAKEN
+    if st.done_shards():
+        return None, (read_json(path) if path.is_file() else None)
+    taken, used = from_sources(recipe, sources, users, cfg, config)
+    if taken.is_empty():
+        path.unlink(missing_ok=True)
+        return None, None
+    reused = {"users": taken["user_id"].unique().sort().to_list(), "from": used}
+    write_json(path, reused)
+    return taken, reused
 
 
 def _line(info: dict) -> str:
@@ -173,6 +218,9 @@ def _line(info: dict) -> str:
              f"finish eos={info['finish_reason'].get('eos', 0)} length={info['finish_reason'].get('length', 0)} "
              f"sentence={info['finish_reason'].get('sentence', 0)} empty={info['empty_text']} | history trimmed for "
              f"{info['users_history_trimmed']} users ({info['history_lines_trimmed']} lines)")
+    if "reused" in info:
+        where = (f"{info['reused']['users']} users' profiles taken from {', '.join(info['reused']['from'])} (same "
+                 f"seeds), the rest sampled | {where}")
     return f"round {c['round']}: {info['users']} users from {c['generator']} | {where}"
 
 
@@ -182,26 +230,46 @@ _LAYOUT_KEYS = ("splits", "n", "max_users", "shards", "batch_size")
 
 def from_source(recipe: Recipe, src: str | Path, users: pl.DataFrame, cfg, want: dict) -> pl.DataFrame | None:
     """The profiles a sample stage of config `want` would sample for `users`, taken from the finished sample stage
-    `src` when it holds them all: same seed, run, round, generator weights and decoding, and every user with at least
-    cfg.n profiles. A text's seed is (run seed, user, round, sample_idx), never the batch or the other users, so the
-    subset is what sampling would write. None when `src` cannot serve (the caller samples instead).
+    `src` when it holds them all (`from_sources`); None when it cannot serve them all (the caller samples instead).
 
     The is-it-learning check uses it: its "old" side (generator k-1 on valid users, round k's seeds) is a subset of
     round k's own sample stage, which saves sampling it a second time."""
-    src = Path(src)
-    if not (src / "stage.json").is_file():
-        return None
-    have = json.loads((src / "stage.json").read_text()).get("config", {})
+    taken, _ = from_sources(recipe, [src], users, cfg, want)
+    return taken if taken.height == users.height * cfg.n else None
+
+
+def from_sources(recipe: Recipe, sources: list, users: pl.DataFrame, cfg, want: dict) -> tuple[pl.DataFrame, list[str]]:
+    """The profiles a sample stage of config `want` would sample for those of `users` that a finished sample stage
+    among `sources` holds with at least cfg.n profiles (the first source that holds a user serves it), and the
+    sources used. A source serves when it has the same seed, run, round, generator weights and decoding, and ran on
+    the same arithmetic (the same CPU model and flags, or GPU: bf16 rounds differently on another CPU). A text's
+    seed is (run seed, user, round, sample_idx), never the batch or the other users, and each prompt is prefilled
+    alone (rlrf.generate), so what is taken is what sampling would write."""
+    from rlrf.machine import machine
+
     strip = lambda d: {k: v for k, v in d.items() if k not in _LAYOUT_KEYS}  # noqa: E731
-    same = (all(have.get(k) == want[k] for k in ("seed", "run", "round", "generator_hash"))
-            and strip(have.get("sample", {})) == strip(want["sample"]) and not cfg.item_knowledge
-            and int(have["sample"].get("n", 0)) >= cfg.n)
-    if not same:
-        return None
-    profiles = (read_artifact(src, "profiles", "sample")
-                .filter(pl.col("user_id").is_in(users["user_id"].implode()) & (pl.col("sample_idx") < cfg.n))
-                .sort("user_id", "sample_idx"))
-    return profiles if profiles.height == users.height * cfg.n else None  # None: a user src did not sample
+    here = machine()
+    frames, used, left = [], [], users.select("user_id")
+    for src in map(Path, sources):
+        if left.is_empty() or not (src / "stage.json").is_file():
+            continue
+        info = json.loads((src / "stage.json").read_text())
+        have, ran = info.get("config", {}), info.get("machine", {})
+        same = (all(have.get(k) == want[k] for k in ("seed", "run", "round", "generator_hash"))
+                and strip(have.get("sample", {})) == strip(want["sample"]) and not cfg.item_knowledge
+                and int(have["sample"].get("n", 0)) >= cfg.n
+                and all(ran.get(k) == here.get(k) for k in ("cpu", "cpu_flags")) and ran.get("gpu") == here.get("gpu"))
+        if not same:
+            continue
+        got = (read_artifact(src, "profiles", "sample")
+               .filter(pl.col("user_id").is_in(left["user_id"].implode()) & (pl.col("sample_idx") < cfg.n)))
+        whole = got.group_by("user_id").len().filter(pl.col("len") == cfg.n)["user_id"]
+        if whole.len():
+            frames.append(got.filter(pl.col("user_id").is_in(whole.implode())))
+            used.append(str(src))
+            left = left.filter(~pl.col("user_id").is_in(whole.implode()))
+    taken = pl.concat(frames).sort("user_id", "sample_idx") if frames else schema.empty("profiles")
+    return taken, used
 
 
 def _all_done(st: Stage, n_shards: int) -> bool:

@@ -24,7 +24,8 @@ from rlrf.store import Stage
 
 REPO = Path(__file__).resolve().parent.parent
 USERS = {1: "train", 2: "train", 3: "valid", 4: "test", 5: "test"}
-OVERRIDES = ["evaluate.backbones=[dlcm,prm]", "evaluate.seeds=[1,2,3]", "evaluate.rounds=[1]"]
+# evaluate.workers=1: the fake modules live in this process, not in a spawned worker's
+OVERRIDES = ["evaluate.backbones=[dlcm,prm]", "evaluate.seeds=[1,2,3]", "evaluate.rounds=[1]", "evaluate.workers=1"]
 
 
 class WorkLog(list):
@@ -69,7 +70,9 @@ def modules(work: WorkLog) -> dict[str, types.ModuleType]:
     """Fake rlrf.sample / rlrf.encode / rlrf.rerank_train / rlrf.score / rlrf.llm modules."""
 
     def sample_stage(recipe, out_dir, generator, round, *, splits=None, n=None, max_users=None, force=False,
-                     shard=None):
+                     shard=None, source=None):
+        # every generator with the first evaluated round's seeds, offered that round's sample and check to take from
+        assert round == min(recipe.evaluate.rounds) and runs.stage_dir(recipe, "sample", round) in source
         k = _gen_index(out_dir)
         rows = [{"run": recipe.run, "round": round, "split": s, "user_id": u, "sample_idx": i,
                  "prompt": "p", "text": f"likes comedy and drama round {k} user {u}", "n_tokens": 7 + k,
@@ -84,7 +87,7 @@ def modules(work: WorkLog) -> dict[str, types.ModuleType]:
         return _write(out_dir, "encode", {"encode": "fake"}, [profiles_dir], "user_texts", rows, work)
 
     def train_stage(recipe, out_dir, knowledge_dir, *, backbone=None, knowledge=None, seeds=None, history=None,
-                    force=False):
+                    force=False, progress=True):
         assert history == recipe.evaluate.history  # the evaluation rerankers get evaluate.history
         k = None if knowledge_dir is None else _gen_index(knowledge_dir)
         out_dir = Path(out_dir)

@@ -268,7 +268,8 @@ def test_evaluate_refuses_results_of_another_config(fake_stages):
     (gen1 / "weights.txt").write_text("w0")
     evaluate_stage(r)  # the same weights again: up to date
     other = load_recipe(REPO / "recipes" / "tiny.yaml", [f"runs_dir={r.runs_dir}", "evaluate.backbones=[dlcm,prm]",
-                                                         "evaluate.seeds=[1,2]", "evaluate.rounds=[1]"])
+                                                         "evaluate.seeds=[1,2]", "evaluate.rounds=[1]",
+                                                         "evaluate.workers=1"])
     with pytest.raises(StageError, match="different config"):
         evaluate_stage(other)
     before = json.loads((r.run_dir / "evaluate" / "results.json").read_text())
@@ -277,6 +278,39 @@ def test_evaluate_refuses_results_of_another_config(fake_stages):
     after = json.loads((r.run_dir / "evaluate" / "results.json").read_text())
     assert after["conditions"]["dlcm"]["base"]["map@5"]["n"] == 2
     assert not (r.run_dir / "evaluate" / "rerank" / "dlcm" / "base" / "seed_3").exists()
+
+
+def test_rerankers_in_worker_processes_write_what_one_process_writes(tmp_path):
+    """make evaluate trains its rerankers two at a time in spawned processes: each writes the metrics and
+    predictions it writes alone, one by one (the same seeds, one torch thread each), in job order; a reranker that
+    fails in a worker stops the stage with its own message, and the finished ones are kept."""
+    from rlrf.artifacts import read_artifact
+    from rlrf.evaluate import RerankJob, reranker_workers, train_rerankers
+    from tests.reward_fixtures import make_recipe, profile_texts, write_fake_encode, write_prepare, write_profiles
+
+    recipe = make_recipe(tmp_path, "reranker.epochs=3")
+    write_prepare(recipe)
+    enc = write_fake_encode(recipe, write_profiles(recipe, runs.stage_dir(recipe, "sample", 1), profile_texts()),
+                            runs.stage_dir(recipe, "encode", 1))
+
+    def jobs(root):
+        return [RerankJob(tmp_path / root / f"{b}_{k}_{s}", enc if k else None, b, s)
+                for b, k, s in (("dlcm", 0, 1), ("dlcm", 1, 1), ("prm", 1, 2))]
+
+    alone = train_rerankers(recipe, jobs("alone"), workers=1)
+    apart = train_rerankers(recipe, jobs("apart"), workers=2)
+    assert apart == alone
+    preds = [read_artifact(j.out, "predictions") for j in jobs("alone")]
+    assert not preds[0].equals(preds[1]) and not preds[1].equals(preds[2])  # three different models, in job order
+    for a, b in zip(preds, jobs("apart")):
+        assert a.equals(read_artifact(b.out, "predictions"))
+    assert reranker_workers(recipe, 18) >= 1 and reranker_workers(recipe, 1) == 1
+    assert reranker_workers(load_recipe(None, ["evaluate.workers=3"]), 18) == 3
+
+    bad = [*jobs("alone")[:1], RerankJob(tmp_path / "bad", tmp_path / "no_such_encode", "dlcm", 1)]
+    with pytest.raises(StageError, match="no_such_encode"):
+        train_rerankers(recipe, bad, workers=2)
+    assert read_artifact(bad[0].out, "predictions").equals(read_artifact(jobs("apart")[0].out, "predictions"))
 
 
 # ----------------------------------------------------------------------------- integration

@@ -113,6 +113,44 @@ def test_rerun_and_shard_slices_give_the_same_rows(setup, tiny_model, tmp_path):
 
 
 @pytest.mark.faults
+def test_a_stage_takes_the_users_another_stage_holds_and_samples_the_rest(setup, tiny_model):
+    """make evaluate's case: one profile for every user, offered a stage that holds some users' profiles with the
+    same seeds, generator and decoding (a round's sample of its train and valid users). It takes those users,
+    samples the rest, and writes what sampling them all writes. Killed after its first shard (the taken users) and
+    resumed when the other stage is gone, it cuts the rest the same way (taken.json) and finishes the same."""
+    r = setup
+    every = ["train", "valid", "test"]
+    cols = [*KEY, "text", "n_tokens", "finish_reason", "seed"]
+    want = _rows(sample_stage(r, r.run_dir / "all", str(tiny_model), 1, splits=every, n=1)).select(cols)
+    src = sample_stage(r, r.run_dir / "src", str(tiny_model), 1, splits=["valid", "train"])  # n=2, users 1,3,4,6,7,9
+    gone = r.run_dir / "no_stage_here"
+    one = sample_stage(r, r.run_dir / "one", str(tiny_model), 1, splits=every, n=1, source=[gone, src])
+    assert _rows(one).select(cols).equals(want)
+    assert json.loads((one / "stage.json").read_text())["reused"] == {"users": 6, "from": [str(src)]}
+    assert json.loads((one / "taken.json").read_text())["users"] == [1, 3, 4, 6, 7, 9]
+    # another round's seeds: nothing to take
+    r2 = sample_stage(r, r.run_dir / "r2", str(tiny_model), 2, splits=every, n=1, source=[src])
+    assert "reused" not in json.loads((r2 / "stage.json").read_text()) and not (r2 / "taken.json").exists()
+
+    d = r.run_dir / "killed"
+    code = ("import sys; from rlrf.config import load_recipe; from rlrf.sample import sample_stage; "
+            "r = load_recipe(sys.argv[1], sys.argv[4:]); "
+            "sample_stage(r, sys.argv[2], r.sample.model, 1, splits=['train', 'valid', 'test'], n=1, source=[sys.argv[3]])")
+    args = [sys.executable, "-c", code, str(REPO / "recipes" / "tiny.yaml"), str(d), str(src),
+            f"runs_dir={r.runs_dir}", "run=t", f"sample.model={tiny_model}", "sample.n=2", "sample.max_users=-1",
+            "sample.max_new_tokens=6", "sample.max_prompt_tokens=160", "sample.batch_size=6", "sample.shards=3",
+            "sample.dtype=bfloat16", "sample.threads=1"]
+    env = {**os.environ, "RLRF_KILL_AFTER_SHARDS": "1", "PYTHONPATH": str(REPO)}
+    res = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == -9, res.stderr[-2000:]
+    assert [p.name for p in (d / "_shards").glob("*.json")] == ["00000.json"] and (d / "taken.json").is_file()
+    (src / "stage.json").unlink()  # the source no longer serves
+    resumed = sample_stage(r, d, str(tiny_model), 1, splits=every, n=1, source=[src])
+    assert _rows(resumed).select(cols).equals(want)
+    assert json.loads((resumed / "stage.json").read_text())["reused"]["users"] == 6
+
+
+@pytest.mark.faults
 def test_resume_after_kill_gives_a_clean_runs_rows(setup, tiny_model):
     r = setup
     clean = _rows(sample_stage(r, r.run_dir / "clean", str(tiny_model), 1))

@@ -412,6 +412,8 @@ class EvaluateConfig:
     seeds: list = _f([1, 2, 3], "reranker seeds; tables show mean +- std")
     n: int = _f(1, "profiles per user per generator")
     max_users: int = _f(-1, "cap users per split for every generator (-1 = all users; small only for tests)")
+    workers: int = _f(0, "evaluation rerankers trained at once, each in its own process at reranker.threads (0 = as "
+                         "many as the CPU cores allow; 1 = one after the other in this process)", speed=True)
     history: int = _f(30, "reranker.history for the evaluation rerankers (base and knowledge alike): the user-history "
                           "features lift base DLCM/PRM from popularity's level (README: the ranking baselines)")
 
@@ -423,3 +425,4 @@ class EvaluateConfig:
         _check(len(self.seeds) >= 1, "evaluate.seeds", "needs at least one seed")
         _check(self.n >= 1, "evaluate.n", "must be >= 1")
         _check(self.history >= 0, "evaluate.history", "must be >= 0 (0 = no history features)")
+        _check(self.workers >= 0, "evaluate.workers", "must be >= 0 (0 = as many as the CPU cores allow)")
