@@ -20,7 +20,7 @@ from rlrf.artifacts import read_artifact
 from rlrf.config import Recipe
 from rlrf.errors import StageError
 from rlrf.files import write_json
-from rlrf.quality import bigram_overlap, distinct_n, typicality
+from rlrf.quality import bigram_overlap, catalogue_genres, distinct_n, genres_named, typicality
 from rlrf.schema import SCHEMAS
 
 LLAMAFACTORY_DIR = "llamafactory"
@@ -34,7 +34,7 @@ def dataset_name(round: int) -> str:
 def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance: int = -1,
                  ended_only: bool = False, typicality_tolerance: float = -1.0,
                  agree_with: tuple[str, ...] = (), min_overlap: float = 0.0,
-                 typicality_band: float = -1.0) -> tuple[pl.DataFrame, Counter]:
+                 typicality_band: float = -1.0, genres_tolerance: int = -1) -> tuple[pl.DataFrame, Counter]:
     """Best and worst profile per user from a scores frame (user_id, sample_idx, reward, empty_text; plus
     n_tokens with `length_tolerance`, finish_reason with `ended_only`, typicality with `typicality_tolerance` or
     `typicality_band`, each column named in `agree_with`, text with `min_overlap`).
@@ -54,7 +54,8 @@ def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance
     share at least that share of their word bigrams (`rlrf.quality.bigram_overlap`, Jaccard): minimal pairs, which
     differ in what they say of the user and not in template, so DPO cannot learn a template from them. With
     `typicality_band` >= 0 (pairs.typicality_band) the two profiles' typicality differs by at most that much either
-    way.
+    way. With `genres_tolerance` >= 0 (column genres_named) the two profiles name as many of the catalogue's genres
+    give or take that many, so a reward that pays for naming more genres cannot teach DPO "name more genres".
     """
     dropped: Counter = Counter()
     n_empty = int(scores["empty_text"].sum())
@@ -70,9 +71,9 @@ def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance
         live = live.filter(~cut)
     counts = live.group_by("user_id").len()
     typical = typicality_tolerance >= 0 or typicality_band >= 0
-    if length_tolerance >= 0 or typical or agree_with or min_overlap > 0:
+    if length_tolerance >= 0 or typical or agree_with or min_overlap > 0 or genres_tolerance >= 0:
         cols = (["n_tokens"] * (length_tolerance >= 0) + ["typicality"] * typical + list(agree_with)
-                + ["text"] * (min_overlap > 0))
+                + ["text"] * (min_overlap > 0) + ["genres_named"] * (genres_tolerance >= 0))
         side = live.select("user_id", "sample_idx", "reward", *cols)
         allowed = pl.col("sample_idx") != pl.col("sample_idx_r")
         if length_tolerance >= 0:
@@ -81,6 +82,8 @@ def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance
             allowed &= pl.col("typicality") - pl.col("typicality_r") <= typicality_tolerance
         if typicality_band >= 0:
             allowed &= (pl.col("typicality") - pl.col("typicality_r")).abs() <= typicality_band
+        if genres_tolerance >= 0:
+            allowed &= (pl.col("genres_named") - pl.col("genres_named_r")).abs() <= genres_tolerance
         for judge in agree_with:  # a veto needs both profiles judged (NaN compares above every number in polars)
             a, b = pl.col(judge), pl.col(f"{judge}_r")
             allowed &= ~((a < b) & a.is_not_nan() & b.is_not_nan()).fill_null(False)
@@ -99,7 +102,7 @@ def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance
         df = counts.join(cand, on="user_id", how="left").sort("user_id")
         far = (df["len"] >= 2) & df["margin"].is_null()
         why = ("no_pair_within_length" if length_tolerance >= 0 and not typical and not agree_with
-               and min_overlap <= 0 else "no_pair_within_tolerance")
+               and min_overlap <= 0 and genres_tolerance < 0 else "no_pair_within_tolerance")
         dropped[why] += int(far.sum())
         df = df.filter(~far)
     else:
@@ -201,7 +204,8 @@ def sides(pairs: pl.DataFrame, scores: pl.DataFrame) -> dict:
     n_tokens and typicality per (user_id, sample_idx). DPO learns whatever tells the two sides apart."""
     if pairs.is_empty():
         return {}
-    side = scores.select("user_id", "sample_idx", "n_tokens", "typicality")
+    side = scores.select("user_id", "sample_idx", "n_tokens", "typicality",
+                         *(["genres_named"] if "genres_named" in scores.columns else []))
     out = {}
     for name in ("chosen", "rejected"):
         who = "rejected_user" if name == "rejected" and "rejected_user" in pairs.columns else "user_id"
@@ -209,7 +213,8 @@ def sides(pairs: pl.DataFrame, scores: pl.DataFrame) -> dict:
                          pl.col(name).list.first().struct.field("content").alias("text")).join(
             side, on=["user_id", "sample_idx"], how="left").unique(["user_id", "sample_idx"], maintain_order=True)
         out[name] = {"mean_tokens": float(d["n_tokens"].mean()), "distinct_2": distinct_n(d["text"].to_list()),
-                     "typicality": float(d["typicality"].mean())}
+                     "typicality": float(d["typicality"].mean()),
+                     **({"genres_named": float(d["genres_named"].mean())} if "genres_named" in d.columns else {})}
     return out
 
 
@@ -266,21 +271,33 @@ def write_llamafactory(pairs: pl.DataFrame, out_dir: Path, round: int) -> Path:
 
 def scored_profiles(profiles: pl.DataFrame, scores_dir, text: bool = False) -> pl.DataFrame:
     """Every split's scores with what the pairing options look at: length, finish, typicality (`profiles` holds it:
-    with_typicality) and, with `text`, the text (pairs.min_overlap)."""
+    with_typicality), genres named where `profiles` holds them (with_genres_named) and, with `text`, the text
+    (pairs.min_overlap)."""
+    extra = ["genres_named"] if "genres_named" in profiles.columns else []
     return read_artifact(scores_dir, "scores", "score").join(
-        profiles.select("user_id", "sample_idx", "n_tokens", "finish_reason", "typicality", *(["text"] * text)),
+        profiles.select("user_id", "sample_idx", "n_tokens", "finish_reason", "typicality", *extra, *(["text"] * text)),
         on=["user_id", "sample_idx"], how="left")
+
+
+def with_genres_named(profiles: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
+    """The profiles with a `genres_named` column: how many of the catalogue's genres each names (rlrf.quality)."""
+    genres = catalogue_genres(items)
+    return profiles.with_columns(genres_named=pl.Series([genres_named(t, genres) for t in profiles["text"].to_list()],
+                                                        dtype=pl.Int64))
 
 
 def pairs_stage(recipe: Recipe, profiles_dir, scores_dir, out_dir, round: int, *, force: bool = False) -> Path:
     """Build round `round`'s preference pairs from a sample stage's profiles and a score stage's rewards."""
     cfg = recipe.pairs
     out_dir = Path(out_dir)
-    with runs.STAGES["pairs"].open(recipe, out_dir, inputs=[profiles_dir, scores_dir], extra={"round": round},
+    genres_from = [runs.prepare_dir(recipe)] if cfg.genres_tolerance >= 0 else []  # the catalogue's genres
+    with runs.STAGES["pairs"].open(recipe, out_dir, inputs=[profiles_dir, scores_dir, *genres_from], extra={"round": round},
                                    force=force) as st:
         if st.done:
             return out_dir
         profiles = with_typicality(read_artifact(profiles_dir, "profiles", "sample"))
+        if cfg.genres_tolerance >= 0:
+            profiles = with_genres_named(profiles, read_artifact(runs.prepare_dir(recipe), "items", "prepare"))
         every = scored_profiles(profiles, scores_dir, text=cfg.min_overlap > 0)
 
         missing = [j for j in cfg.agree_with if j not in every.columns]
@@ -292,7 +309,7 @@ def pairs_stage(recipe: Recipe, profiles_dir, scores_dir, out_dir, round: int, *
             scores = every.filter(pl.col("split").is_in(splits))
             picked, dropped = select_pairs(scores, cfg.min_margin, cfg.length_tolerance, cfg.ended_only,
                                            cfg.typicality_tolerance, tuple(cfg.agree_with), cfg.min_overlap,
-                                           cfg.typicality_band)
+                                           cfg.typicality_band, cfg.genres_tolerance)
             return scores, picked, dropped
 
         scores, picked, dropped = pick(cfg.splits)

@@ -106,6 +106,11 @@ def names_history(text: str, titles: list[str], genres: list[str]) -> bool:
     return any(names_genre(body, g) for g in genres)
 
 
+def catalogue_genres(items: pl.DataFrame) -> list[str]:
+    """The genres the prepare stage's items carry (sorted, 'unknown' left out): what genres_named counts."""
+    return sorted({g for gs in items["genres"].to_list() for g in (gs or []) if g.lower() != "unknown"})
+
+
 def genres_named(text: str, genres: list[str]) -> int:
     """How many of the catalogue's genres the profile names (whole words, prose spellings included): the part of a
     profile every user's reward can share, and what DPO learned first from the lexical reward's pairs."""
@@ -207,14 +212,14 @@ def profile_quality(profiles: pl.DataFrame, items: pl.DataFrame, interactions: p
     perplexity is measured on `ppl_split` users only (None = all), which bounds its cost; `keep_nll` adds the
     per-profile (nll, tokens) arrays as "token_nll" for a caller that matches lengths (not JSON: pop it)."""
     texts = profiles["text"].to_list()
-    catalogue_genres = sorted({g for gs in items["genres"].to_list() for g in (gs or []) if g.lower() != "unknown"})
+    genres = catalogue_genres(items)
     out = {
         "profiles": len(texts),
         "mean_tokens": float(profiles["n_tokens"].mean()) if len(texts) else 0.0,
         "mean_words": float(np.mean([len(words(t)) for t in texts])) if texts else 0.0,
         "distinct_2": distinct_n(texts, 2),
         "names_history": float(history_mentions(profiles, items, interactions).mean()) if texts else 0.0,
-        "genres_named": float(np.mean([genres_named(t, catalogue_genres) for t in texts])) if texts else 0.0,
+        "genres_named": float(np.mean([genres_named(t, genres) for t in texts])) if texts else 0.0,
         # cut mid-sentence at max_new_tokens; "sentence" = cut there too, then trimmed back to a sentence end
         "share_truncated": float((profiles["finish_reason"] == "length").mean()) if texts else 0.0,
         "share_at_limit": float(profiles["finish_reason"].is_in(["length", "sentence"]).mean()) if texts else 0.0,

@@ -5,6 +5,7 @@ import json
 import polars as pl
 import pytest
 
+from rlrf import runs
 from rlrf.artifacts import read_artifact, read_stage_json
 from rlrf.config import load_recipe
 from rlrf.errors import StageError
@@ -125,6 +126,33 @@ def test_typicality_band_bounds_the_difference_both_ways():
     assert select_pairs(less, typicality_band=0.35)[0].select("user_id", "chosen_idx", "rejected_idx").rows() == [(1, 0, 1)]
     assert select_pairs(less, typicality_tolerance=0.35)[0].select("user_id", "chosen_idx", "rejected_idx").rows() == [
         (1, 0, 2)]
+
+
+def test_genres_tolerance_pairs_profiles_that_name_as_many_genres(tmp_path):
+    """User 1's profiles (0.9, 0.5, 0.2, 0.1) name 3, 1, 1 and 0 genres: with a tolerance of 0 the pair is 0.5 over
+    0.2 (1 and 1), with 1 it is 0.5 over 0.1 (1 and 0: the best within 1), with 3 best over worst; user 2's name 2 and
+    0, a pair only at 3. Worked by hand; then through the recipe key, the genres counted in the texts against the
+    prepare stage's catalogue."""
+    sc = _scores({1: [0.9, 0.5, 0.2, 0.1], 2: [0.8, 0.3]}).with_columns(genres_named=pl.Series([3, 1, 1, 0, 2, 0]))
+    for tol, want in ((0, [(1, 1, 2)]), (1, [(1, 1, 3)]), (3, [(1, 0, 3), (2, 0, 1)])):
+        picked, dropped = select_pairs(sc, genres_tolerance=tol)
+        assert picked.select("user_id", "chosen_idx", "rejected_idx").rows() == want, tol
+    assert dict(select_pairs(sc, genres_tolerance=1)[1]) == {"no_pair_within_tolerance": 1}
+
+    recipe = load_recipe(None, [f"runs_dir={tmp_path}", "run=g", "pairs.genres_tolerance=0"])
+    write_stage(runs.prepare_dir(recipe), "prepare", "items", [
+        {"item_id": i, "raw_item_id": str(i), "title": t, "year": 1995, "genres": g, "attribute_id": 1, "text": t}
+        for i, (t, g) in enumerate([("Heat", ["Action", "Crime"]), ("Fargo", ["Comedy", "Drama"])], 1)])
+    texts = {1: ["likes action and drama", "likes comedy films", "nothing in particular"]}
+    prof, scores = _stage_inputs(tmp_path, {1: [0.9, 0.4, 0.1]}, texts=texts)
+    out = pairs_stage(recipe, prof, scores, tmp_path / "pairs", round=1)
+    assert read_artifact(out, "pairs").select("chosen_idx", "rejected_idx").rows() == []  # 2, 1, 0 genres: no pair
+    recipe = load_recipe(None, [f"runs_dir={tmp_path}", "run=g", "pairs.genres_tolerance=1"])
+    out = pairs_stage(recipe, prof, scores, tmp_path / "pairs1", round=1)
+    assert read_artifact(out, "pairs").select("chosen_idx", "rejected_idx").rows() == [(0, 1)]
+    assert read_stage_json(out)["sides"]["chosen"]["genres_named"] == 2
+    with pytest.raises(ValueError, match="pairs.genres_tolerance"):
+        load_recipe(None, ["pairs.genres_tolerance=-2"])
 
 
 def test_bigram_overlap_worked_by_hand():

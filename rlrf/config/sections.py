@@ -202,6 +202,9 @@ class PairsConfig:
     typicality_band: float = _f(-1.0, "the two profiles' typicality differs by at most this much either way, so the "
                                       "pairs carry no typicality direction on average (-1 = off; "
                                       "benchmarks/pair_sides.py measures what a band leaves)", late=True)
+    genres_tolerance: int = _f(-1, "the two profiles name as many of the catalogue's genres, give or take this many, "
+                                   "so a reward that pays for naming more genres cannot teach DPO 'name more genres' "
+                                   "(-1 = off; 0 = as many)", late=True)
     min_overlap: float = _f(0.0, "minimal pairs: the two profiles share at least this share of their word bigrams "
                                  "(Jaccard), so they differ in what they say, not in template (0 = off)", late=True)
     agree_with: list[TextJudge] = _f([], "other judges (score columns: retrieval | lexical | genres) that must not rank "
@@ -233,6 +236,8 @@ class PairsConfig:
                f"must be in [0, 1], or -1 (off); got {self.typicality_tolerance}")
         _check(self.typicality_band == -1 or 0 <= self.typicality_band <= 1, "pairs.typicality_band",
                f"must be in [0, 1], or -1 (off); got {self.typicality_band}")
+        _check(self.genres_tolerance >= -1, "pairs.genres_tolerance", f"must be >= 0 genres, or -1 (off); got "
+                                                                      f"{self.genres_tolerance}")
         _check(0 <= self.min_overlap <= 1, "pairs.min_overlap", f"must be in [0, 1] (0 = off); got {self.min_overlap}")
         _check_choices(self, "pairs")
         _check(set(self.splits) <= {"train", "valid", "test"} and self.splits, "pairs.splits",
