@@ -3,15 +3,17 @@
 What a pair-selection rule teaches DPO besides the reward, measured before any DPO step: on a finished round's
 sample and score stages, each rule picks the largest-margin pair per train user among that user's like-length
 ended profiles (pairs.length_tolerance, pairs.ended_only, as the pairs stage does), and the script prints the pairs
-it keeps, their mean margin, and chosen - rejected for corpus distinct-2 and for typicality
-(rlrf.quality.typicality), each with a 95% bootstrap interval over users. DPO learns whatever tells the two sides
+it keeps, their mean margin, and chosen - rejected for corpus distinct-2, for typicality (rlrf.quality.typicality)
+and for the number of the catalogue's genres named (rlrf.quality.genres_named), each with a 95% bootstrap interval
+over users. DPO learns whatever tells the two sides
 apart: a rule whose chosen side is less diverse than its rejected side (distinct-2 below 0) teaches "write alike",
 whatever its reward teaches.
 
 Every rule is rlrf.pairs.select_pairs: the pairs stage's own (the baseline, in the same run); the same with a
-two-sided typicality band (`typicality_band`: |chosen - rejected| <= b, no typicality direction on average); and "minimal pairs" whose two profiles share at
-least a share t of their word bigrams (Jaccard; the pairs stage's `pairs.min_overlap`), so that the two sides differ
-in content, not in template.
+two-sided typicality band (`pairs.typicality_band`: |chosen - rejected| <= b, no typicality direction on average);
+with the genres named balanced (`pairs.genres_tolerance`: |chosen - rejected| <= g genres); and "minimal pairs" whose
+two profiles share at least a share t of their word bigrams (Jaccard; `pairs.min_overlap`), so that the two sides
+differ in content, not in template.
 """
 
 from __future__ import annotations
@@ -23,14 +25,14 @@ import polars as pl
 from rlrf import runs
 from rlrf.artifacts import read_artifact
 from rlrf.config import load_recipe
-from rlrf.pairs import scored_profiles, select_pairs, with_typicality
+from rlrf.pairs import scored_profiles, select_pairs, with_genres_named, with_typicality
 from rlrf.quality import paired_quality
 from rlrf.stats import ci_text, paired_bootstrap
 
 
 def picked_sides(profiles: pl.DataFrame, picked: pl.DataFrame) -> pl.DataFrame:
     """select_pairs' pairs with each side's text, tokens and typicality (the rejected side's suffixed _r)."""
-    side = profiles.select("user_id", "sample_idx", "text", "n_tokens", "typicality")
+    side = profiles.select("user_id", "sample_idx", "text", "n_tokens", "typicality", "genres_named")
     return (picked.join(side, left_on=["user_id", "chosen_idx"], right_on=["user_id", "sample_idx"])
             .join(side, left_on=["user_id", "rejected_idx"], right_on=["user_id", "sample_idx"], suffix="_r"))
 
@@ -41,8 +43,9 @@ def sides_with_intervals(picked: pl.DataFrame, resamples: int) -> dict:
     chosen = picked.select("user_id", "text")
     rejected = picked.select("user_id", pl.col("text_r").alias("text"))
     d2 = paired_quality(rejected, chosen, resamples=resamples)["distinct_2"]
-    return {"distinct_2": d2, "typicality": paired_bootstrap((picked["typicality"] - picked["typicality_r"]).to_numpy(),
-                                                            resamples=resamples)}
+    diff = lambda c: (picked[c] - picked[f"{c}_r"]).cast(pl.Float64).to_numpy()  # noqa: E731
+    return {"distinct_2": d2, "typicality": paired_bootstrap(diff("typicality"), resamples=resamples),
+            "genres_named": paired_bootstrap(diff("genres_named"), resamples=resamples)}
 
 
 def main() -> None:
@@ -51,23 +54,29 @@ def main() -> None:
     ap.add_argument("--round", type=int, default=1)
     ap.add_argument("--bands", default="0.05,0.02", help="typicality bands b to try (comma-separated)")
     ap.add_argument("--overlaps", default="0.2,0.4", help="bigram-Jaccard floors t to try (comma-separated)")
+    ap.add_argument("--genres", default="0,1", help="genres-named tolerances g to try (comma-separated)")
     ap.add_argument("--resamples", type=int, default=1000)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args()
     recipe = load_recipe(args.recipe, args.overrides)
     cfg = recipe.pairs
-    profiles = with_typicality(read_artifact(runs.stage_dir(recipe, "sample", args.round), "profiles", "sample"))
+    profiles = with_genres_named(with_typicality(read_artifact(runs.stage_dir(recipe, "sample", args.round), "profiles",
+                                                               "sample")),
+                                 read_artifact(runs.prepare_dir(recipe), "items", "prepare"))
     scores = scored_profiles(profiles, runs.stage_dir(recipe, "score", args.round), text=True).filter(
         pl.col("split").is_in(cfg.splits))
     stage_rule = dict(min_margin=cfg.min_margin, length_tolerance=cfg.length_tolerance, ended_only=cfg.ended_only,
                       typicality_tolerance=cfg.typicality_tolerance, agree_with=tuple(cfg.agree_with),
-                      min_overlap=cfg.min_overlap, typicality_band=cfg.typicality_band)
+                      min_overlap=cfg.min_overlap, typicality_band=cfg.typicality_band,
+                      genres_tolerance=cfg.genres_tolerance)
     rules = {f"the pairs stage's (length_tolerance={cfg.length_tolerance}, ended_only={cfg.ended_only}): the "
              f"baseline": stage_rule}
     rules.update({f"+ typicality band {b}": {**stage_rule, "typicality_band": b}
-                  for b in map(float, args.bands.split(",")) if args.bands})
+                  for b in (map(float, args.bands.split(",")) if args.bands else ())})
+    rules.update({f"+ genres named within {g}": {**stage_rule, "genres_tolerance": g}
+                  for g in (map(int, args.genres.split(",")) if args.genres else ())})
     rules.update({f"+ minimal pairs, bigram Jaccard >= {t}": {**stage_rule, "min_overlap": t}
-                  for t in map(float, args.overlaps.split(",")) if args.overlaps})
+                  for t in (map(float, args.overlaps.split(",")) if args.overlaps else ())})
     print(f"round {args.round} of run {recipe.run}: chosen - rejected with 95% bootstrap intervals over users "
           f"({args.resamples} draws)")
     for name, rule in rules.items():
@@ -78,7 +87,7 @@ def main() -> None:
         s = sides_with_intervals(picked, args.resamples)
         print(f"- {name}: {picked.height} pairs, mean margin {picked['margin'].mean():.3f}, mean tokens "
               f"{picked['n_tokens'].mean():.0f} vs {picked['n_tokens_r'].mean():.0f}; distinct-2 {ci_text(s['distinct_2'])}; "
-              f"typicality {ci_text(s['typicality'])}")
+              f"typicality {ci_text(s['typicality'])}; genres named {ci_text(s['genres_named'])}")
 
 if __name__ == "__main__":
     main()
