@@ -112,14 +112,30 @@ def _train(recipe: Recipe, job: RerankJob, progress: bool = True) -> dict[str, f
     return read_test_metrics(job.out, job.seed)
 
 
+def _die_with_parent() -> None:
+    """A worker's first act: be stopped (SIGTERM) when the process that spawned it dies (Linux's PR_SET_PDEATHSIG),
+    so that a kill -9 of make evaluate leaves no reranker training on, holding its sub-stage's lock against the
+    rerun. Elsewhere a no-op: such a worker ends with its current reranker."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the call above
+        os._exit(1)
+
+
 def train_rerankers(recipe: Recipe, jobs: list[RerankJob], workers: int = 1) -> list[dict[str, float]]:
     """Each job's reranker trained (or found done) and its test metrics, in job order.
 
     The rerankers are tiny (one torch thread each barely waits on memory), so on a 2-core machine two of them in
     two processes train in about half the time of one after the other. With `workers` > 1 they train in that many
     spawned processes; each is its own resumable sub-stage with its own seed, so what one writes is what it would
-    write alone (tests/test_evaluate.py compares), and a stop keeps the finished ones and kills the rest, which the
-    next run redoes. A worker that dies (out of memory) stops the stage with the rerankers it was training."""
+    write alone (tests/test_evaluate.py compares), and a stop (even a kill -9 of this process) keeps the finished ones
+    and stops the rest, which the next run redoes. A worker that dies (out of memory) stops the stage with the
+    rerankers it was training."""
     from tqdm import tqdm
 
     if workers <= 1:
@@ -131,7 +147,7 @@ def train_rerankers(recipe: Recipe, jobs: list[RerankJob], workers: int = 1) -> 
     results: dict[int, dict] = {}
     bar = tqdm(total=len(jobs), desc=f"evaluate: rerankers ({workers} at a time)", unit="model")
     # spawn, not fork: the parent has run torch (the sampler), and a forked copy of its thread pools can deadlock
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent)
     try:
         running = {pool.submit(_train, recipe, job, False): i for i, job in enumerate(jobs)}
         while running:

@@ -5,6 +5,7 @@ the integration tier) a real round plus evaluate on the tiny recipe."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -311,6 +312,46 @@ def test_rerankers_in_worker_processes_write_what_one_process_writes(tmp_path):
     with pytest.raises(StageError, match="no_such_encode"):
         train_rerankers(recipe, bad, workers=2)
     assert read_artifact(bad[0].out, "predictions").equals(read_artifact(jobs("apart")[0].out, "predictions"))
+
+
+@pytest.mark.faults
+def test_a_kill_9_of_the_evaluation_stops_its_reranker_workers_and_the_rerun_resumes(tmp_path):
+    """make evaluate killed with -9 while two workers train: the workers stop with it (they would otherwise train
+    on, holding their sub-stages' locks against the rerun), and the rerun trains both rerankers, as they train
+    alone."""
+    import subprocess
+    import time
+
+    from rlrf.evaluate import RerankJob, train_rerankers
+    from tests.reward_fixtures import make_recipe, profile_texts, write_fake_encode, write_prepare, write_profiles
+
+    over = ["reranker.epochs=100", "reranker.patience=100"]
+    recipe = make_recipe(tmp_path, *over)
+    write_prepare(recipe)
+    enc = write_fake_encode(recipe, write_profiles(recipe, runs.stage_dir(recipe, "sample", 1), profile_texts()),
+                            runs.stage_dir(recipe, "encode", 1))
+    jobs = [RerankJob(tmp_path / "ev" / f"dlcm_{s}", enc, "dlcm", s) for s in (1, 2)]
+    code = ("import sys; from pathlib import Path; from rlrf.config import load_recipe; "
+            "from rlrf.evaluate import RerankJob, train_rerankers; "
+            "train_rerankers(load_recipe(None, sys.argv[3:]), "
+            "[RerankJob(Path(sys.argv[1]) / f'dlcm_{s}', Path(sys.argv[2]), 'dlcm', s) for s in (1, 2)], 2)")
+    args = [sys.executable, "-c", code, str(tmp_path / "ev"), str(enc), f"runs_dir={tmp_path}", "run=t",
+            "reranker.epochs=8", "reranker.patience=3", "reranker.batch_size=16", "reranker.lr=0.005",
+            "score.shards=3", "encode.shards=2", *over]
+    parent = subprocess.Popen(args, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not all((j.out / "metrics").is_dir() or (j.out / "_fingerprint.json").is_file() for j in jobs):
+        assert time.time() - t0 < 120 and parent.poll() is None, "the workers never started"
+        time.sleep(0.2)
+    time.sleep(1.0)
+    parent.kill()
+    parent.wait()
+    assert not any((j.out / "stage.json").is_file() for j in jobs)  # killed half way
+    time.sleep(2.0)  # the workers' SIGTERM, and their sub-stages' cleanup
+    again = train_rerankers(recipe, jobs, workers=1)  # no "another process is running stage ..."
+    alone = train_rerankers(recipe, [RerankJob(tmp_path / "alone" / j.out.name, enc, "dlcm", j.seed) for j in jobs])
+    assert again == alone
 
 
 # ----------------------------------------------------------------------------- integration
