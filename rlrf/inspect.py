@@ -107,7 +107,8 @@ def show_pairs(run_dir: Path, round: int | None, user: int | None, worst_margin:
                 f"user {r['user_id']}  margin {r['margin']:+.4f}",
                 columns([_assistant(r["chosen"]), _assistant(r["rejected"])],
                         [f"CHOSEN #{r['chosen_idx']}  reward {r['chosen_reward']:.4f}",
-                         f"REJECTED {_whose(r)}#{r['rejected_idx']}  reward {r['rejected_reward']:.4f}"], w)]
+                         f"REJECTED {_whose(r)}#{r['rejected_idx']}{' (the chosen, genres swapped)' if r['rejected_idx'] < 0 else ''}"
+                         f"  reward {r['rejected_reward']:.4f}"], w)]
     return "\n".join(out)
 
 

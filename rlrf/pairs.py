@@ -20,7 +20,8 @@ from rlrf.artifacts import read_artifact
 from rlrf.config import Recipe
 from rlrf.errors import StageError
 from rlrf.files import write_json
-from rlrf.quality import bigram_overlap, catalogue_genres, distinct_n, genres_named, typicality
+from rlrf.quality import (bigram_overlap, catalogue_genres, distinct_n, genres_named, names_genre, padded, swap_genres,
+                          typicality)
 from rlrf.schema import SCHEMAS
 
 LLAMAFACTORY_DIR = "llamafactory"
@@ -173,6 +174,62 @@ def cross_user_pairs(picked: pl.DataFrame, chosen_profiles: pl.DataFrame, reward
     return out, int(len(ids) - out["user_id"].n_unique())
 
 
+SWAPPED = -1  # rejected_idx of a pair whose rejected side is its chosen profile with the genres swapped
+
+
+def genre_swap_pairs(picked: pl.DataFrame, chosen_profiles: pl.DataFrame, reward, genres: list[str],
+                     weights: np.ndarray, min_margin: float = 0.0, seed: int = 0,
+                     others: int = 5, pop_tolerance: float = 0.3) -> tuple[pl.DataFrame, pl.DataFrame, int]:
+    """Pairs whose two sides differ only in which genres they name: for each user of `picked` (select_pairs' rows),
+    the chosen profile against itself with every genre it names swapped for the genre it does not name closest in
+    popularity among the profiles (rlrf.quality.swap_genres over `weights`, how often the profiles name each genre;
+    seeded by (seed, user)) where the two texts' mean log-popularity of named genres is within `pop_tolerance` (a
+    profile naming the most popular genres can only swap down), kept where the chosen text's lead over the swap under
+    `reward(texts, user_ids)["reward"]` on this user, less its mean lead on `others` other picked users (seeded), is
+    above `min_margin`: that personal lead is the pair's margin. Everything the two sides share (template, length,
+    titles) cancels out of DPO's log-ratio, and genres that serve every user (the popular ones) out of the margin;
+    what is left is naming this user's genres rather than others.
+
+    `chosen_profiles` holds user_id, sample_idx, text of the picked users' chosen profiles. Returns the pairs (shaped as
+    select_pairs' rows, rejected_idx = SWAPPED), the swapped texts as profile rows (user_id, sample_idx = SWAPPED,
+    text) for to_trl, and how many users got none (no genre named, or no swap the reward scores lower)."""
+    pool = picked.join(chosen_profiles.rename({"sample_idx": "chosen_idx"}), on=["user_id", "chosen_idx"])
+    users, texts = pool["user_id"].to_list(), pool["text"].to_list()
+    swaps = [swap_genres(t, genres, weights, np.random.default_rng([int(seed), int(u), 0x5A9]), nearest=1)
+             for u, t in zip(users, texts)]
+    logf = np.log(np.asarray(weights, dtype=np.float64) + 1.0)
+
+    def popularity(text: str) -> float:  # mean log-frequency of the genres a text names
+        body = padded(text)
+        return float(np.mean([logf[k] for k, g in enumerate(genres) if names_genre(body, g)]))
+
+    # a swap that names far less popular genres (the chosen named the most popular ones) would teach "popular"
+    have = [i for i, w in enumerate(swaps) if w is not None and abs(popularity(texts[i]) - popularity(w)) <= pop_tolerance]
+    # the margin is personal: the chosen text's lead over its swap on this user, less its mean lead on `others` other
+    # users, so that a swap that only names less popular genres (lower on every user) is not a pair
+    judged = [[users[i]] + [int(v) for v in np.random.default_rng([int(seed), int(users[i]), 0x07]).permutation(
+        [u for u in users if u != users[i]])[:others]] for i in have]
+    flat_u = [u for js in judged for u in js]
+    flat_c = [texts[i] for i, js in zip(have, judged) for _ in js]
+    flat_s = [swaps[i] for i, js in zip(have, judged) for _ in js]
+    r = (np.asarray(reward(flat_c + flat_s, np.asarray(flat_u * 2))["reward"], dtype=np.float64)
+         if have else np.zeros(0))
+    lead = r[:len(flat_u)] - r[len(flat_u):]
+    rows, swapped, at = [], [], 0
+    for i, js in zip(have, judged):
+        own, low = r[at], r[len(flat_u) + at]
+        personal = lead[at] - (np.nanmean(lead[at + 1: at + len(js)]) if len(js) > 1 else 0.0)
+        at += len(js)
+        if np.isfinite(personal) and personal > min_margin:
+            rows.append((users[i], int(pool["chosen_idx"][i]), float(own), SWAPPED, float(low), float(personal)))
+            swapped.append((users[i], SWAPPED, swaps[i]))
+    schema = {"user_id": pl.Int64, "chosen_idx": pl.Int32, "chosen_reward": pl.Float64, "rejected_idx": pl.Int32,
+              "rejected_reward": pl.Float64, "margin": pl.Float64}
+    out = pl.DataFrame(rows, schema=schema, orient="row")
+    texts_out = pl.DataFrame(swapped, schema={"user_id": pl.Int64, "sample_idx": pl.Int32, "text": pl.Utf8}, orient="row")
+    return out, texts_out, picked.height - out.height
+
+
 def coin_flip(pairs: pl.DataFrame, seed: int) -> pl.DataFrame:
     """The pairs (TRL rows) with chosen and rejected swapped, rewards and indices with them, in a seeded half of the
     rows (floor(n/2), drawn by `seed`): the null control of pairs.coin_flip. A swapped row's margin is negative."""
@@ -207,14 +264,19 @@ def sides(pairs: pl.DataFrame, scores: pl.DataFrame) -> dict:
     side = scores.select("user_id", "sample_idx", "n_tokens", "typicality",
                          *(["genres_named"] if "genres_named" in scores.columns else []))
     out = {}
+
+    def mean(col: pl.Series) -> float:  # a genre-swapped rejected side has no scores row: NaN, not an error
+        m = col.mean()
+        return float("nan") if m is None else float(m)
+
     for name in ("chosen", "rejected"):
         who = "rejected_user" if name == "rejected" and "rejected_user" in pairs.columns else "user_id"
         d = pairs.select(pl.col(who).alias("user_id"), pl.col(f"{name}_idx").alias("sample_idx"),
                          pl.col(name).list.first().struct.field("content").alias("text")).join(
             side, on=["user_id", "sample_idx"], how="left").unique(["user_id", "sample_idx"], maintain_order=True)
-        out[name] = {"mean_tokens": float(d["n_tokens"].mean()), "distinct_2": distinct_n(d["text"].to_list()),
-                     "typicality": float(d["typicality"].mean()),
-                     **({"genres_named": float(d["genres_named"].mean())} if "genres_named" in d.columns else {})}
+        out[name] = {"mean_tokens": mean(d["n_tokens"]), "distinct_2": distinct_n(d["text"].to_list()),
+                     "typicality": mean(d["typicality"]),
+                     **({"genres_named": mean(d["genres_named"])} if "genres_named" in d.columns else {})}
     return out
 
 
@@ -290,7 +352,7 @@ def pairs_stage(recipe: Recipe, profiles_dir, scores_dir, out_dir, round: int, *
     """Build round `round`'s preference pairs from a sample stage's profiles and a score stage's rewards."""
     cfg = recipe.pairs
     out_dir = Path(out_dir)
-    genres_from = [runs.prepare_dir(recipe)] if cfg.genres_tolerance >= 0 else []  # the catalogue's genres
+    genres_from = [runs.prepare_dir(recipe)] if cfg.genres_tolerance >= 0 or cfg.genre_swap else []  # the catalogue
     with runs.STAGES["pairs"].open(recipe, out_dir, inputs=[profiles_dir, scores_dir, *genres_from], extra={"round": round},
                                    force=force) as st:
         if st.done:
@@ -317,6 +379,22 @@ def pairs_stage(recipe: Recipe, profiles_dir, scores_dir, out_dir, round: int, *
             raise StageError(f"{scores_dir}: no scored profiles of split(s) {cfg.splits}; check pairs.splits "
                              f"against sample.splits in the recipe")
         mine = profiles.filter(pl.col("split").is_in(cfg.splits))
+        if cfg.genre_swap:
+            from rlrf.reward import load_reward
+
+            items = read_artifact(runs.prepare_dir(recipe), "items", "prepare")
+            genres = catalogue_genres(items)
+            said = np.asarray([[names_genre(padded(t), g) for g in genres] for t in mine["text"].to_list()], dtype=float)
+            weights = said.reshape(-1, len(genres)).sum(0)  # how often the profiles name each genre
+            picked, swaps, none = genre_swap_pairs(picked, mine.select("user_id", "sample_idx", "text"),
+                                                   load_reward(recipe, round), genres, weights, cfg.min_margin,
+                                                   recipe.seed)
+            if none:
+                dropped["no_genre_swap"] = none
+            mine = pl.concat([mine, swaps.join(mine.filter(pl.col("sample_idx") == pl.col("sample_idx").min().over(
+                "user_id")).select("user_id", "prompt"), on="user_id")], how="diagonal_relaxed")
+            st.log(f"pairs: {picked.height} genre-swap pairs (pairs.genre_swap: each chosen profile against itself "
+                   f"with the genres it names swapped; {none} users without one)")
         pairs = to_trl(picked, mine, round)
         if pairs.height < picked.height:
             raise StageError(f"{scores_dir} scores profiles that {profiles_dir} does not hold "

@@ -118,6 +118,30 @@ def genres_named(text: str, genres: list[str]) -> int:
     return sum(names_genre(body, g) for g in genres)
 
 
+def _genre_pattern(genre: str) -> re.Pattern:
+    aliases = sorted(_GENRE_ALIASES.get(genre.lower(), (genre.lower(),)), key=len, reverse=True)
+    return re.compile(r"(?<![A-Za-z0-9])(?:" + "|".join(map(re.escape, aliases)) + r")(?![A-Za-z0-9])", re.I)
+
+
+def swap_genres(text: str, genres: list[str], freq: np.ndarray, rng: np.random.Generator, nearest: int = 3) -> str | None:
+    """`text` with every catalogue genre it names (genres_named's reading) replaced, in all its spellings, by another
+    catalogue genre it does not name, of about the same popularity: drawn among the `nearest` such genres closest in
+    log `freq` (how often profiles name each genre), so that a swap names neither more nor less popular genres than
+    the text did. None when it names none, or too many to swap. The rest of the text is left as it is."""
+    body = padded(text)
+    named = [i for i, g in enumerate(genres) if names_genre(body, g)]
+    free = [i for i in range(len(genres)) if i not in named]
+    if not named or len(free) < len(named):
+        return None
+    logf = np.log(np.asarray(freq, dtype=np.float64) + 1.0)
+    for i in sorted(named, key=lambda k: -logf[k]):
+        close = sorted(free, key=lambda k: (abs(logf[k] - logf[i]), k))[:nearest]
+        j = close[int(rng.integers(len(close)))]
+        free.remove(j)
+        text = _genre_pattern(genres[i]).sub(genres[j], text)
+    return text
+
+
 def history_mentions(profiles: pl.DataFrame, items: pl.DataFrame, interactions: pl.DataFrame) -> np.ndarray:
     """Per profile row: True where its text names a title or genre from its user's prompt history."""
     hist = (interactions.filter(pl.col("in_history")).select("user_id", "item_id")

@@ -421,3 +421,50 @@ def test_coin_flip_swaps_a_seeded_half_of_the_pairs_and_keeps_the_held_out_label
     assert held["user_id"].to_list() == [20, 21, 22] and held["chosen_idx"].to_list() == [0, 0, 0]
     with pytest.raises(ValueError, match="pairs.coin_flip"):
         load_recipe(None, ["pairs.coin_flip=true", "pairs.cross_user=1"])
+
+
+def test_swap_genres_replaces_every_spelling_of_each_named_genre_worked_by_hand():
+    """Comedy and Drama are named 100 times, Sci-Fi and Western 10: a swap takes a genre of like popularity."""
+    import numpy as np
+
+    from rlrf.quality import swap_genres
+
+    genres = ["Comedy", "Drama", "Sci-Fi", "Western"]
+    freq = np.array([100, 100, 10, 10])
+    rng = np.random.default_rng(0)
+    assert swap_genres("Loves science fiction, and more sci-fi.", genres, freq, rng, nearest=1) == \
+        "Loves Western, and more Western."
+    assert swap_genres("Comedy fan", genres, freq, rng, nearest=1) == "Drama fan"  # the popular one for the popular
+    two = swap_genres("Comedy and drama fan", genres, freq, rng, nearest=2)
+    assert sorted(two.replace(" fan", "").split(" and ")) == ["Sci-Fi", "Western"]  # each its own; none left closer
+    assert swap_genres("Likes long films", genres, freq, rng) is None  # no genre named
+    assert swap_genres("comedy, drama, sci-fi", genres, freq, rng) is None  # too few genres left to swap in
+
+
+def test_genre_swap_pairs_through_the_stage_with_the_real_lexical_reward(tmp_path):
+    """Each train user's chosen profile names the genre its held-out positives hold; pairs.genre_swap pairs it against
+    itself with that genre swapped for another, kept where the lexical reward scores the swap lower: the rejected side
+    differs from the chosen in the genre word alone, and the prompt is the user's own."""
+    from rlrf.inspect import show_pairs
+    from tests.reward_fixtures import GENRES, make_recipe, taste, write_prepare
+
+    recipe = make_recipe(tmp_path, "score.reward=lexical", "score.retrieval_k=10", "pairs.genre_swap=true")
+    write_prepare(recipe)
+    users = list(range(1, 9))
+    texts = {u: [f"This user loves {GENRES[taste(u)]} films.", "This user watches films."] for u in users}
+    prof = write_stage(tmp_path / "sample", "sample", "profiles", profile_rows(texts))
+    sc = write_stage(tmp_path / "score", "score", "scores", score_rows({u: [0.9, 0.1] for u in users}))
+    out = pairs_stage(recipe, prof, sc, tmp_path / "run" / "round_1" / "pairs", round=1)
+    df = read_artifact(out, "pairs")
+    assert df.height >= len(users) // 2 and (df["rejected_idx"] == -1).all() and (df["margin"] > 0).all()
+    for row in df.iter_rows(named=True):
+        u = row["user_id"]
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert chosen == texts[u][0] and rejected != chosen
+        assert rejected.replace(rejected.split()[3], "X") == chosen.replace(GENRES[taste(u)], "X")  # the genre alone
+        assert row["prompt"][0]["content"].startswith(f"Given a user {u} ")
+    info = read_stage_json(out)
+    assert info["dropped"].get("no_genre_swap", 0) == len(users) - df.height
+    assert "(the chosen, genres swapped)" in show_pairs(tmp_path / "run", 1, df["user_id"][0], False, 0)
+    with pytest.raises(ValueError, match="pairs.genre_swap"):
+        load_recipe(None, ["pairs.genre_swap=true", "pairs.cross_user=1"])

@@ -205,6 +205,10 @@ class PairsConfig:
     genres_tolerance: int = _f(-1, "the two profiles name as many of the catalogue's genres, give or take this many, "
                                    "so a reward that pays for naming more genres cannot teach DPO 'name more genres' "
                                    "(-1 = off; 0 = as many)", late=True)
+    genre_swap: bool = _f(False, "each pair's rejected side is its chosen profile with every genre it names swapped for "
+                                 "another (drawn as often as the split's profiles name each genre), kept where the "
+                                 "reward scores the swap lower: the two sides differ only in which genres they name, so "
+                                 "what every profile shares cancels out of what DPO learns", late=True)
     min_overlap: float = _f(0.0, "minimal pairs: the two profiles share at least this share of their word bigrams "
                                  "(Jaccard), so they differ in what they say, not in template (0 = off)", late=True)
     agree_with: list[TextJudge] = _f([], "other judges (score columns: retrieval | lexical | genres) that must not rank "
@@ -227,6 +231,8 @@ class PairsConfig:
     def __post_init__(self):
         _check(self.min_margin >= 0, "pairs.min_margin", "must be >= 0 (ties are always dropped)")
         _check(self.cross_user >= 0, "pairs.cross_user", f"must be >= 0 pairs a user (0 = off); got {self.cross_user}")
+        _check(not (self.genre_swap and self.cross_user), "pairs.genre_swap",
+               "replaces each user's rejected profile; it does not combine with pairs.cross_user")
         _check(not (self.coin_flip and self.cross_user), "pairs.coin_flip",
                "is a control on a user's own pairs; it does not combine with pairs.cross_user")
         _check(self.cross_user_draws >= self.cross_user, "pairs.cross_user_draws",
