@@ -358,8 +358,9 @@ def pairs_stage(recipe: Recipe, profiles_dir, scores_dir, out_dir, round: int, *
         if st.done:
             return out_dir
         profiles = with_typicality(read_artifact(profiles_dir, "profiles", "sample"))
+        items = read_artifact(genres_from[0], "items", "prepare") if genres_from else None
         if cfg.genres_tolerance >= 0:
-            profiles = with_genres_named(profiles, read_artifact(runs.prepare_dir(recipe), "items", "prepare"))
+            profiles = with_genres_named(profiles, items)
         every = scored_profiles(profiles, scores_dir, text=cfg.min_overlap > 0)
 
         missing = [j for j in cfg.agree_with if j not in every.columns]
@@ -382,10 +383,10 @@ def pairs_stage(recipe: Recipe, profiles_dir, scores_dir, out_dir, round: int, *
         if cfg.genre_swap:
             from rlrf.reward import load_reward
 
-            items = read_artifact(runs.prepare_dir(recipe), "items", "prepare")
             genres = catalogue_genres(items)
-            said = np.asarray([[names_genre(padded(t), g) for g in genres] for t in mine["text"].to_list()], dtype=float)
-            weights = said.reshape(-1, len(genres)).sum(0)  # how often the profiles name each genre
+            bodies = [padded(t) for t in mine["text"].to_list()]
+            weights = np.asarray([sum(names_genre(b, g) for b in bodies) for g in genres], dtype=float)  # how often
+            # the profiles name each genre
             picked, swaps, none = genre_swap_pairs(picked, mine.select("user_id", "sample_idx", "text"),
                                                    load_reward(recipe, round), genres, weights, cfg.min_margin,
                                                    recipe.seed)

@@ -24,11 +24,26 @@ REPO = Path(__file__).resolve().parent.parent
 KEY = ["user_id", "sample_idx"]
 
 
+def _overrides(runs_dir, tiny_model) -> list[str]:
+    return [f"runs_dir={runs_dir}", "run=t", f"sample.model={tiny_model}", "sample.n=2", "sample.max_users=-1",
+            "sample.max_new_tokens=6", "sample.max_prompt_tokens=160", "sample.batch_size=6", "sample.shards=3",
+            "sample.dtype=bfloat16", "sample.threads=1"]
+
+
 def _recipe(tmp_path, tiny_model, *extra):
-    return load_recipe(REPO / "recipes" / "tiny.yaml", [
-        f"runs_dir={tmp_path}", "run=t", f"sample.model={tiny_model}", "sample.n=2", "sample.max_users=-1",
-        "sample.max_new_tokens=6", "sample.max_prompt_tokens=160", "sample.batch_size=6", "sample.shards=3",
-        "sample.dtype=bfloat16", "sample.threads=1", *extra])
+    return load_recipe(REPO / "recipes" / "tiny.yaml", [*_overrides(tmp_path, tiny_model), *extra])
+
+
+def _killed_after_one_shard(r, tiny_model, call: str, *argv: str) -> None:
+    """`call` (a sample_stage call on the recipe `r`, argv[1:] in sys.argv) in a process of its own, killed with -9
+    after its first shard (RLRF_KILL_AFTER_SHARDS=1)."""
+    code = ("import sys; from rlrf.config import load_recipe; from rlrf.sample import sample_stage; "
+            f"r = load_recipe(sys.argv[1], sys.argv[{len(argv) + 2}:]); {call}")
+    args = [sys.executable, "-c", code, str(REPO / "recipes" / "tiny.yaml"), *argv,
+            *_overrides(r.runs_dir, tiny_model)]
+    env = {**os.environ, "RLRF_KILL_AFTER_SHARDS": "1", "PYTHONPATH": str(REPO)}
+    res = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == -9, res.stderr[-2000:]
 
 
 @pytest.fixture
@@ -133,16 +148,8 @@ def test_a_stage_takes_the_users_another_stage_holds_and_samples_the_rest(setup,
     assert "reused" not in json.loads((r2 / "stage.json").read_text()) and not (r2 / "taken.json").exists()
 
     d = r.run_dir / "killed"
-    code = ("import sys; from rlrf.config import load_recipe; from rlrf.sample import sample_stage; "
-            "r = load_recipe(sys.argv[1], sys.argv[4:]); "
-            "sample_stage(r, sys.argv[2], r.sample.model, 1, splits=['train', 'valid', 'test'], n=1, source=[sys.argv[3]])")
-    args = [sys.executable, "-c", code, str(REPO / "recipes" / "tiny.yaml"), str(d), str(src),
-            f"runs_dir={r.runs_dir}", "run=t", f"sample.model={tiny_model}", "sample.n=2", "sample.max_users=-1",
-            "sample.max_new_tokens=6", "sample.max_prompt_tokens=160", "sample.batch_size=6", "sample.shards=3",
-            "sample.dtype=bfloat16", "sample.threads=1"]
-    env = {**os.environ, "RLRF_KILL_AFTER_SHARDS": "1", "PYTHONPATH": str(REPO)}
-    res = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True)
-    assert res.returncode == -9, res.stderr[-2000:]
+    _killed_after_one_shard(r, tiny_model, "sample_stage(r, sys.argv[2], r.sample.model, 1, splits=['train', 'valid', "
+                            "'test'], n=1, source=[sys.argv[3]])", str(d), str(src))
     assert [p.name for p in (d / "_shards").glob("*.json")] == ["00000.json"] and (d / "taken.json").is_file()
     (src / "stage.json").unlink()  # the source no longer serves
     resumed = sample_stage(r, d, str(tiny_model), 1, splits=every, n=1, source=[src])
@@ -155,15 +162,7 @@ def test_resume_after_kill_gives_a_clean_runs_rows(setup, tiny_model):
     r = setup
     clean = _rows(sample_stage(r, r.run_dir / "clean", str(tiny_model), 1))
     d = r.run_dir / "killed"
-    code = ("import sys; from rlrf.config import load_recipe; from rlrf.sample import sample_stage; "
-            "r = load_recipe(sys.argv[1], sys.argv[3:]); sample_stage(r, sys.argv[2], r.sample.model, 1)")
-    args = [sys.executable, "-c", code, str(REPO / "recipes" / "tiny.yaml"), str(d),
-            f"runs_dir={r.runs_dir}", "run=t", f"sample.model={tiny_model}", "sample.n=2", "sample.max_users=-1",
-            "sample.max_new_tokens=6", "sample.max_prompt_tokens=160", "sample.batch_size=6", "sample.shards=3",
-            "sample.dtype=bfloat16", "sample.threads=1"]
-    env = {**os.environ, "RLRF_KILL_AFTER_SHARDS": "1", "PYTHONPATH": str(REPO)}
-    res = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True)
-    assert res.returncode == -9, res.stderr[-2000:]
+    _killed_after_one_shard(r, tiny_model, "sample_stage(r, sys.argv[2], r.sample.model, 1)", str(d))
     assert len(list((d / "_shards").glob("*.json"))) == 1 and not (d / "stage.json").exists()
     sample_stage(r, d, str(tiny_model), 1)
     resumed = _rows(d)

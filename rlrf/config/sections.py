@@ -206,9 +206,10 @@ class PairsConfig:
                                    "so a reward that pays for naming more genres cannot teach DPO 'name more genres' "
                                    "(-1 = off; 0 = as many)", late=True)
     genre_swap: bool = _f(False, "each pair's rejected side is its chosen profile with every genre it names swapped for "
-                                 "another (drawn as often as the split's profiles name each genre), kept where the "
-                                 "reward scores the swap lower: the two sides differ only in which genres they name, so "
-                                 "what every profile shares cancels out of what DPO learns", late=True)
+                                 "the unnamed genre closest in how often the profiles name it, kept where the swap's "
+                                 "popularity stays close and the reward's lead of the chosen over the swap on its user "
+                                 "exceeds its mean lead on other users: the two sides differ only in which genres they "
+                                 "name, so what every profile shares cancels out of what DPO learns", late=True)
     min_overlap: float = _f(0.0, "minimal pairs: the two profiles share at least this share of their word bigrams "
                                  "(Jaccard), so they differ in what they say, not in template (0 = off)", late=True)
     agree_with: list[TextJudge] = _f([], "other judges (score columns: retrieval | lexical | genres) that must not rank "
