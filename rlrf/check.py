@@ -216,7 +216,7 @@ def _quality(recipe: Recipe, sides: dict, k: int) -> dict:
     """Profile quality of both generators' check profiles (perplexity under the base model), and under "diff" each
     figure's new - old (perplexity: new / old) with its paired bootstrap interval over the valid users."""
     from rlrf.llm import load_generator
-    from rlrf.quality import length_matched_perplexity, paired_quality, profile_frame, profile_quality
+    from rlrf.quality import length_matched_perplexity, paired_quality, profile_quality
 
     if not all((Path(d).parent / "sample" / "stage.json").is_file() for d in sides.values()):
         return {}
@@ -224,16 +224,15 @@ def _quality(recipe: Recipe, sides: dict, k: int) -> dict:
     items, inter = read_artifact(prep, "items", "prepare"), read_artifact(prep, "interactions", "prepare")
     model = load_generator(recipe.sample.model)
     profiles = {side: read_artifact(Path(d).parent / "sample", "profiles", "sample") for side, d in sides.items()}
-    out = {side: profile_quality(p, items, inter, ppl_model=model, ppl_split=None, keep_nll=True)
+    out = {side: profile_quality(p, items, inter, ppl_model=model, ppl_split=None, keep_rows=True)
            for side, p in profiles.items()}
+    frames = {side: out[side].pop("rows") for side in profiles}
     # perplexity falls with length, so a generator writing shorter profiles reads as less fluent at equal
     # fluency: both sides also at the old side's length mix (for the old side, its own perplexity)
-    ref = out["old"]["token_nll"][1]
-    frames = {}
-    for side, p in profiles.items():
-        nll, count = out[side].pop("token_nll")
-        out[side]["perplexity_at_old_lengths"] = length_matched_perplexity(nll, count, ref)
-        frames[side] = profile_frame(p, items, inter, nll, count)
+    ref = frames["old"]["tokens"].to_numpy()
+    for side, rows in frames.items():
+        out[side]["perplexity_at_old_lengths"] = length_matched_perplexity(rows["nll"].to_numpy(),
+                                                                            rows["tokens"].to_numpy(), ref)
     out["diff"] = paired_quality(frames["old"], frames["new"], recipe.rounds.bootstrap, seed=recipe.seed + k)
     return out
 

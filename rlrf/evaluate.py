@@ -274,7 +274,7 @@ def _quality(recipe: Recipe, gen_dir: Path, profiles_dir: Path, items, interacti
     """Generator k's quality row and its per-profile figures (quality.profile_frame: what the paired intervals
     against generator 0 resample), cached in gen_<k>/quality.json and quality_profiles.parquet next to the profiles
     they describe."""
-    from rlrf.quality import profile_frame, profile_quality
+    from rlrf.quality import profile_quality
 
     path, frame_path = gen_dir / "quality.json", gen_dir / "quality_profiles.parquet"
     fp = read_stage_json(profiles_dir)["fingerprint"]
@@ -283,12 +283,8 @@ def _quality(recipe: Recipe, gen_dir: Path, profiles_dir: Path, items, interacti
         if cached.get("profiles_fingerprint") == fp:
             return cached["quality"], frame_path
     profiles = read_artifact(profiles_dir, "profiles", "sample")
-    q = profile_quality(profiles, items, interactions, ppl_model=load_model(), keep_nll=True)
-    nll, count = q.pop("token_nll")  # the perplexity split's profiles (test users), in profile order
-    at = (profiles["split"] == "test").to_numpy()
-    full_nll, full_count = np.full(profiles.height, np.nan), np.zeros(profiles.height, dtype=np.int64)
-    full_nll[at], full_count[at] = nll, count
-    write_parquet(frame_path, profile_frame(profiles, items, interactions, full_nll, full_count))
+    q = profile_quality(profiles, items, interactions, ppl_model=load_model(), keep_rows=True)
+    write_parquet(frame_path, q.pop("rows"))  # nll and tokens of the perplexity split's (test) users, NaN elsewhere
     write_json(path, {"profiles_fingerprint": fp, "quality": q})  # last: it marks both files done
     return q, frame_path
 

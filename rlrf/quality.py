@@ -231,30 +231,36 @@ def length_matched_perplexity(nll: np.ndarray, count: np.ndarray, ref_count: np.
 
 
 def profile_quality(profiles: pl.DataFrame, items: pl.DataFrame, interactions: pl.DataFrame,
-                    ppl_model=None, ppl_split: str | None = "test", keep_nll: bool = False) -> dict:
+                    ppl_model=None, ppl_split: str | None = "test", keep_rows: bool = False) -> dict:
     """The quality row of one generator's profiles. `ppl_model` = (model, tokenizer) or None to skip;
-    perplexity is measured on `ppl_split` users only (None = all), which bounds its cost; `keep_nll` adds the
-    per-profile (nll, tokens) arrays as "token_nll" for a caller that matches lengths (not JSON: pop it)."""
+    perplexity is measured on `ppl_split` users only (None = all), which bounds its cost; `keep_rows` adds
+    "rows", the per-profile frame that paired_quality and length_matched_perplexity read (profile_frame: nll and
+    tokens where perplexity was measured, NaN and 0 elsewhere), for a caller that pairs generators (not JSON: pop
+    it)."""
     texts = profiles["text"].to_list()
     genres = catalogue_genres(items)
+    mentions = history_mentions(profiles, items, interactions)
     out = {
         "profiles": len(texts),
         "mean_tokens": float(profiles["n_tokens"].mean()) if len(texts) else 0.0,
         "mean_words": float(np.mean([len(words(t)) for t in texts])) if texts else 0.0,
         "distinct_2": distinct_n(texts, 2),
-        "names_history": float(history_mentions(profiles, items, interactions).mean()) if texts else 0.0,
+        "names_history": float(mentions.mean()) if texts else 0.0,
         "genres_named": float(np.mean([genres_named(t, genres) for t in texts])) if texts else 0.0,
         # cut mid-sentence at max_new_tokens; "sentence" = cut there too, then trimmed back to a sentence end
         "share_truncated": float((profiles["finish_reason"] == "length").mean()) if texts else 0.0,
         "share_at_limit": float(profiles["finish_reason"].is_in(["length", "sentence"]).mean()) if texts else 0.0,
     }
+    full_nll = full_count = None
     if ppl_model is not None:
-        sub = profiles if ppl_split is None else profiles.filter(pl.col("split") == ppl_split)
-        nll, count = token_nll(sub["text"].to_list(), *ppl_model)
+        at = np.ones(len(texts), dtype=bool) if ppl_split is None else (profiles["split"] == ppl_split).to_numpy()
+        nll, count = token_nll([t for t, a in zip(texts, at) if a], *ppl_model)
         out["perplexity"] = pooled_perplexity(nll, count)
-        out["perplexity_profiles"] = sub.height
-        if keep_nll:
-            out["token_nll"] = (nll, count)
+        out["perplexity_profiles"] = int(at.sum())
+        full_nll, full_count = np.full(len(texts), np.nan), np.zeros(len(texts), dtype=np.int64)
+        full_nll[at], full_count[at] = nll, count
+    if keep_rows:
+        out["rows"] = profile_frame(profiles, mentions, full_nll, full_count)
     return out
 
 
@@ -361,12 +367,11 @@ def paired_quality(old: pl.DataFrame, new: pl.DataFrame, resamples: int = 2000, 
     return out
 
 
-def profile_frame(profiles: pl.DataFrame, items: pl.DataFrame, interactions: pl.DataFrame, nll=None,
-                  tokens=None) -> pl.DataFrame:
-    """What paired_quality reads, one row per profile: user_id, split, text, names_history, and with token_nll's
-    arrays (one value per profile row) nll and tokens."""
+def profile_frame(profiles: pl.DataFrame, mentions: np.ndarray, nll=None, tokens=None) -> pl.DataFrame:
+    """What paired_quality reads, one row per profile: user_id, split, text, names_history (history_mentions'
+    array), and with token_nll's arrays (one value per profile row) nll and tokens."""
     out = profiles.select("user_id", "split", pl.col("text").fill_null("")).with_columns(
-        names_history=pl.Series(history_mentions(profiles, items, interactions), dtype=pl.Boolean))
+        names_history=pl.Series(np.asarray(mentions, dtype=bool), dtype=pl.Boolean))
     if nll is not None:
         out = out.with_columns(nll=pl.Series(np.asarray(nll, dtype=np.float64)),
                                tokens=pl.Series(np.asarray(tokens, dtype=np.int64)))

@@ -159,6 +159,13 @@ def test_perplexity_uniform_and_oracle_padding_ignored():
     q = profile_quality(_profiles([(1, "a b", 2, "eos", "test"), (2, "c", 1, "eos", "train")]),
                         _items(), _interactions(), ppl_model=(_Uniform(6), tok))
     assert q["perplexity"] == pytest.approx(6.0) and q["perplexity_profiles"] == 1  # test split only
+    # the per-profile rows a paired comparison reads: NLL where perplexity was measured, NaN and 0 tokens elsewhere
+    rows = profile_quality(_profiles([(1, "Loves Toy Story.", 3, "eos", "test"), (2, "c", 1, "eos", "train")]),
+                           _items(), _interactions(), ppl_model=(_Uniform(6), _Tok(["Loves", "Toy", "Story.", "c"])),
+                           keep_rows=True)["rows"]
+    assert rows["user_id"].to_list() == [1, 2] and rows["names_history"].to_list() == [True, False]
+    assert rows["tokens"].to_list()[1] == 0 and math.isnan(rows["nll"].to_list()[1])
+    assert rows["nll"].to_list()[0] == pytest.approx(rows["tokens"].to_list()[0] * math.log(6))
 
 
 def test_token_nll_per_text_sums_to_the_corpus_perplexity():
