@@ -84,7 +84,7 @@ def popularity_ndcg(lists: dict, interactions: pl.DataFrame, seen: set, k: int =
 
 def train_reranker_stage(recipe: Recipe, out_dir: str | Path, knowledge_dir: str | Path, *, force: bool = False) -> Path:
     """Train judge a and judge b: score.judges seeds x reranker.folds folds each (see the module docstring)."""
-    from rlrf.rerank import save_checkpoint
+    from rlrf.rerank import precision, save_checkpoint
     from rlrf.rerank_train import fit, predict, split_metrics
     from rlrf.rerank_data import load_data
     from rlrf.threads import torch_threads
@@ -115,7 +115,7 @@ def train_reranker_stage(recipe: Recipe, out_dir: str | Path, knowledge_dir: str
         pool = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         unprofiled = set(np.unique(pool["user_id"]).tolist()) - set(profiled)  # zero-profile train users
         inter = read_artifact(prep, "interactions", "prepare")
-        spec = data.spec(cfg.backbone, True, cfg.dropout, history=cfg.history > 0)
+        spec = data.spec(cfg.backbone, True, cfg.dropout, history=cfg.history > 0, precision=precision(cfg.dtype))
         write_json(out_dir / "model.json", spec.to_dict())
         for i in st.todo(len(plan)):
             j, seed, f = plan[i]
@@ -143,7 +143,8 @@ def train_reranker_stage(recipe: Recipe, out_dir: str | Path, knowledge_dir: str
         write_json(out_dir / "members.json", members)
         summary = judge_summary(members)
         write_json(out_dir / "metrics.json", summary)
-        st.finish({"judges": summary, "seeds": seeds, "folds": cfg.folds, "backbone": cfg.backbone})
+        st.finish({"judges": summary, "seeds": seeds, "folds": cfg.folds, "backbone": cfg.backbone,
+                   "precision": spec.precision})
     return out_dir
 
 

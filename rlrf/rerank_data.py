@@ -34,7 +34,8 @@ class RerankData:
     hist_liked: np.ndarray | None = None  # (n_users, H) 1.0 where that history item is a positive
     item_sim: np.ndarray | None = None    # (n_items, n_items) co-occurrence cosine (cooccurrence_similarity)
 
-    def spec(self, backbone: str, knowledge: bool, dropout: float = 0.0, history: bool = True) -> RerankerSpec:
+    def spec(self, backbone: str, knowledge: bool, dropout: float = 0.0, history: bool = True,
+             precision: str = "float32") -> RerankerSpec:
         from rlrf.rerank import RerankerSpec  # the model's module imports this one
 
         sizes = {len(v["item_ids"][0]) for v in self.lists.values() if len(v["item_ids"])}
@@ -44,7 +45,7 @@ class RerankData:
                             know_dim=self.item_know.shape[1] if knowledge else 0,
                             encoder=self.encoder if knowledge else "", dropout=dropout,
                             history=self.hist_items.shape[1] if hist else 0,
-                            n_users=self.hist_items.shape[0] if hist else 0)
+                            n_users=self.hist_items.shape[0] if hist else 0, precision=precision)
 
 
 def lists_arrays(lists: pl.DataFrame, where: str = "lists") -> dict[str, np.ndarray]:

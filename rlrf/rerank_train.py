@@ -23,7 +23,7 @@ from rlrf import runs
 from rlrf.config import Recipe, RerankerConfig
 from rlrf.errors import StageError
 from rlrf.files import write_json
-from rlrf.rerank import Reranker, RerankerSpec, build_model, save_checkpoint
+from rlrf.rerank import Reranker, RerankerSpec, build_model, precision, save_checkpoint
 from rlrf.rerank_data import RerankData, load_data
 from rlrf.threads import torch_threads
 
@@ -153,7 +153,8 @@ def train_stage(recipe: Recipe, out_dir: str | Path, knowledge_dir: str | Path |
             return out_dir
         data = load_data(recipe, knowledge_dir, history=cfg.history, without_profile=cfg.without_profile)
         st.counters.update(data.dropped)
-        spec = data.spec(cfg.backbone, cfg.knowledge, cfg.dropout, history=cfg.history > 0)
+        spec = data.spec(cfg.backbone, cfg.knowledge, cfg.dropout, history=cfg.history > 0,
+                         precision=precision(cfg.dtype))
         write_json(out_dir / "model.json", spec.to_dict())
         for i in st.todo(len(cfg.seeds)):
             seed = int(cfg.seeds[i])
@@ -189,7 +190,8 @@ def train_stage(recipe: Recipe, out_dir: str | Path, knowledge_dir: str | Path |
         }
         write_json(out_dir / "metrics.json", metrics)
         st.finish({"seeds": metrics["seeds"], "backbone": cfg.backbone, "knowledge": cfg.knowledge,
-                   "test": metrics["test"], "valid": metrics["valid"], "epoch_s": metrics["epoch_s"]})
+                   "test": metrics["test"], "valid": metrics["valid"], "epoch_s": metrics["epoch_s"],
+                   "precision": spec.precision})
     return out_dir
 
 

@@ -142,6 +142,37 @@ def test_history_tables_and_cooccurrence_use_only_what_training_may_know():
     assert sim[3, 6] > 0          # test user 2's HISTORY is known
 
 
+def test_bf16_precision_trains_and_scores_in_fp32_out_and_is_what_auto_picks_on_a_bf16_cpu(run, monkeypatch, tmp_path):
+    from rlrf import llm, rerank
+
+    recipe, enc = run
+    data = load_data(recipe, enc)
+    fp32, bf16 = data.spec("prm", True), data.spec("prm", True, precision="bfloat16")
+    torch.manual_seed(0)
+    m32 = build_model(fp32, data).eval()
+    m16 = Reranker(bf16).eval()
+    m16.load_state_dict(m32.state_dict())
+    arr = data.lists["train"]
+    ids, vecs = torch.from_numpy(arr["item_ids"][:8]), torch.from_numpy(arr["user_vecs"][:8])
+    a, b = m32(ids, vecs), m16(ids, vecs)
+    assert b.dtype == torch.float32 and not torch.equal(a, b)  # the same weights, the matmuls in bf16
+    assert torch.allclose(a, b, atol=0.05)
+    _, log = fit(bf16, data, recipe.reranker, seed=1, progress=False)
+    assert log["epochs"][-1]["train_loss"] < log["epochs"][0]["train_loss"]
+    # a checkpoint keeps its precision (model.json); one written before the field existed is fp32
+    assert RerankerSpec.from_dict(bf16.to_dict()).precision == "bfloat16"
+    old = {k: v for k, v in fp32.to_dict().items() if k != "precision"}
+    assert RerankerSpec.from_dict(old).precision == "float32"
+    # reranker.dtype=auto: bf16 only where the CPU does it natively; the stage records what it ran in
+    monkeypatch.setattr(llm, "cpu_has_bf16", lambda: True)
+    assert rerank.precision("auto") == "bfloat16" and rerank.precision("float32") == "float32"
+    out = train_stage(recipe, tmp_path / "auto", enc, seeds=[1])
+    assert json.loads((out / "model.json").read_text())["precision"] == "bfloat16"
+    assert json.loads((out / "stage.json").read_text())["precision"] == "bfloat16"
+    monkeypatch.setattr(llm, "cpu_has_bf16", lambda: False)
+    assert rerank.precision("auto") == "float32" and rerank.precision("bfloat16") == "bfloat16"
+
+
 def test_listwise_loss_trains_prm(run):
     recipe, enc = run
     recipe.reranker.loss = "listwise"

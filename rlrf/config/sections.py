@@ -114,6 +114,8 @@ class RerankerConfig:
     without_profile: WithoutProfile = _f("drop", "train lists of users with no profile: drop (KAR needs every user's knowledge) "
                                       "| zero (kept with a zero profile vector, so the item side learns from every "
                                       "train list when the sample stage drew only some users)", late=True)
+    dtype: DType = _f("auto", "the reranker's forward (training and scoring): auto (bf16 autocast where the CPU has "
+                              "AVX512-bf16/AMX, about 1.3-1.5x; else fp32) | bfloat16 | float32", late=True)
     threads: int = _f(1, "torch threads for training and the reward forward: the model is tiny, so a second "
                          "thread mostly waits (and thrashes on a busy 2-core machine)", speed=True)
     batch_size: int = _f(256, "lists per step")
