@@ -191,19 +191,31 @@ class HFBackend:
         done = torch.zeros(R, dtype=torch.bool)
         length = torch.full((R,), sp.max_new_tokens, dtype=torch.long)
         stop = torch.full((R,), -1, dtype=torch.long)
+        live = torch.arange(R)  # the rows still decoded, n per prompt; the rest of this loop's tensors are over them
         for step in range(sp.max_new_tokens):
             logits = logits.cpu()
             if step < sp.min_new_tokens:
                 logits[:, eos] = float("-inf")
             nxt = sample_next(logits, gens, sp.temperature, sp.top_p)
-            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
-            tokens[:, step] = nxt
-            hit = torch.isin(nxt, eos) & ~done
-            length[hit] = step
-            stop[hit] = nxt[hit]
-            done |= hit
+            was = done[live]
+            nxt = torch.where(was, torch.full_like(nxt, self.pad_id), nxt)
+            tokens[live, step] = nxt
+            hit = torch.isin(nxt, eos) & ~was
+            length[live[hit]] = step
+            stop[live[hit]] = nxt[hit]
+            done[live[hit]] = True
             if bool(done.all()) or step == sp.max_new_tokens - 1:
                 break
+            if self.shared_prefix:
+                # a prompt whose n samples have all ended leaves the batch once a quarter of the batch has: a
+                # decode step's cost grows with its rows, and a static batch would run them all to the longest
+                ended = done[live].view(-1, n).all(1)
+                if int(ended.sum()) * 4 >= len(ended):
+                    stay = ~ended
+                    kv.keep(stay)
+                    rows = stay.repeat_interleave(n)
+                    live, nxt, next_pos = live[rows], nxt[rows], next_pos[rows]
+                    gens = [gen for gen, k in zip(gens, rows.tolist()) if k]
             logits = forward(nxt[:, None].to(dev), step, next_pos)
             next_pos = next_pos + 1
 

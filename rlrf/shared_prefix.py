@@ -72,6 +72,16 @@ class PrefixKV:
         self.collect.clear()
 
 
+    def keep(self, prompts: torch.Tensor) -> None:
+        """Decode on with only these of the current prompts (a bool mask over them) and their n rows each: the
+        finished ones leave the batch. Each row's attention reads only its own prompt's and its own keys, so what
+        the rows that stay compute does not change."""
+        rows = prompts.repeat_interleave(self.n)
+        self.mask = self.mask[prompts]
+        self.prompt = {layer: (K[prompts], V[prompts]) for layer, (K, V) in self.prompt.items()}
+        self.new = {layer: (K[rows], V[rows]) for layer, (K, V) in self.new.items()}
+
+
 def attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
     """transformers attention-interface function: [b, H, q, d] in, ([b, q, H, d], None) out."""
     kv = _active
