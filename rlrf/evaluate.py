@@ -334,7 +334,7 @@ def evaluate_stage(recipe: Recipe, *, force: bool = False, recipe_path: str = "<
             g = out / f"gen_{k}"
             profiles[k] = Path(sample_stage(recipe, g / "sample", runs.generator(recipe, k), seed_round(recipe),
                                             splits=["train", "valid", "test"], n=ev.n, max_users=ev.max_users,
-                                            source=sources(recipe)))
+                                            batch_size=ev.batch_size, source=sources(recipe)))
             encoded[k] = Path(encode_stage(recipe, profiles[k], g / "encode"))
 
         jobs = [(b, c, s) for b in ev.backbones for c in ["base", *gens] for s in ev.seeds]

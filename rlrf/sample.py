@@ -107,11 +107,11 @@ def fit_prompt(tokenizer, head: str, lines: list[str], tail: str, budget: int) -
     return text, chat_ids(tokenizer, text), lo
 
 
-def _sample_config(recipe: Recipe, splits=None, n=None, max_users=None):
+def _sample_config(recipe: Recipe, splits=None, n=None, max_users=None, batch_size=None):
     """recipe.sample with the stage's per-call overrides (None keeps the recipe's value)."""
     return dataclasses.replace(recipe.sample, **{k: v for k, v in
-                                                 {"splits": splits, "n": n, "max_users": max_users}.items()
-                                                 if v is not None})
+                                                 {"splits": splits, "n": n, "max_users": max_users,
+                                                  "batch_size": batch_size}.items() if v is not None})
 
 
 def _stage_config(recipe: Recipe, cfg, generator: str, round: int, ghash: str) -> dict:
@@ -121,7 +121,7 @@ def _stage_config(recipe: Recipe, cfg, generator: str, round: int, ghash: str) -
 
 
 def sample_stage(recipe: Recipe, out_dir: str | Path, generator: str, round: int, *, splits=None, n=None,
-                 max_users=None, force: bool = False, shard=None,
+                 max_users=None, batch_size=None, force: bool = False, shard=None,
                  source: str | Path | list[str | Path] | None = None) -> Path:
     """Write the `profiles` artifact (N per user) for `generator` into out_dir; returns out_dir.
 
@@ -131,7 +131,7 @@ def sample_stage(recipe: Recipe, out_dir: str | Path, generator: str, round: int
     hold every user, the stage is one shard of taken texts; otherwise the taken users are shard 0 (their ids kept
     in `taken.json`, so a resume cuts the rest the same way whatever the sources hold by then) and the rest are
     sampled in shards after it."""
-    cfg = _sample_config(recipe, splits, n, max_users)
+    cfg = _sample_config(recipe, splits, n, max_users, batch_size)
     out_dir = Path(out_dir)
     shard = parse_shard(shard) if isinstance(shard, str) else shard
     prep = runs.prepare_dir(recipe)

@@ -69,10 +69,12 @@ def _gen_index(path) -> int:
 def modules(work: WorkLog) -> dict[str, types.ModuleType]:
     """Fake rlrf.sample / rlrf.encode / rlrf.rerank_train / rlrf.score / rlrf.llm modules."""
 
-    def sample_stage(recipe, out_dir, generator, round, *, splits=None, n=None, max_users=None, force=False,
-                     shard=None, source=None):
-        # every generator with the first evaluated round's seeds, offered that round's sample and check to take from
+    def sample_stage(recipe, out_dir, generator, round, *, splits=None, n=None, max_users=None, batch_size=None,
+                     force=False, shard=None, source=None):
+        # every generator with the first evaluated round's seeds, offered that round's sample and check to take from,
+        # in decode batches of evaluate.batch_size
         assert round == min(recipe.evaluate.rounds) and runs.stage_dir(recipe, "sample", round) in source
+        assert batch_size == recipe.evaluate.batch_size
         k = _gen_index(out_dir)
         rows = [{"run": recipe.run, "round": round, "split": s, "user_id": u, "sample_idx": i,
                  "prompt": "p", "text": f"likes comedy and drama round {k} user {u}", "n_tokens": 7 + k,

@@ -426,6 +426,9 @@ class EvaluateConfig:
     seeds: list = _f([1, 2, 3], "reranker seeds; tables show mean +- std")
     n: int = _f(1, "profiles per user per generator")
     max_users: int = _f(-1, "cap users per split for every generator (-1 = all users; small only for tests)")
+    batch_size: int = _f(128, "sequences per decode batch of the evaluation sampling (sample.batch_size is the "
+                              "round's): at one profile a user, 128 rows decode ~1.4x the users/s of 64 (docs/"
+                              "performance.md); a row's text does not depend on it", late=True)
     workers: int = _f(0, "evaluation rerankers trained at once, each in its own process at reranker.threads (0 = as "
                          "many as the CPU cores allow; 1 = one after the other in this process)", speed=True)
     history: int = _f(30, "reranker.history for the evaluation rerankers (base and knowledge alike): the user-history "
@@ -438,5 +441,6 @@ class EvaluateConfig:
         _check_choices(self, "evaluate")
         _check(len(self.seeds) >= 1, "evaluate.seeds", "needs at least one seed")
         _check(self.n >= 1, "evaluate.n", "must be >= 1")
+        _check(self.batch_size >= 1, "evaluate.batch_size", "must be >= 1")
         _check(self.history >= 0, "evaluate.history", "must be >= 0 (0 = no history features)")
         _check(self.workers >= 0, "evaluate.workers", "must be >= 0 (0 = as many as the CPU cores allow)")
