@@ -92,6 +92,8 @@ class HFBackend:
     """transformers model, own decode loop: shared prefill, per-row seeded sampling."""
 
     name = "hf"
+    leave_ended = True  # a prompt whose samples have all ended leaves the decode batch (False: the static batch that
+    # runs every row to the longest sample, benchmarks/evaluate_sampling.py's baseline); the texts are the same
 
     def __init__(self, model: str, dtype: str = "auto", batch_size: int = 64, threads: int = 0,
                  pad_to: int = 0):
@@ -206,7 +208,7 @@ class HFBackend:
             done[live[hit]] = True
             if bool(done.all()) or step == sp.max_new_tokens - 1:
                 break
-            if self.shared_prefix:
+            if self.shared_prefix and self.leave_ended:
                 # a prompt whose n samples have all ended leaves the batch once a quarter of the batch has: a
                 # decode step's cost grows with its rows, and a static batch would run them all to the longest
                 ended = done[live].view(-1, n).all(1)

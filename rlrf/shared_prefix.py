@@ -60,7 +60,8 @@ class PrefixKV:
         self.mask = torch.zeros(len(lengths), L, dtype=torch.bool)
         for r, n in enumerate(lengths):
             self.mask[r, L - n:] = True
-        for layer, kvs in self.collect.items():
+        for layer in list(self.collect):
+            kvs = self.collect.pop(layer)  # each layer's unpadded copies go as its padded one comes: one copy at a time
             k0 = kvs[0][0]
             shape = (len(kvs), k0.shape[1], L, k0.shape[3])
             K, V = k0.new_zeros(shape), k0.new_zeros(shape)
@@ -69,8 +70,6 @@ class PrefixKV:
                 V[r, :, L - v.shape[2]:] = v[0]
             self.prompt[layer] = (K, V)
         self.mask = self.mask.to(k0.device)
-        self.collect.clear()
-
 
     def keep(self, prompts: torch.Tensor) -> None:
         """Decode on with only these of the current prompts (a bool mask over them) and their n rows each: the
@@ -78,8 +77,9 @@ class PrefixKV:
         the rows that stay compute does not change."""
         rows = prompts.repeat_interleave(self.n)
         self.mask = self.mask[prompts]
-        self.prompt = {layer: (K[prompts], V[prompts]) for layer, (K, V) in self.prompt.items()}
-        self.new = {layer: (K[rows], V[rows]) for layer, (K, V) in self.new.items()}
+        for cache, keep in ((self.prompt, prompts), (self.new, rows)):
+            for layer, (K, V) in cache.items():  # layer by layer: the old copy goes before the next one is made
+                cache[layer] = (K[keep], V[keep])
 
 
 def attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):

@@ -142,6 +142,9 @@ def test_ended_prompts_leave_the_decode_batch_and_the_rest_decode_as_before(tiny
     assert ids(batch) == ids(alone)
     be.batch_size = 6  # three prompts a batch: other neighbours, other leaving steps
     assert ids(be.generate(ps, seeds, sp)) == ids(batch)
+    kept.clear()
+    be.batch_size, be.leave_ended = 64, False  # the static batch (benchmarks/evaluate_sampling.py's baseline)
+    assert ids(be.generate(ps, seeds, sp)) == ids(batch) and not kept
 
 
 def test_finish_reason_eos_length_and_empty(tiny_model):
