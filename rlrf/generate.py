@@ -216,7 +216,7 @@ class HFBackend:
                     stay = ~ended
                     kv.keep(stay)
                     rows = stay.repeat_interleave(n)
-                    live, nxt, next_pos = live[rows], nxt[rows], next_pos[rows]
+                    live, nxt, next_pos = live[rows], nxt[rows], next_pos[rows.to(next_pos.device)]
                     gens = [gen for gen, k in zip(gens, rows.tolist()) if k]
             logits = forward(nxt[:, None].to(dev), step, next_pos)
             next_pos = next_pos + 1

@@ -75,6 +75,7 @@ class PrefixKV:
         """Decode on with only these of the current prompts (a bool mask over them) and their n rows each: the
         finished ones leave the batch. Each row's attention reads only its own prompt's and its own keys, so what
         the rows that stay compute does not change."""
+        prompts = prompts.to(self.mask.device)
         rows = prompts.repeat_interleave(self.n)
         self.mask = self.mask[prompts]
         for cache, keep in ((self.prompt, prompts), (self.new, rows)):
