@@ -427,8 +427,8 @@ class EvaluateConfig:
     n: int = _f(1, "profiles per user per generator")
     max_users: int = _f(-1, "cap users per split for every generator (-1 = all users; small only for tests)")
     batch_size: int = _f(128, "sequences per decode batch of the evaluation sampling (sample.batch_size is the "
-                              "round's): at one profile a user, 128 rows decode ~1.4x the users/s of 64 (docs/"
-                              "performance.md); a row's text does not depend on it", late=True)
+                              "round's): at one profile a user, 128 rows with ended prompts leaving sample ~1.2-1.3x "
+                              "the users/s of 64 (docs/performance.md); a row's text does not depend on it", late=True)
     workers: int = _f(0, "evaluation rerankers trained at once, each in its own process at reranker.threads (0 = as "
                          "many as the CPU cores allow; 1 = one after the other in this process)", speed=True)
     history: int = _f(30, "reranker.history for the evaluation rerankers (base and knowledge alike): the user-history "
