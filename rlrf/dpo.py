@@ -43,11 +43,22 @@ def use_bf16(setting: str) -> bool:
     return pick_dtype(setting) == torch.bfloat16
 
 
-def lora_config(cfg):
+def lora_config(cfg, n_layers: int | None = None):
+    """peft's LoraConfig for the dpo section; with dpo.lora_layers = K > 0, only the model's top K of its `n_layers`
+    decoder layers are adapted."""
     from peft import LoraConfig
 
+    layers = None
+    if cfg.lora_layers:
+        if n_layers is None:
+            raise ValueError("lora_config: dpo.lora_layers needs the model's number of layers")
+        if cfg.lora_layers > n_layers:
+            raise StageError(f"dpo.lora_layers={cfg.lora_layers}: the model has {n_layers} decoder layers; "
+                             f"set at most {n_layers}, or 0 for every layer")
+        layers = list(range(n_layers - cfg.lora_layers, n_layers))
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_target_modules), bias="none", task_type="CAUSAL_LM")
+                      target_modules=list(cfg.lora_target_modules), layers_to_transform=layers, bias="none",
+                      task_type="CAUSAL_LM")
 
 
 def trl_args(cfg, output_dir: Path, seed: int, bf16: bool):
@@ -272,7 +283,8 @@ def train_trl(recipe: Recipe, pairs_dir: Path, model_dir: Path, out_dir: Path, l
     model, tok = load_policy(model_dir, bf16)
     ckpt_dir = out_dir / "checkpoints"
     trainer = DPOTrainer(model=model, args=trl_args(cfg, ckpt_dir, seed, bf16), train_dataset=ds,
-                         processing_class=tok, peft_config=lora_config(cfg), callbacks=[_checkpoint_callback()])
+                         processing_class=tok, peft_config=lora_config(cfg, model.config.num_hidden_layers),
+                         callbacks=[_checkpoint_callback()])
     if cfg.share_prompt:
         share_prompt(trainer)
     if cfg.group_by_length:
@@ -313,7 +325,8 @@ def check_memory(recipe: Recipe, model_dir: Path, log=print) -> float | None:
     cfg = recipe.dpo
     need = dpo_peak_mb(Shape.from_dir(model_dir), batch=cfg.per_device_train_batch_size, max_length=cfg.max_length,
                        completion_tokens=recipe.sample.max_new_tokens, share_prompt=cfg.share_prompt,
-                       bytes_per=pick_dtype(cfg.dtype).itemsize, checkpointing=cfg.gradient_checkpointing)
+                       bytes_per=pick_dtype(cfg.dtype).itemsize, checkpointing=cfg.gradient_checkpointing,
+                       adapted_layers=cfg.lora_layers)
     preflight("dpo", need, "dpo.per_device_train_batch_size (raise gradient_accumulation_steps to keep the "
                            "pairs per step), dpo.max_length, or turn dpo.gradient_checkpointing on", log)
     return round(need, 1)

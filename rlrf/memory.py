@@ -59,19 +59,21 @@ def sample_peak_mb(shape: Shape, *, batch_size: int, n: int, prompt_tokens: int,
 
 
 def dpo_peak_mb(shape: Shape, *, batch: int, max_length: int, completion_tokens: int, share_prompt: bool,
-                bytes_per: int = 4, checkpointing: bool = False) -> float:
+                bytes_per: int = 4, checkpointing: bool = False, adapted_layers: int = 0) -> float:
     """Weights + what one policy forward keeps for its backward (per token per layer: the hidden-size tensors of
     attention and norms and the MLP's intermediate ones; per row per layer: the attention probabilities; with
     gradient checkpointing each layer's input only, plus one layer's worth recomputed) + the completion tokens'
     logits (log-softmax and its gradient) + runtime. share_prompt: one row [prompt | chosen | rejected] per pair
-    instead of two rows [prompt | answer]."""
+    instead of two rows [prompt | answer]. adapted_layers (dpo.lora_layers): only the top this many layers carry
+    LoRA, so the backward stops below them and the layers under them keep nothing (0 = every layer)."""
     completion_tokens = min(completion_tokens, max_length)
     if share_prompt:
         rows, seq = batch, max_length + completion_tokens
     else:
         rows, seq = 2 * batch, max_length
     tokens = rows * seq
-    layers = 1 if checkpointing else shape.layers  # layers whose activations are held at once
+    # layers whose activations are held at once
+    layers = 1 if checkpointing else min(adapted_layers or shape.layers, shape.layers)
     # activations count at 4 bytes whatever the weights: LoRA's path and the norms run in fp32 around bf16 weights
     # (bf16 runs measured 5.5 GB at batch 4, 4.1 GB at batch 2, 2.9 GB at batch 4 checkpointed, on the demo's pairs)
     per_token = (layers * (12 * shape.hidden + 4 * shape.intermediate)

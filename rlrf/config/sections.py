@@ -291,6 +291,11 @@ class DPOConfig(_TrainingSeed):
     lora_alpha: int = _f(32, "LoRA alpha")
     lora_dropout: float = _f(0.05, "LoRA dropout")
     lora_target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "modules LoRA adapts")
+    lora_layers: int = _f(0, "adapt only the top this many decoder layers (0 = every layer): the backward then stops "
+                             "below the lowest adapted one and the layers under it keep no activations for it "
+                             "(SmolLM2's top 15 of 30: a step 1.3x faster, a third less memory, without "
+                             "gradient checkpointing, which runs the backward through every layer whatever this "
+                             "says). TRL backend only", late=True)
     dtype: DType = _f("auto", "frozen base weights during DPO (LoRA stays fp32): auto (bf16 where the CPU/GPU does bf16 natively) | bfloat16 | float32")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward: less memory, more time; off "
                                              "suits a small model on CPU")
@@ -326,6 +331,10 @@ class DPOConfig(_TrainingSeed):
                "set max_steps > 0 or num_train_epochs > 0")
         _check(self.save_steps >= 1, "dpo.save_steps", "must be >= 1")
         _check(0 < self.lora_r and 0 <= self.lora_dropout < 1, "dpo.lora_r", "lora_r must be > 0, lora_dropout in [0, 1)")
+        _check(self.lora_layers >= 0, "dpo.lora_layers", f"{self.lora_layers}: the number of top layers to adapt, "
+                                                         f"or 0 for every layer")
+        _check(self.lora_layers == 0 or self.backend == "trl", "dpo.lora_layers",
+               "LLaMA-Factory's LoRA adapts every layer; set dpo.backend=trl or drop the key")
         _check(self.seed >= -1, "dpo.seed", "a seed >= 0, or -1 for the recipe's")
 
 
