@@ -15,11 +15,17 @@ The pairs are KAR prompts built from real MovieLens-100K titles with profiles of
 per round, so the load of neighbours on a shared machine falls on all of them alike; round 0 is
 warm-up. Precomputing the reference costs one no-grad pass over the pairs up front: it is reported
 separately (trainer init) and also amortised over one epoch.
+
+Two rows come after the chain, each against the dpo stage's row: the stage with LoRA on the top half of the layers
+(dpo.lora_layers: the backward stops below them, so a step's FLOPs are 3 forwards' worth instead of 4), and the stage
+with every layer adapted and checkpointed (the demo recipe's DPO before dpo.lora_layers, checkpointed to stay under
+4 GB); the last line is their ratio, the demo's DPO step before and after.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -59,7 +65,8 @@ def make_pairs(n: int, seed: int = 0, history: tuple[int, int] = (9, 13)):
 def build_variant(name: str, ds, model_dir: Path, ours: dict, out: Path, batch: int, max_length: int):
     """A DPOTrainer for one variant, with its optimizer and its batches (the first two of its epoch order).
 
-    ours: which of the dpo stage's settings are on: no_ckpt, stage_dtype, group, share, precompute.
+    ours: which of the dpo stage's settings are on: no_ckpt, stage_dtype, group, share, precompute, and top (LoRA on
+    the top half of the layers only, dpo.lora_layers).
     """
     from trl import DPOConfig, DPOTrainer
 
@@ -85,7 +92,11 @@ def build_variant(name: str, ds, model_dir: Path, ours: dict, out: Path, batch: 
         # TRL's bf16 autocast (its default) until the stage's dtype choice is on
         args.bf16 = not ours["stage_dtype"]
     t0 = time.perf_counter()
-    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=lora_config(cfg))
+    n_layers = model.config.num_hidden_layers
+    if ours.get("top"):
+        cfg = dataclasses.replace(cfg, lora_layers=n_layers // 2)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                         peft_config=lora_config(cfg, n_layers))
     init_s = time.perf_counter() - t0
     if ours["share"]:
         share_prompt(trainer)
@@ -96,18 +107,20 @@ def build_variant(name: str, ds, model_dir: Path, ours: dict, out: Path, batch: 
     trainer.create_optimizer_and_scheduler(num_training_steps=1000)
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this bypasses
     batches = list(trainer.get_train_dataloader())[:2]
-    return {"name": name, "trainer": trainer, "batches": batches, "init_s": init_s, "times": [], "share": ours["share"]}
+    return {"name": name, "trainer": trainer, "batches": batches, "init_s": init_s, "times": [], "share": ours["share"],
+            "backward": 0.5 if ours.get("top") else 1.0, "extra": bool(ours.get("top") or not ours["no_ckpt"] and ours["share"])}
 
 
-def step_flops(batch: dict, share: bool, body: int, head: int) -> float:
+def step_flops(batch: dict, share: bool, body: int, head: int, backward: float = 1.0) -> float:
     """FLOPs of one step over the tokens this variant feeds: 2*body*tokens per forward (policy, reference),
-    2x that for the backward's activation gradients, plus the LM head over the completion tokens (x3)."""
+    2x that for the backward's activation gradients through the `backward` share of the layers it runs through,
+    plus the LM head over the completion tokens (x3). A checkpointed step's recomputed forward is not counted."""
     mask, comp = batch["attention_mask"], batch["completion_mask"]
     tokens = mask.sum().item()
     if share:  # the prompt once per pair: subtract the rejected rows' prompts
         b = mask.shape[0] // 2
         tokens -= (mask[b:].sum() - comp[b:].sum()).item()
-    return 2 * body * tokens * 4 + 2 * head * comp.sum().item() * 3
+    return 2 * body * tokens * (2 + 2 * backward) + 2 * head * comp.sum().item() * 3
 
 
 def optimizer_step(v: dict, i: int) -> float:
@@ -155,6 +168,9 @@ def main() -> None:
                                                      "share": True}),
         ("+ precomputed reference log-probs", {"no_ckpt": True, "stage_dtype": True, "group": True, "share": True,
                                                "precompute": True}),
+        ("the dpo stage + LoRA on the top half of the layers", {**off, "no_ckpt": True, "stage_dtype": True,
+                                                               "group": True, "share": True, "top": True}),
+        ("the dpo stage, every layer, checkpointed", {**off, "stage_dtype": True, "group": True, "share": True}),
     ]
     pick = {int(x) for x in a.only.split(",")} if a.only else set(range(len(variants)))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.pairs} pairs, batch {a.batch}, "
@@ -177,15 +193,18 @@ def main() -> None:
     print(f"fp32 matmul ceiling, best of before and after: {ceiling:.0f} GFLOP/s")
     results = []
     for v in built:
-        flops = np.mean([step_flops(b, v["share"], body, head) for b in v["batches"]])
+        flops = np.mean([step_flops(b, v["share"], body, head, v["backward"]) for b in v["batches"]])
         s = float(np.mean(v["times"]))
-        results.append({"name": v["name"], "s_per_step": s, "init_s": v["init_s"], "spread": float(np.std(v["times"])),
+        results.append({"name": v["name"], "extra": v["extra"], "s_per_step": s, "init_s": v["init_s"], "spread": float(np.std(v["times"])),
                         "gflops": flops / 1e9, "ceiling": flops / 1e9 / s / ceiling})
     base = results[0]
     print()
     print(f"{'variant':42s} {'s/step':>7s} {'+-':>5s} {'GFLOP':>6s} {'of ceiling':>10s} {'vs default':>10s} "
           f"{'vs previous':>11s}")
+    stage = next((r for r in results if r["name"].endswith("(= the dpo stage)")), None)
     for prev, r in zip([None] + results[:-1], results):
+        if r["extra"]:  # not one more setting on the row above: compared with the dpo stage's row
+            prev = stage
         step_ratio = base["s_per_step"] / r["s_per_step"]
         prev_ratio = "" if prev is None else f"{prev['s_per_step'] / r['s_per_step']:10.2f}x"
         print(f"{r['name']:42s} {r['s_per_step']:7.2f} {r['spread']:5.2f} {r['gflops']:6.0f} {r['ceiling']:9.0%} "
@@ -198,6 +217,11 @@ def main() -> None:
     print(f"\nratio (TRL default / dpo stage), seconds per optimizer step: {base['s_per_step'] / last['s_per_step']:.2f}x")
     print(f"ratio over one epoch of {a.pairs} pairs incl. trainer init and reference precompute: "
           f"{base_epoch:.0f} s / {ours_epoch:.0f} s = {base_epoch / ours_epoch:.2f}x")
+    top = next((r for r in results if "top half" in r["name"]), None)
+    ckpt = next((r for r in results if r["name"].endswith("checkpointed")), None)
+    if top and ckpt:  # the demo recipe's DPO before (every layer, checkpointed for memory) and after dpo.lora_layers
+        print(f"ratio (every layer checkpointed / top half of the layers, no checkpointing): "
+              f"{ckpt['s_per_step'] / top['s_per_step']:.2f}x")
 
 
 if __name__ == "__main__":

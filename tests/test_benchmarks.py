@@ -157,3 +157,21 @@ def test_check_against_pairs_two_runs_new_generators_by_user(tmp_path):
         m.against(recipe("h3"), recipe("other"), 1, quality=False)
     with pytest.raises(SystemExit, match="not a finished check stage"):
         m.against(recipe("h3"), recipe("absent"), 1, quality=False)
+
+
+def test_round_flops_counts_what_each_llm_stage_fed():
+    """benchmarks/round_flops.py on hand-counted shapes: a body of 100 and a head of 10 parameters (2 FLOPs each a
+    token): a prompt of 7 tokens sampled twice, 3 and 4 new tokens; a pair of prompt 5, chosen 2, rejected 3."""
+    m = load("round_flops")
+    # prefill 7 x 200 + its last position's head 20; decode (3+1 + 4+1) tokens x 220
+    assert m.sample_flops([7], [3, 4], 100, 10) == 7 * 200 + 20 + 9 * 220
+    # one trained pair, prompt once: 10 tokens x 200 x (2 forwards + 2 x backward share); head over 5 tokens x 20 x 3
+    assert m.dpo_flops([(5, 2, 3)], [], 100, 10, 1.0, True) == 10 * 200 * 4 + 5 * 20 * 3
+    # the backward through half the layers: 3 forwards' worth, not 4
+    assert m.dpo_flops([(5, 2, 3)], [], 100, 10, 0.5, True) == 10 * 200 * 3 + 5 * 20 * 3
+    # TRL's two rows feed the prompt twice; a held-out pair costs a policy and a reference forward
+    assert m.dpo_flops([(5, 2, 3)], [], 100, 10, 1.0, False) == 15 * 200 * 4 + 5 * 20 * 3
+    assert m.dpo_flops([], [(5, 2, 3)], 100, 10, 1.0, True) == 10 * 200 * 2 + 5 * 20 * 2
+    assert m.perplexity_flops([3, 0], 100, 10) == (4 + 1) * 220
+    assert m._text([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]) == "ab"
+    assert m._text("plain") == "plain"

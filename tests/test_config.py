@@ -60,10 +60,16 @@ def test_unknown_key_in_a_recipe_names_the_file(tmp_path):
     ("sample.n", "key.sub=value"),
     ("check.n=0", "check.n: must be >= 1"),
     ("check.users=0", "check.users: must be -1"),
+    ("dpo.lora_layers=-1", "the number of top layers to adapt"),
 ])
 def test_values_are_validated(override, msg):
     with pytest.raises(ConfigError, match=msg):
         load_recipe(None, [override])
+
+
+def test_settings_the_llamafactory_backend_lacks_are_refused():
+    with pytest.raises(ConfigError, match="dpo.lora_layers: LLaMA-Factory's LoRA adapts every layer"):
+        load_recipe(None, ["dpo.backend=llamafactory", "dpo.lora_layers=15"])
 
 
 def test_missing_recipe_file_says_where_recipes_are(tmp_path):

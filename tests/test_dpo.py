@@ -126,6 +126,35 @@ def test_sft_weight_adds_the_chosen_nll_and_keeps_chosen_likely(trained, tmp_pat
     assert "sft_weight" not in read_stage_json(plain)["config"]["dpo"]  # a late key: old runs keep their fingerprint
 
 
+def test_lora_layers_adapts_the_top_layers_only_and_the_backward_stops_below_them(trained, tmp_path):
+    """dpo.lora_layers=1 on the 2-layer tiny model: the stage's adapter holds layer 1's LoRA only and still learns,
+    and in a policy forward the frozen layer under it builds no autograd graph (nothing kept for a backward)."""
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from rlrf.dpo import dpo_stage, lora_config
+
+    _, model_dir, pairs, plain = trained
+    out = dpo_stage(load_recipe(None, TINY + ["dpo.lora_layers=1"]), pairs, str(model_dir), tmp_path / "dpo")
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert adapter and all(".layers.1." in k for k in adapter)
+    assert max(float(v.abs().max()) for k, v in adapter.items() if "lora_B" in k) > 1e-4
+    assert read_stage_json(out)["config"]["dpo"]["lora_layers"] == 1
+    assert "lora_layers" not in read_stage_json(plain)["config"]["dpo"]  # a late key: old runs keep their fingerprint
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = get_peft_model(model, lora_config(load_recipe(None, TINY + ["dpo.lora_layers=1"]).dpo, 2))
+    seen = {}
+    for i, layer in enumerate(model.get_base_model().model.layers):
+        layer.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, (o[0] if isinstance(o, tuple) else o)
+                                                                          .requires_grad))
+    model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits.sum().backward()
+    assert seen == {0: False, 1: True}
+    with pytest.raises(StageError, match=r"dpo.lora_layers=3: the model has 2 decoder layers"):
+        lora_config(load_recipe(None, TINY + ["dpo.lora_layers=3"]).dpo, 2)
+
+
 def test_training_seed_makes_a_replicate_on_the_same_pairs(trained, tmp_path):
     """dpo.seed replaces the recipe's seed in training only (LoRA init, pair order): the recipe's own value redoes the
     plain run loss for loss, another one trains differently on the same pairs. A late key: plain runs keep their

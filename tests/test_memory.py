@@ -27,6 +27,10 @@ def test_estimates_near_the_peaks_stage_json_measured_and_move_with_their_knobs(
     assert dpo_peak_mb(s, batch=4, max_length=416, completion_tokens=96, share_prompt=True, checkpointing=True) < dpo
     assert dpo_peak_mb(s, batch=4, max_length=416, completion_tokens=96, share_prompt=False) > dpo
     assert dpo_peak_mb(s, batch=4, max_length=416, completion_tokens=96, share_prompt=True, bytes_per=2) < dpo
+    top = dpo_peak_mb(s, batch=4, max_length=416, completion_tokens=96, share_prompt=True, adapted_layers=15)
+    assert top < dpo and top == dpo_peak_mb(s, batch=4, max_length=416, completion_tokens=96, share_prompt=True,
+                                            adapted_layers=15, checkpointing=False)
+    assert dpo_peak_mb(s, batch=4, max_length=416, completion_tokens=96, share_prompt=True, adapted_layers=30) == dpo
     # bf16 weights (AVX512-bf16 box, demo recipe, max_length 448): 5.5 GB at batch 4, 4.07 GB at batch 2 with 2
     # accumulation steps; activations stay fp32-sized around LoRA. (Checkpointed, 2.9 GB measured, the estimate
     # reads 1.9: the peak is then outside the step, and what holds it is not yet measured.)
