@@ -8,8 +8,8 @@ CPU does it natively), no checkpointing, batches grouped by length, each pair's 
 (dpo.share_prompt); reference log-probs precomputed once as an optional last step, since that pays only
 over several epochs), measured in one process on the same pairs, with each setting added one at a time
 so its effect shows. The ceiling: the FLOPs of a step (policy forward + backward + reference forward over
-the tokens the variant feeds) over the box's fp32 matmul rate (benchmarks/matmul_ceiling.py), measured in
-the same run.
+the tokens the variant feeds) over the box's matmul rate in the stage's dtype (benchmarks/matmul_ceiling.py: fp32,
+or bf16 where the CPU does it natively), measured in the same run.
 
 The pairs are KAR prompts built from real MovieLens-100K titles with profiles of 40-75 words. Variants take turns, one optimizer step each
 per round, so the load of neighbours on a shared machine falls on all of them alike; round 0 is
@@ -175,8 +175,11 @@ def main() -> None:
     pick = {int(x) for x in a.only.split(",")} if a.only else set(range(len(variants)))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.pairs} pairs, batch {a.batch}, "
           f"max_length {a.max_length}, {a.steps} timed steps each, stage dtype {dtype}", flush=True)
-    ceiling = matmul_gflops()
-    print(f"fp32 matmul ceiling (2048^2, {torch.get_num_threads()} threads): {ceiling:.0f} GFLOP/s", flush=True)
+    # the ceiling in the dtype the stage's frozen weights take here (bf16 where the CPU does it natively): on such a
+    # box an fp32 ceiling would put the stage above 100%
+    mm_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    ceiling = matmul_gflops(dtype=mm_dtype)
+    print(f"{dtype} matmul ceiling (2048^2, {torch.get_num_threads()} threads): {ceiling:.0f} GFLOP/s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         built = [build_variant(name, ds, model_dir, ours, Path(tmp), a.batch, a.max_length)
                  for i, (name, ours) in enumerate(variants) if i in pick]
@@ -189,8 +192,8 @@ def main() -> None:
                     v["times"].append(dt)
             print(f"  round {r}{' (warm-up)' if r == 0 else ''}: " + ", ".join(f"{dt:.1f}s" for dt in took), flush=True)
     # the ceiling again after the steps: a neighbour on the shared host can hold it down at either end; the best counts
-    ceiling = max(ceiling, matmul_gflops())
-    print(f"fp32 matmul ceiling, best of before and after: {ceiling:.0f} GFLOP/s")
+    ceiling = max(ceiling, matmul_gflops(dtype=mm_dtype))
+    print(f"{dtype} matmul ceiling, best of before and after: {ceiling:.0f} GFLOP/s")
     results = []
     for v in built:
         flops = np.mean([step_flops(b, v["share"], body, head, v["backward"]) for b in v["batches"]])

@@ -90,7 +90,9 @@ def test_the_llamafactory_recipe_is_the_demo_but_for_its_dpo_backend():
     lf = load_recipe(recipes / "llamafactory_dpo_smollm2.yaml").to_dict()
     assert (lf["dpo"]["backend"], lf["dpo"]["share_prompt"]) == ("llamafactory", False)
     assert lf["run"] != demo["run"]
-    for key in ("backend", "share_prompt"):  # share_prompt is the trl backend's packed forward
+    # share_prompt is the trl backend's packed forward, lora_layers its top-layer LoRA (which needs no checkpointing)
+    assert (lf["dpo"]["lora_layers"], lf["dpo"]["gradient_checkpointing"]) == (0, True)
+    for key in ("backend", "share_prompt", "lora_layers", "gradient_checkpointing"):
         del lf["dpo"][key], demo["dpo"][key]
     del lf["run"], demo["run"]
     assert lf == demo
