@@ -163,7 +163,7 @@ def main(argv=None) -> None:
         floor_total += floor
         w = walls[s]
         share = f"{floor / w:9.0%}" if w else "        -"
-        print(f"{s:16s} {flops[s] / 1e12:7.1f} {floor:7.0f}s {(f'{w:8.0f}s' if w else '        -')} {share}")
+        print(f"{s:16s} {flops[s] / 1e12:7.3g} {floor:7.0f}s {(f'{w:8.0f}s' if w else '        -')} {share}")
     other = sum(w for w in others.values() if w)
     for s, w in others.items():
         print(f"{s:16s} {'-':>7s} {'-':>8s} {(f'{w:8.0f}s' if w else '        -')}")

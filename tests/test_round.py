@@ -63,3 +63,23 @@ def test_round2_samples_from_the_round1_generator(tiny_round1):
     profiles = pl.read_parquet(tiny_round1 / "round_2" / "sample" / "profiles" / "*.parquet")
     assert set(profiles["round"].unique()) == {2}
     assert profiles["generator"][0].endswith(os.path.join("round_1", "dpo", "merged"))
+
+
+def test_round_flops_reads_the_finished_round(tiny_round1, capsys):
+    """benchmarks/round_flops.py on the real tiny round: every LLM stage counted from its outputs (the check's old
+    side, taken from the round's sample, costs nothing), each set against its measured wall time."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("round_flops", REPO / "benchmarks" / "round_flops.py")
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    m.main(["--recipe", str(REPO / "recipes" / "tiny.yaml"), "--ceiling", "100", f"runs_dir={tiny_round1.parent}"])
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["sample"], ["dpo"],
+                                                                                            ["check"])}
+    assert set(rows) == {"sample", "dpo", "check"}
+    for name, cells in rows.items():
+        assert float(cells[1]) > 0 and cells[3].endswith("s"), (name, cells)
+    assert "matmul ceiling 100 GFLOP/s (given)" in out and "at the ceiling they would take at least" in out
