@@ -17,7 +17,8 @@ warm-up. Precomputing the reference costs one no-grad pass over the pairs up fro
 separately (trainer init) and also amortised over one epoch.
 
 Two rows come after the chain, each against the dpo stage's row: the stage with LoRA on the top half of the layers
-(dpo.lora_layers: the backward stops below them, so a step's FLOPs are 3 forwards' worth instead of 4), and the stage
+(dpo.lora_layers: the backward stops below them, and the reference pass reuses the policy's frozen layers, so a
+step's FLOPs are 2.5 forwards' worth instead of 4), and the stage
 with every layer adapted and checkpointed (the demo recipe's DPO before dpo.lora_layers, checkpointed to stay under
 4 GB); the last line is their ratio, the demo's DPO step before and after.
 """
@@ -114,13 +115,16 @@ def build_variant(name: str, ds, model_dir: Path, ours: dict, out: Path, batch: 
 def step_flops(batch: dict, share: bool, body: int, head: int, backward: float = 1.0) -> float:
     """FLOPs of one step over the tokens this variant feeds: 2*body*tokens per forward (policy, reference),
     2x that for the backward's activation gradients through the `backward` share of the layers it runs through,
-    plus the LM head over the completion tokens (x3). A checkpointed step's recomputed forward is not counted."""
+    plus the LM head over the completion tokens (x3). A checkpointed step's recomputed forward is not counted.
+    With LoRA on the top layers only and the prompt once per pair, the reference forward runs only those layers
+    (rlrf.dpo_packed.FrozenBottom)."""
     mask, comp = batch["attention_mask"], batch["completion_mask"]
     tokens = mask.sum().item()
     if share:  # the prompt once per pair: subtract the rejected rows' prompts
         b = mask.shape[0] // 2
         tokens -= (mask[b:].sum() - comp[b:].sum()).item()
-    return 2 * body * tokens * (2 + 2 * backward) + 2 * head * comp.sum().item() * 3
+    reference = backward if share else 1.0
+    return 2 * body * tokens * (1 + reference + 2 * backward) + 2 * head * comp.sum().item() * 3
 
 
 def optimizer_step(v: dict, i: int) -> float:

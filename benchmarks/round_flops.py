@@ -13,7 +13,8 @@ FLOPs are left out, about a tenth more at ~300-token contexts):
            and LM head;
   dpo      each trained pair's [prompt | chosen | rejected] tokens (dpo.share_prompt: the prompt once) x (policy
            forward + reference forward + the backward's activation gradients through the adapted layers,
-           2 forwards' worth over those layers), the held-out pairs' policy and reference forwards;
+           2 forwards' worth over those layers), the held-out pairs' policy and reference forwards; with
+           dpo.share_prompt the reference forward runs only the adapted layers (rlrf.dpo_packed.FrozenBottom);
            a checkpointed run's recomputed forward is not counted (it is what checkpointing costs, not what the
            recipe needs);
   check    the new generator's sampling as above (the old side is taken from the round's sample, no FLOPs), and the
@@ -60,13 +61,15 @@ def sample_flops(prompt_tokens: list[int], new_tokens: list[int], body: int, hea
 def dpo_flops(rows: list[tuple[int, int, int]], heldout: list[tuple[int, int, int]], body: int, head: int,
               backward: float, share_prompt: bool) -> float:
     """rows, heldout: (prompt, chosen, rejected) tokens of each trained / held-out pair. A trained pair: policy
-    forward + reference forward + 2 x forward over the `backward` share of the layers; the LM head over the
-    completions (x3, its backward counted once). A held-out pair: policy + reference forward."""
+    forward + reference forward + 2 x forward over the `backward` share of the layers (the adapted ones); the LM
+    head over the completions (x3, its backward counted once). A held-out pair: policy + reference forward. With
+    share_prompt the reference forward starts at the lowest adapted layer (rlrf.dpo_packed.FrozenBottom)."""
     def tokens(p, c, r):
         return p + c + r if share_prompt else 2 * p + c + r
 
-    train = sum(tokens(*x) * 2 * body * (2 + 2 * backward) + (x[1] + x[2]) * 2 * head * 3 for x in rows)
-    held = sum(tokens(*x) * 2 * body * 2 + (x[1] + x[2]) * 2 * head * 2 for x in heldout)
+    reference = backward if share_prompt else 1.0
+    train = sum(tokens(*x) * 2 * body * (1 + reference + 2 * backward) + (x[1] + x[2]) * 2 * head * 3 for x in rows)
+    held = sum(tokens(*x) * 2 * body * (1 + reference) + (x[1] + x[2]) * 2 * head * 2 for x in heldout)
     return train + held
 
 

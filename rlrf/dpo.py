@@ -149,8 +149,10 @@ def load_policy(model_dir: Path, bf16: bool):
     return model, tok
 
 
-def share_prompt(trainer) -> None:
-    """Each pair's prompt through the model once (rlrf/dpo_packed.py) under TRL's own DPO loss and metrics."""
+def share_prompt(trainer) -> dict:
+    """Each pair's prompt through the model once (rlrf/dpo_packed.py) under TRL's own DPO loss and metrics; with
+    dpo.lora_layers the reference pass also reuses the policy pass's frozen layers. Returns the packed forward's
+    counters (updated as it trains)."""
     from peft import PeftModel
 
     from rlrf import dpo_packed
@@ -164,7 +166,7 @@ def share_prompt(trainer) -> None:
         raise StageError("dpo.share_prompt: needs a LoRA policy whose reference is the adapter disabled, without "
                          "WPO weighting or MoE aux loss; set dpo.share_prompt=false")
     model = trainer.model
-    dpo_packed.install(model.get_base_model() if isinstance(model, PeftModel) else model)
+    return dpo_packed.install(model.get_base_model() if isinstance(model, PeftModel) else model)
 
 
 def group_by_length(dataset, batch_size: int, seed: int, megabatch: int = 50):
@@ -285,8 +287,7 @@ def train_trl(recipe: Recipe, pairs_dir: Path, model_dir: Path, out_dir: Path, l
     trainer = DPOTrainer(model=model, args=trl_args(cfg, ckpt_dir, seed, bf16), train_dataset=ds,
                          processing_class=tok, peft_config=lora_config(cfg, model.config.num_hidden_layers),
                          callbacks=[_checkpoint_callback()])
-    if cfg.share_prompt:
-        share_prompt(trainer)
+    packed = share_prompt(trainer) if cfg.share_prompt else None
     if cfg.group_by_length:
         trainer.train_dataset = group_by_length(trainer.train_dataset, cfg.per_device_train_batch_size, seed)
     resume = last_checkpoint(ckpt_dir)
@@ -306,7 +307,7 @@ def train_trl(recipe: Recipe, pairs_dir: Path, model_dir: Path, out_dir: Path, l
     last = rows[-1] if rows else {}
     return {"backend": "trl", "bf16": bf16, "steps": int(result.global_step), "pairs_used": ds.num_rows,
             "train_loss": float(result.training_loss), "final": last, "resumed_from": resume,
-            "heldout": held, "generator_out": str(out_dir / "merged")}
+            "heldout": held, "packed_forward": packed, "generator_out": str(out_dir / "merged")}
 
 
 # ----------------------------------------------------------------------------- the stage

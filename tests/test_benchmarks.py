@@ -167,8 +167,9 @@ def test_round_flops_counts_what_each_llm_stage_fed():
     assert m.sample_flops([7], [3, 4], 100, 10) == 7 * 200 + 20 + 9 * 220
     # one trained pair, prompt once: 10 tokens x 200 x (2 forwards + 2 x backward share); head over 5 tokens x 20 x 3
     assert m.dpo_flops([(5, 2, 3)], [], 100, 10, 1.0, True) == 10 * 200 * 4 + 5 * 20 * 3
-    # the backward through half the layers: 3 forwards' worth, not 4
-    assert m.dpo_flops([(5, 2, 3)], [], 100, 10, 0.5, True) == 10 * 200 * 3 + 5 * 20 * 3
+    # the backward through half the layers, and the reference from the policy's frozen half: 2.5 forwards' worth
+    assert m.dpo_flops([(5, 2, 3)], [], 100, 10, 0.5, True) == 10 * 200 * 2.5 + 5 * 20 * 3
+    assert m.dpo_flops([(5, 2, 3)], [], 100, 10, 0.5, False) == 15 * 200 * 3 + 5 * 20 * 3  # TRL's rows: no reuse
     # TRL's two rows feed the prompt twice; a held-out pair costs a policy and a reference forward
     assert m.dpo_flops([(5, 2, 3)], [], 100, 10, 1.0, False) == 15 * 200 * 4 + 5 * 20 * 3
     assert m.dpo_flops([], [(5, 2, 3)], 100, 10, 1.0, True) == 10 * 200 * 2 + 5 * 20 * 2

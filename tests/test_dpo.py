@@ -140,7 +140,11 @@ def test_lora_layers_adapts_the_top_layers_only_and_the_backward_stops_below_the
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     assert adapter and all(".layers.1." in k for k in adapter)
     assert max(float(v.abs().max()) for k, v in adapter.items() if "lora_B" in k) > 1e-4
-    assert read_stage_json(out)["config"]["dpo"]["lora_layers"] == 1
+    info = read_stage_json(out)
+    assert info["config"]["dpo"]["lora_layers"] == 1
+    # every training step's reference pass (and the held-out pairs' evaluation) started above the frozen layer
+    assert info["packed_forward"]["frozen_layers_shared"] == 1
+    assert info["packed_forward"]["reference_passes_reusing"] >= info["steps"] == 4
     assert "lora_layers" not in read_stage_json(plain)["config"]["dpo"]  # a late key: old runs keep their fingerprint
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -153,6 +157,57 @@ def test_lora_layers_adapts_the_top_layers_only_and_the_backward_stops_below_the
     assert seen == {0: False, 1: True}
     with pytest.raises(StageError, match=r"dpo.lora_layers=3: the model has 2 decoder layers"):
         lora_config(load_recipe(None, TINY + ["dpo.lora_layers=3"]).dpo, 2)
+
+
+def test_the_reference_pass_reuses_the_frozen_layers_and_gets_the_same_log_probs(tmp_path):
+    """dpo.lora_layers: the reference forward (adapter disabled) on the batch the policy just ran starts from the
+    hidden states the policy pass kept at the lowest adapted layer: the layers under it do not run again, and the
+    reference log-probs are exactly those of a full reference forward. Another batch runs every layer."""
+    from peft import get_peft_model
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+    from trl.trainer.utils import add_fused_lm_head
+    from transformers import AutoModelForCausalLM
+
+    from rlrf import dpo_packed
+    from rlrf.dpo import lora_config
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(tmp_path / "model"), dtype=torch.float32)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    model = get_peft_model(model, lora_config(load_recipe(None, TINY + ["dpo.lora_layers=1"]).dpo, 2))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    stats = dpo_packed.install(model.get_base_model())
+    assert stats["frozen_layers_shared"] == 1
+    runs = []
+    model.get_base_model().model.layers[0].mlp.register_forward_hook(lambda *a: runs.append(1))
+    g = torch.Generator().manual_seed(0)
+
+    def batch():
+        ex = [{"prompt_ids": torch.randint(4, 40, (p,), generator=g).tolist(),
+               "chosen_ids": torch.randint(4, 40, (c,), generator=g).tolist(),
+               "rejected_ids": torch.randint(4, 40, (r,), generator=g).tolist()} for p, c, r in [(9, 5, 7), (4, 8, 1)]]
+        b = DataCollatorForPreference(pad_token_id=2)(ex)
+        return dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], fused_lm_head=True,
+                    labels=b["input_ids"].masked_fill(b["completion_mask"] == 0, -100))
+
+    def reference(kw):
+        with torch.no_grad(), model.disable_adapter():
+            return model(**kw).log_probs
+
+    kw = batch()
+    policy = model(**kw).log_probs  # the adapter on, as TRL's training forward: the frozen layer's output is kept
+    assert len(runs) == 1
+    shared = reference(kw)
+    assert len(runs) == 1 and stats["reference_passes_reusing"] == 1  # layer 0 did not run again
+    full = reference(kw)  # used once: a second reference call runs every layer
+    assert len(runs) == 2 and torch.equal(shared, full)
+    assert not torch.equal(shared, policy.detach())  # the adapter matters above the shared layer
+    other = batch()
+    model(**kw)
+    reference(other)  # not the batch the policy ran: every layer
+    assert len(runs) == 4 and stats["reference_passes_reusing"] == 1
 
 
 def test_training_seed_makes_a_replicate_on_the_same_pairs(trained, tmp_path):
