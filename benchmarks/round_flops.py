@@ -13,8 +13,9 @@ FLOPs are left out, about a tenth more at ~300-token contexts):
            and LM head;
   dpo      each trained pair's [prompt | chosen | rejected] tokens (dpo.share_prompt: the prompt once) x (policy
            forward + reference forward + the backward's activation gradients through the adapted layers,
-           2 forwards' worth over those layers), the held-out pairs' policy and reference forwards; with
-           dpo.share_prompt the reference forward runs only the adapted layers (rlrf.dpo_packed.FrozenBottom);
+           2 forwards' worth over those layers), the held-out pairs' policy and reference forwards; where the
+           stage's reference passes reused the policy's frozen layers (rlrf.dpo_packed.FrozenBottom, recorded in
+           its stage.json) the reference forward counts only the adapted layers;
            a checkpointed run's recomputed forward is not counted (it is what checkpointing costs, not what the
            recipe needs);
   check    the new generator's sampling as above (the old side is taken from the round's sample, no FLOPs), and the
@@ -59,15 +60,16 @@ def sample_flops(prompt_tokens: list[int], new_tokens: list[int], body: int, hea
 
 
 def dpo_flops(rows: list[tuple[int, int, int]], heldout: list[tuple[int, int, int]], body: int, head: int,
-              backward: float, share_prompt: bool) -> float:
+              backward: float, share_prompt: bool, reuse: bool | None = None) -> float:
     """rows, heldout: (prompt, chosen, rejected) tokens of each trained / held-out pair. A trained pair: policy
     forward + reference forward + 2 x forward over the `backward` share of the layers (the adapted ones); the LM
     head over the completions (x3, its backward counted once). A held-out pair: policy + reference forward. With
-    share_prompt the reference forward starts at the lowest adapted layer (rlrf.dpo_packed.FrozenBottom)."""
+    `reuse` (default: share_prompt) the reference forward starts at the lowest adapted layer
+    (rlrf.dpo_packed.FrozenBottom)."""
     def tokens(p, c, r):
         return p + c + r if share_prompt else 2 * p + c + r
 
-    reference = backward if share_prompt else 1.0
+    reference = backward if (share_prompt if reuse is None else reuse) else 1.0
     train = sum(tokens(*x) * 2 * body * (1 + reference + 2 * backward) + (x[1] + x[2]) * 2 * head * 3 for x in rows)
     held = sum(tokens(*x) * 2 * body * (1 + reference) + (x[1] + x[2]) * 2 * head * 2 for x in heldout)
     return train + held
@@ -116,7 +118,9 @@ def count(recipe, k: int, tok, body: int, head: int, n_layers: int) -> dict[str,
     if held.get("pairs"):
         held_rows = pair_tokens(read_artifact(pairs_dir, "heldout_pairs", "pairs").head(held["pairs"]))
     backward = (min(cfg.lora_layers, n_layers) if cfg.lora_layers else n_layers) / n_layers
-    flops["dpo"] = dpo_flops(pair_tokens(pairs.head(used)), held_rows, body, head, backward, cfg.share_prompt)
+    # a stage run before the reference reuse existed records no such counter: its reference ran every layer
+    reuse = bool((st.get("packed_forward") or {}).get("reference_passes_reusing"))
+    flops["dpo"] = dpo_flops(pair_tokens(pairs.head(used)), held_rows, body, head, backward, cfg.share_prompt, reuse)
     check_dir = runs.stage_dir(recipe, "check", k)
     check = sum(profiles_flops(check_dir / side / "sample") for side in ("old", "new")
                 if (check_dir / side / "sample" / "stage.json").is_file())

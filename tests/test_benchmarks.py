@@ -170,6 +170,7 @@ def test_round_flops_counts_what_each_llm_stage_fed():
     # the backward through half the layers, and the reference from the policy's frozen half: 2.5 forwards' worth
     assert m.dpo_flops([(5, 2, 3)], [], 100, 10, 0.5, True) == 10 * 200 * 2.5 + 5 * 20 * 3
     assert m.dpo_flops([(5, 2, 3)], [], 100, 10, 0.5, False) == 15 * 200 * 3 + 5 * 20 * 3  # TRL's rows: no reuse
+    assert m.dpo_flops([(5, 2, 3)], [], 100, 10, 0.5, True, reuse=False) == 10 * 200 * 3 + 5 * 20 * 3  # a run before it
     # TRL's two rows feed the prompt twice; a held-out pair costs a policy and a reference forward
     assert m.dpo_flops([(5, 2, 3)], [], 100, 10, 1.0, False) == 15 * 200 * 4 + 5 * 20 * 3
     assert m.dpo_flops([], [(5, 2, 3)], 100, 10, 1.0, True) == 10 * 200 * 2 + 5 * 20 * 2
