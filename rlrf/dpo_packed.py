@@ -115,8 +115,8 @@ class FrozenBottom:
     thing in the policy forward and in the reference forward (the adapter disabled): same weights, same inputs, no
     dropout there. TRL runs the policy first and then the reference on the same batch; so the policy pass keeps the
     hidden states entering the lowest adapted layer, and the reference pass on the same packed rows skips the layers
-    below it (each returns its input) and starts from them: the same floats, a quarter of a step's forward work
-    saved at SmolLM2's top 15 of 30. Any other call (the adapter on, another batch, precomputed reference
+    below it (each returns its input) and starts from them: the same floats, half the reference forward saved at
+    SmolLM2's top 15 of 30 (a sixth of a step). Any other call (the adapter on, another batch, precomputed reference
     log-probs) runs every layer.
     """
 
