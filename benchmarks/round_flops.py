@@ -30,7 +30,6 @@ what the round needs at the ceiling: the LLM stages' floor plus the other stages
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -40,16 +39,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import polars as pl  # noqa: E402
 
 from rlrf import runs  # noqa: E402
+from rlrf.artifacts import read_stage_json  # noqa: E402
 from rlrf.config import load_recipe  # noqa: E402
 
 LLM_STAGES = ("sample", "dpo", "check")
-
-
-def _text(x) -> str:
-    """A pairs cell: TRL's conversational [{"role", "content"}] or plain text."""
-    if isinstance(x, list):
-        return "".join(m["content"] for m in x)
-    return x
 
 
 def sample_flops(prompt_tokens: list[int], new_tokens: list[int], body: int, head: int) -> float:
@@ -81,17 +74,16 @@ def perplexity_flops(text_tokens: list[int], body: int, head: int) -> float:
 
 
 def _wall(stage_dir: Path) -> float | None:
-    f = stage_dir / "stage.json"
-    return json.loads(f.read_text()).get("wall_s") if f.is_file() else None
+    return read_stage_json(stage_dir).get("wall_s") if (stage_dir / "stage.json").is_file() else None
 
 
-def count(recipe, k: int, tok, body: int, head: int, n_layers: int) -> dict[str, float]:
+def count(recipe, k: int, model_dir: Path, tok, body: int, head: int, n_layers: int) -> dict[str, float]:
     from rlrf.artifacts import read_artifact
+    from rlrf.llamafactory import expected_token_ids
     from rlrf.sample import chat_ids
 
     def profiles_flops(sample_dir: Path) -> float:
-        st = json.loads((sample_dir / "stage.json").read_text())
-        if st.get("taken_from"):
+        if read_stage_json(sample_dir).get("taken_from"):
             return 0.0  # the profiles came from another stage's output: nothing was sampled here
         df = read_artifact(sample_dir, "profiles", "sample")
         first = df.filter(pl.col("sample_idx") == 0)  # one prefill per prompt
@@ -99,17 +91,13 @@ def count(recipe, k: int, tok, body: int, head: int, n_layers: int) -> dict[str,
                             body, head)
 
     def pair_tokens(df: pl.DataFrame) -> list[tuple[int, int, int]]:
-        out = []
-        for p, c, r in zip(df["prompt"].to_list(), df["chosen"].to_list(), df["rejected"].to_list()):
-            # the chat template's assistant turn adds its role tokens and end of turn: about 3 tokens
-            out.append((len(chat_ids(tok, _text(p))), len(tok(_text(c))["input_ids"]) + 3,
-                        len(tok(_text(r))["input_ids"]) + 3))
-        return out
+        # the ids DPO trains on: the prompt as the sample stage tokenized it, each answer as TRL's template adds it
+        return [(len(r["prompt"]), len(r["chosen"]), len(r["rejected"])) for r in expected_token_ids(model_dir, df)]
 
     flops = {}
     flops["sample"] = profiles_flops(runs.stage_dir(recipe, "sample", k))
     pairs_dir, dpo_dir = runs.stage_dir(recipe, "pairs", k), runs.stage_dir(recipe, "dpo", k)
-    st = json.loads((dpo_dir / "stage.json").read_text())
+    st = read_stage_json(dpo_dir)
     cfg = recipe.dpo
     pairs = read_artifact(pairs_dir, "pairs", "pairs")
     used = min(pairs.height, st.get("pairs_used", pairs.height))
@@ -155,7 +143,7 @@ def main(argv=None) -> None:
     dtype = pick_dtype(recipe.sample.dtype)
     ceiling = a.ceiling or matmul_gflops(dtype=dtype)
     where = "given" if a.ceiling else f"{str(dtype).replace('torch.', '')}, measured on this box"
-    flops = count(recipe, a.round, tok, body, head, n_layers)
+    flops = count(recipe, a.round, model_dir, tok, body, head, n_layers)
     k = a.round
     walls = {s: _wall(runs.stage_dir(recipe, s, k)) for s in LLM_STAGES}
     others = {"prepare": _wall(runs.prepare_dir(recipe)), "encode": _wall(runs.stage_dir(recipe, "encode", k)),
@@ -174,10 +162,10 @@ def main(argv=None) -> None:
     other = sum(w for w in others.values() if w)
     for s, w in others.items():
         print(f"{s:16s} {'-':>7s} {'-':>8s} {(f'{w:8.0f}s' if w else '        -')}")
-    measured = sum(w for w in walls.values() if w) + other
+    llm = sum(w for w in walls.values() if w)
+    measured = llm + other
     print(f"\nLLM stages: {sum(flops.values()) / 1e12:.1f} TFLOP, floor {floor_total / 60:.1f} min at {ceiling:.0f} "
-          f"GFLOP/s; measured {sum(w for w in walls.values() if w) / 60:.1f} min "
-          f"({floor_total / max(sum(w for w in walls.values() if w), 1e-9):.0%} of the ceiling)")
+          f"GFLOP/s; measured {llm / 60:.1f} min ({floor_total / max(llm, 1e-9):.0%} of the ceiling)")
     print(f"the round's stages measured {measured / 60:.1f} min; at the ceiling they would take at least "
           f"{(floor_total + other) / 60:.1f} min (LLM floor + the other stages as measured)")
 

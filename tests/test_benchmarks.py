@@ -175,5 +175,3 @@ def test_round_flops_counts_what_each_llm_stage_fed():
     assert m.dpo_flops([(5, 2, 3)], [], 100, 10, 1.0, False) == 15 * 200 * 4 + 5 * 20 * 3
     assert m.dpo_flops([], [(5, 2, 3)], 100, 10, 1.0, True) == 10 * 200 * 2 + 5 * 20 * 2
     assert m.perplexity_flops([3, 0], 100, 10) == (4 + 1) * 220
-    assert m._text([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]) == "ab"
-    assert m._text("plain") == "plain"
