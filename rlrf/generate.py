@@ -13,6 +13,8 @@ Why the HF path is a hand-written loop rather than `model.generate(num_return_se
   - each prompt is prefilled alone (no padding, causal SDPA's fast path), and the decode attention runs
     over the prompt budget (`pad_to`) whatever the batch, so a row's arithmetic, not only its random
     draws, is the same in any batch (tests/test_llm.py checks texts alone == in batches of 2 == of 5);
+  - a sample that ends leaves the model's batch at once (`HFBackend.leave`): the projections and the LM head run
+    over the live rows only, while the attention keeps each prompt's slots until its last sample ends;
   - bf16 weights on CPUs with AVX512-bf16/AMX; `threads` (1 wins when other jobs share the cores).
 """
 
@@ -92,8 +94,11 @@ class HFBackend:
     """transformers model, own decode loop: shared prefill, per-row seeded sampling."""
 
     name = "hf"
-    leave_ended = True  # a prompt whose samples have all ended leaves the decode batch (False: the static batch that
-    # runs every row to the longest sample, benchmarks/evaluate_sampling.py's baseline); the texts are the same
+    # what leaves the decode batch (the texts are the same whichever): "rows", a sample as soon as it ends (its prompt
+    # once all its samples have); "prompts", a prompt once all its samples have ended (the sampler before 2026-12-06,
+    # benchmarks/sample_leave.py's baseline); "" the static batch that decodes every row to the longest sample
+    # (benchmarks/evaluate_sampling.py's baseline). Without the shared prefix every row decodes to the longest sample
+    leave = "rows"
 
     def __init__(self, model: str, dtype: str = "auto", batch_size: int = 64, threads: int = 0,
                  pad_to: int = 0):
@@ -193,7 +198,12 @@ class HFBackend:
         done = torch.zeros(R, dtype=torch.bool)
         length = torch.full((R,), sp.max_new_tokens, dtype=torch.long)
         stop = torch.full((R,), -1, dtype=torch.long)
-        live = torch.arange(R)  # the rows still decoded, n per prompt; the rest of this loop's tensors are over them
+        # the rows still decoded (n per prompt at first); the rest of this loop's tensors are over them. With the
+        # shared prefix and leave="rows" a row that ends leaves the model's batch at once: the projections and the LM
+        # head, most of a decode step, run over the live rows only, and its prompt's slots stay in the attention's
+        # layout (kv.rows maps the live rows onto them) until the prompt's last row ends.
+        live = torch.arange(R)
+        leave = self.leave if self.shared_prefix else ""
         for step in range(sp.max_new_tokens):
             logits = logits.cpu()
             if step < sp.min_new_tokens:
@@ -208,16 +218,18 @@ class HFBackend:
             done[live[hit]] = True
             if bool(done.all()) or step == sp.max_new_tokens - 1:
                 break
-            if self.shared_prefix and self.leave_ended:
-                # a prompt whose n samples have all ended leaves the batch once a quarter of the batch has: a
-                # decode step's cost grows with its rows, and a static batch would run them all to the longest
-                ended = done[live].view(-1, n).all(1)
+            if leave:
+                if leave == "rows" and bool(hit.any()):  # the samples that ended leave the model's batch
+                    live, nxt, next_pos, gens = _rows_kept(~hit, live, nxt, next_pos, gens)
+                # a prompt whose n samples have all ended leaves the attention's layout once a quarter of the
+                # prompts there have (kv.keep copies the layout: not at every step)
+                ended = done.view(B, n)[kv.prompts].all(1)
                 if int(ended.sum()) * 4 >= len(ended):
-                    stay = ~ended
-                    kv.keep(stay)
-                    rows = stay.repeat_interleave(n)
-                    live, nxt, next_pos = live[rows], nxt[rows], next_pos[rows.to(next_pos.device)]
-                    gens = [gen for gen, k in zip(gens, rows.tolist()) if k]
+                    if leave == "prompts":  # and its rows the model's batch
+                        live, nxt, next_pos, gens = _rows_kept((~ended).repeat_interleave(n), live, nxt, next_pos,
+                                                               gens)
+                    kv.keep(~ended)
+                kv.rows = kv.slots_of(live)
             logits = forward(nxt[:, None].to(dev), step, next_pos)
             next_pos = next_pos + 1
 
@@ -228,6 +240,12 @@ class HFBackend:
                                     token_ids=ids, finish_reason="eos" if done[r] else "length",
                                     stop_id=int(stop[r]) if done[r] else None))
         return comps
+
+
+def _rows_kept(stay: torch.Tensor, live, nxt, next_pos, gens):
+    """The decode loop's per-row state with only the `stay` rows."""
+    return (live[stay], nxt[stay], next_pos[stay.to(next_pos.device)],
+            [gen for gen, k in zip(gens, stay.tolist()) if k])
 
 
 # ----------------------------------------------------------------------------- vllm backend

@@ -107,6 +107,21 @@ def fit_prompt(tokenizer, head: str, lines: list[str], tail: str, budget: int) -
     return text, chat_ids(tokenizer, text), lo
 
 
+def bench_prompts(recipe: Recipe, tokenizer, splits: list[str], users: int, round: int = 1
+                  ) -> tuple[list[list[int]], list[int]]:
+    """The first `users` users of these splits (every user of them, in the recipe's seeded order): their prompts'
+    token ids as the sample stage fits them and their round's seeds, for benchmarks that time the stage's sampling."""
+    from rlrf.prepare import prepare_stage
+
+    cfg = recipe.sample
+    prepare_stage(recipe)
+    part = select_users(read_artifact(runs.prepare_dir(recipe), "prompts", "prepare"), splits, -1, recipe.seed)
+    part = part.head(users)
+    ids = [fit_prompt(tokenizer, r["prompt_head"], r["history_lines"], r["prompt_tail"], cfg.max_prompt_tokens)[1]
+           for r in part.iter_rows(named=True)]
+    return ids, [user_seed(recipe.seed, u, round) for u in part["user_id"]]
+
+
 def _sample_config(recipe: Recipe, splits=None, n=None, max_users=None, batch_size=None):
     """recipe.sample with the stage's per-call overrides (None keeps the recipe's value)."""
     return dataclasses.replace(recipe.sample, **{k: v for k, v in

@@ -122,10 +122,12 @@ def test_shared_prefix_attention_matches_transformers_cache(tiny_model):
     assert [[c.token_ids for c in cs] for cs in ours] == [[c.token_ids for c in cs] for cs in ref]
 
 
-def test_ended_prompts_leave_the_decode_batch_and_the_rest_decode_as_before(tiny_model, monkeypatch):
-    """A prompt whose samples have all ended leaves the batch (shared_prefix.PrefixKV.keep); the prompts that stay
-    sample what they sample alone. bf16, as the stage runs on a CPU with bf16 (fp32 matmuls round a row differently
-    with the number of rows on some CPUs, with or without rows leaving: this test's prompt 0 does, in fp32, here)."""
+def test_ended_samples_leave_the_decode_batch_and_the_rest_decode_as_before(tiny_model, monkeypatch):
+    """A sample that ended leaves the model's batch at once, and its prompt the attention's layout once all its
+    samples have (shared_prefix.PrefixKV.keep); the rows that stay sample what they sample alone, and what the
+    samplers before (whole prompts leaving; the static batch) sampled. bf16, as the stage runs on a CPU with bf16
+    (fp32 matmuls round a row differently with the number of rows on some CPUs, with or without rows leaving: this
+    test's prompt 0 does, in fp32, here)."""
     from rlrf import shared_prefix
 
     be = HFBackend(str(tiny_model), dtype="bfloat16", batch_size=64, pad_to=96, threads=1)
@@ -134,17 +136,28 @@ def test_ended_prompts_leave_the_decode_batch_and_the_rest_decode_as_before(tiny
     sp = Sampling(n=2, temperature=1.0, top_p=0.95, max_new_tokens=12)
     kept, keep = [], shared_prefix.PrefixKV.keep
     monkeypatch.setattr(shared_prefix.PrefixKV, "keep", lambda self, p: (kept.append(int(p.sum())), keep(self, p))[1])
+    fed = []  # rows the model is fed per call (prefills one row each)
+    be.model.get_input_embeddings().register_forward_hook(lambda m, i, o: fed.append(i[0].shape[0]))
     ids = lambda out: [[c.token_ids for c in cs] for cs in out]  # noqa: E731
     batch = be.generate(ps, seeds, sp)
     assert kept and 0 < kept[0] < len(ps)  # some prompts left while others decoded on
+    decode = fed[len(ps):]  # one batch: the prompts' prefills, then the decode steps
+    assert any(r % 2 for r in decode)  # a sample that ended left the batch alone, its prompt's other one decoding on
+    # every row fed once per token it sampled after the first, and never after it ended
+    assert sum(decode) == sum(c.n_tokens - (c.finish_reason == "length") for cs in batch for c in cs)
     assert len({c.n_tokens for cs in batch for c in cs}) > 2
     alone = [be.generate([p], [s], sp)[0] for p, s in zip(ps, seeds)]
     assert ids(batch) == ids(alone)
     be.batch_size = 6  # three prompts a batch: other neighbours, other leaving steps
     assert ids(be.generate(ps, seeds, sp)) == ids(batch)
-    kept.clear()
-    be.batch_size, be.leave_ended = 64, False  # the static batch (benchmarks/evaluate_sampling.py's baseline)
+    kept.clear(), fed.clear()
+    be.batch_size, be.leave = 64, "prompts"  # rows leave with their prompt only (the sampler before)
+    assert ids(be.generate(ps, seeds, sp)) == ids(batch) and kept
+    assert all(r % 2 == 0 for r in fed[len(ps):]) and sum(fed[len(ps):]) > sum(decode)
+    kept.clear(), fed.clear()
+    be.leave = ""  # the static batch (benchmarks/evaluate_sampling.py's baseline)
     assert ids(be.generate(ps, seeds, sp)) == ids(batch) and not kept
+    assert set(fed[len(ps):]) == {2 * len(ps)}  # every row to the longest sample
 
 
 def test_finish_reason_eos_length_and_empty(tiny_model):
