@@ -175,3 +175,16 @@ def test_round_flops_counts_what_each_llm_stage_fed():
     assert m.dpo_flops([(5, 2, 3)], [], 100, 10, 1.0, False) == 15 * 200 * 4 + 5 * 20 * 3
     assert m.dpo_flops([], [(5, 2, 3)], 100, 10, 1.0, True) == 10 * 200 * 2 + 5 * 20 * 2
     assert m.perplexity_flops([3, 0], 100, 10) == (4 + 1) * 220
+
+
+def test_evaluate_sampling_names_each_stages_baseline():
+    """benchmarks/evaluate_sampling.py: --stage sample times the stage's own N and rows against the sampler before
+    (whole prompts leaving), --stage evaluate one profile a user against the static batch; ours leaves by rows."""
+    from rlrf.config import load_recipe
+
+    m = load("evaluate_sampling")
+    recipe = load_recipe(REPO / "recipes" / "ml100k_smollm2.yaml", ["sample.batch_size=96", "evaluate.batch_size=32"])
+    n, splits, ((_, b_rows, b_leave), (_, o_rows, o_leave)) = m.variants("sample", recipe)
+    assert (n, splits, b_rows, o_rows, b_leave, o_leave) == (recipe.sample.n, ["train"], 96, 96, "prompts", "rows")
+    n, splits, ((_, b_rows, b_leave), (_, o_rows, o_leave)) = m.variants("evaluate", recipe)
+    assert (n, b_rows, o_rows, b_leave, o_leave) == (1, 96, 32, "", "rows") and "test" in splits
