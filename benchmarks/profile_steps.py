@@ -43,22 +43,14 @@ def report(prof, rows: int, wall: float, title: str) -> None:
 
 
 def profile_sample(rows: int) -> None:
-    from rlrf import runs
-    from rlrf.artifacts import read_artifact
     from rlrf.config import load_recipe
     from rlrf.generate import HFBackend, Sampling
     from rlrf.llm import resolve_model
-    from rlrf.prepare import prepare_stage
-    from rlrf.sample import fit_prompt, select_users
+    from rlrf.sample import bench_prompts
 
     recipe = load_recipe("recipes/ml100k_smollm2.yaml", [])
-    prepare_stage(recipe)
-    prompts = select_users(read_artifact(runs.prepare_dir(recipe), "prompts", "prepare"), ["train"], -1,
-                           recipe.seed).head(8)
     model_dir = resolve_model(recipe.sample.model)
-    tok = HFBackend.tokenizer_for(model_dir)
-    ids = [fit_prompt(tok, r["prompt_head"], r["history_lines"], r["prompt_tail"], recipe.sample.max_prompt_tokens)[1]
-           for r in prompts.iter_rows(named=True)]
+    ids, _ = bench_prompts(recipe, HFBackend.tokenizer_for(model_dir), ["train"], 8)
     be = HFBackend(str(model_dir), batch_size=recipe.sample.batch_size, pad_to=recipe.sample.max_prompt_tokens)
     sp = Sampling(n=4, temperature=1.0, top_p=0.95, max_new_tokens=32, min_new_tokens=32)
     be.generate(ids[:1], [0], Sampling(n=4, max_new_tokens=2))

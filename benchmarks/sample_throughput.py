@@ -21,13 +21,10 @@ import time
 
 import torch
 
-from rlrf import runs
-from rlrf.artifacts import read_artifact
 from rlrf.config import load_recipe
 from rlrf.generate import HFBackend, Sampling
 from rlrf.llm import resolve_model
-from rlrf.prepare import prepare_stage
-from rlrf.sample import fit_prompt, select_users
+from rlrf.sample import bench_prompts
 
 N, NEW_TOKENS, BASELINE_BATCH = 4, 64, 16
 
@@ -75,14 +72,9 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     recipe = load_recipe(a.recipe, a.overrides)
-    prepare_stage(recipe)
-    prompts = select_users(read_artifact(runs.prepare_dir(recipe), "prompts", "prepare"), ["train"], -1, recipe.seed)
-    prompts = prompts.head(a.prompts)
     model_dir = resolve_model(recipe.sample.model)
     be_tok = HFBackend.tokenizer_for(model_dir)
-    fitted = [fit_prompt(be_tok, r["prompt_head"], r["history_lines"], r["prompt_tail"], recipe.sample.max_prompt_tokens)
-              for r in prompts.iter_rows(named=True)]
-    ids = [f[1] for f in fitted]
+    ids, _ = bench_prompts(recipe, be_tok, ["train"], a.prompts)
     chats = [be_tok.decode(i) for i in ids]
     sp = Sampling(n=N, temperature=recipe.sample.temperature, top_p=recipe.sample.top_p,
                   max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)

@@ -218,8 +218,8 @@ class HFBackend:
             done[live[hit]] = True
             if bool(done.all()) or step == sp.max_new_tokens - 1:
                 break
-            if leave:
-                if leave == "rows" and bool(hit.any()):  # the samples that ended leave the model's batch
+            if leave and bool(hit.any()):  # only a step where samples ended changes what leaves
+                if leave == "rows":  # the samples that ended leave the model's batch
                     live, nxt, next_pos, gens = _rows_kept(~hit, live, nxt, next_pos, gens)
                 # a prompt whose n samples have all ended leaves the attention's layout once a quarter of the
                 # prompts there have (kv.keep copies the layout: not at every step)

@@ -118,33 +118,30 @@ def _prefill(kv: PrefixKV, layer: int, q, k, v, scaling):
 
 def _decode(kv: PrefixKV, layer: int, q, k, v, scaling):
     if layer not in kv.new:  # each slot's new keys (transposed: [slots, hkv, d, step]) and values, for every step
-        slots, hkv, d = len(kv.prompts) * kv.n, k.shape[1], k.shape[3]
-        kv.new[layer] = (k.new_zeros((slots, hkv, d, kv.max_new)), v.new_zeros((slots, hkv, kv.max_new, d)))
-    if kv.rows is not None:
-        # the model was fed only the live rows: place them on their slots, run the layout, read them back. A
-        # free slot's query is zero and its output dropped; every row's attention reads only its own prompt's and its
-        # own keys, so a live row computes what it computes with every slot live
-        slots = kv.rows
-        q_all = q.new_zeros((len(kv.prompts) * kv.n, *q.shape[1:]))
-        q_all[slots] = q
-        k_new, v_new = kv.new[layer]
-        k_new[slots, :, :, kv.step] = k[:, :, 0]
-        v_new[slots, :, kv.step] = v[:, :, 0]
-        return _decode_slots(kv, layer, q_all, None, None, scaling)[slots]
-    return _decode_slots(kv, layer, q, k, v, scaling)
+        n_slots, hkv, d = len(kv.prompts) * kv.n, k.shape[1], k.shape[3]
+        kv.new[layer] = (k.new_zeros((n_slots, hkv, d, kv.max_new)), v.new_zeros((n_slots, hkv, kv.max_new, d)))
+    k_new, v_new = kv.new[layer]
+    slots = slice(None) if kv.rows is None else kv.rows
+    k_new[slots, :, :, kv.step] = k[:, :, 0]
+    v_new[slots, :, kv.step] = v[:, :, 0]
+    if kv.rows is None:
+        return _decode_slots(kv, layer, q, scaling)
+    # the model was fed only the live rows: place them on their slots, run the layout, read them back. A free slot's
+    # query is zero and its output dropped; every row's attention reads only its own prompt's and its own keys, so a
+    # live row computes what it computes with every slot live
+    q_all = q.new_zeros((len(kv.prompts) * kv.n, *q.shape[1:]))
+    q_all[slots] = q
+    return _decode_slots(kv, layer, q_all, scaling)[slots]
 
 
-def _decode_slots(kv: PrefixKV, layer: int, q, k, v, scaling):
-    """Every slot's query [B*n, H, 1, d]; k/v the slots' new keys/values (None: already in kv.new)."""
+def _decode_slots(kv: PrefixKV, layer: int, q, scaling):
+    """Every slot's query [B*n, H, 1, d], the step's new keys/values already in kv.new."""
     R, H, _, d = q.shape
     n, t = kv.n, kv.step
     k_p, v_p = kv.prompt[layer]
     hkv = k_p.shape[1]
     B, g = R // n, H // hkv
     k_new, v_new = kv.new[layer]
-    if k is not None:
-        k_new[:, :, :, t] = k[:, :, 0]
-        v_new[:, :, t] = v[:, :, 0]
 
     # prompt part: all n samples x g heads of a KV group against the prompt's keys in one matmul
     q_groups = q.view(B, n, hkv, g, d).permute(0, 2, 1, 3, 4).reshape(B, hkv, n * g, d)
