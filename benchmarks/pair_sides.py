@@ -13,7 +13,9 @@ Every rule is rlrf.pairs.select_pairs: the pairs stage's own (the baseline, in t
 two-sided typicality band (`pairs.typicality_band`: |chosen - rejected| <= b, no typicality direction on average);
 with the genres named balanced (`pairs.genres_tolerance`: |chosen - rejected| <= g genres); and "minimal pairs" whose
 two profiles share at least a share t of their word bigrams (Jaccard; `pairs.min_overlap`), so that the two sides
-differ in content, not in template.
+differ in content, not in template; and DivPO's pairs (`pairs.diverse`: the rarest of the best-rewarded half against
+the commonest of the worst-rewarded half, by surprisal or by typicality), with each side's surprisal (mean token NLL
+on its own under the generator that sampled it) printed for every rule when surprisal is among `--diverse`.
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ import polars as pl
 from rlrf import runs
 from rlrf.artifacts import read_artifact
 from rlrf.config import load_recipe
-from rlrf.pairs import scored_profiles, select_pairs, with_genres_named, with_typicality
+from rlrf.pairs import scored_profiles, select_pairs, with_diversity, with_genres_named, with_typicality
 from rlrf.quality import paired_quality
 from rlrf.stats import ci_text, paired_bootstrap
 
 
 def picked_sides(profiles: pl.DataFrame, picked: pl.DataFrame) -> pl.DataFrame:
     """select_pairs' pairs with each side's text, tokens and typicality (the rejected side's suffixed _r)."""
-    side = profiles.select("user_id", "sample_idx", "text", "n_tokens", "typicality", "genres_named")
+    side = profiles.select("user_id", "sample_idx", "text", "n_tokens", "typicality", "genres_named",
+                           *(["surprisal"] * ("surprisal" in profiles.columns)))
     return (picked.join(side, left_on=["user_id", "chosen_idx"], right_on=["user_id", "sample_idx"])
             .join(side, left_on=["user_id", "rejected_idx"], right_on=["user_id", "sample_idx"], suffix="_r"))
 
@@ -44,8 +47,11 @@ def sides_with_intervals(picked: pl.DataFrame, resamples: int) -> dict:
     rejected = picked.select("user_id", pl.col("text_r").alias("text"))
     d2 = paired_quality(rejected, chosen, resamples=resamples)["distinct_2"]
     diff = lambda c: (picked[c] - picked[f"{c}_r"]).cast(pl.Float64).to_numpy()  # noqa: E731
-    return {"distinct_2": d2, "typicality": paired_bootstrap(diff("typicality"), resamples=resamples),
-            "genres_named": paired_bootstrap(diff("genres_named"), resamples=resamples)}
+    out = {"distinct_2": d2, "typicality": paired_bootstrap(diff("typicality"), resamples=resamples),
+           "genres_named": paired_bootstrap(diff("genres_named"), resamples=resamples)}
+    if "surprisal" in picked.columns:
+        out["surprisal"] = paired_bootstrap(diff("surprisal"), resamples=resamples)
+    return out
 
 
 def main() -> None:
@@ -55,6 +61,9 @@ def main() -> None:
     ap.add_argument("--bands", default="0.05,0.02", help="typicality bands b to try (comma-separated)")
     ap.add_argument("--overlaps", default="0.2,0.4", help="bigram-Jaccard floors t to try (comma-separated)")
     ap.add_argument("--genres", default="0,1", help="genres-named tolerances g to try (comma-separated)")
+    ap.add_argument("--diverse", default="typicality,surprisal",
+                    help="DivPO criteria to try (pairs.diverse; comma-separated; surprisal loads the generator)")
+    ap.add_argument("--pool", type=float, default=0.5, help="pairs.diverse_pool for the DivPO rules")
     ap.add_argument("--resamples", type=int, default=1000)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args()
@@ -63,7 +72,14 @@ def main() -> None:
     profiles = with_genres_named(with_typicality(read_artifact(runs.stage_dir(recipe, "sample", args.round), "profiles",
                                                                "sample")),
                                  read_artifact(runs.prepare_dir(recipe), "items", "prepare"))
-    scores = scored_profiles(profiles, runs.stage_dir(recipe, "score", args.round), text=True).filter(
+    criteria = [c for c in args.diverse.split(",") if c]
+    for c in criteria:
+        profiles = with_diversity(profiles, c, runs.generator_for_round(recipe, args.round)).rename(
+            {"diversity": f"div_{c}"})
+    if "surprisal" in criteria:
+        profiles = profiles.with_columns(surprisal=pl.col("div_surprisal"))
+    scores = scored_profiles(profiles, runs.stage_dir(recipe, "score", args.round), text=True,
+                             extra=[f"div_{c}" for c in criteria]).filter(
         pl.col("split").is_in(cfg.splits))
     stage_rule = dict(min_margin=cfg.min_margin, length_tolerance=cfg.length_tolerance, ended_only=cfg.ended_only,
                       typicality_tolerance=cfg.typicality_tolerance, agree_with=tuple(cfg.agree_with),
@@ -77,6 +93,8 @@ def main() -> None:
                   for g in (map(int, args.genres.split(",")) if args.genres else ())})
     rules.update({f"+ minimal pairs, bigram Jaccard >= {t}": {**stage_rule, "min_overlap": t}
                   for t in (map(float, args.overlaps.split(",")) if args.overlaps else ())})
+    rules.update({f"+ DivPO by {c}, pool {args.pool:g}": {**stage_rule, "diverse": f"div_{c}",
+                                                          "diverse_pool": args.pool} for c in criteria})
     print(f"round {args.round} of run {recipe.run}: chosen - rejected with 95% bootstrap intervals over users "
           f"({args.resamples} draws)")
     for name, rule in rules.items():
@@ -86,8 +104,11 @@ def main() -> None:
             continue
         s = sides_with_intervals(picked, args.resamples)
         print(f"- {name}: {picked.height} pairs, mean margin {picked['margin'].mean():.3f}, mean tokens "
-              f"{picked['n_tokens'].mean():.0f} vs {picked['n_tokens_r'].mean():.0f}; distinct-2 {ci_text(s['distinct_2'])}; "
-              f"typicality {ci_text(s['typicality'])}; genres named {ci_text(s['genres_named'])}")
+              f"{picked['n_tokens'].mean():.0f} vs {picked['n_tokens_r'].mean():.0f}; "
+              f"distinct-2 {ci_text(s['distinct_2'])}; "
+              f"typicality {ci_text(s['typicality'])}; genres named {ci_text(s['genres_named'])}"
+              + (f"; surprisal {ci_text(s['surprisal'])}" if "surprisal" in s else ""))
+
 
 if __name__ == "__main__":
     main()

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import re
-from functools import lru_cache
 from pathlib import Path
 
 from rlrf.errors import StageError
@@ -172,8 +171,8 @@ def pick_dtype(dtype: str = "auto"):
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
-@lru_cache(maxsize=1)
 def cpu_has_bf16() -> bool:
+    """Native bf16 matmuls on this CPU (AVX512-bf16 or AMX), as $RLRF_CPU_ISA lets rlrf read it (rlrf.machine)."""
     from rlrf.machine import cpu_flags
 
     return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})

@@ -22,8 +22,24 @@ def cpu_info() -> dict[str, str]:
     return fields
 
 
+ISA_LIMIT = "RLRF_CPU_ISA"  # "avx2": read the CPU as an AVX2-only one (benchmarks/as_avx2.sh sets it, with torch's own)
+
+
+def isa_limit() -> str:
+    """$RLRF_CPU_ISA: "" (the CPU as it is) or "avx2" (its AVX-512 and AMX flags hidden, so the machine-aware
+    defaults pick what an AVX2-only CPU gets: fp32)."""
+    limit = os.environ.get(ISA_LIMIT, "").strip().lower()
+    if limit not in ("", "avx2"):
+        raise ValueError(f"${ISA_LIMIT}={limit!r}: expected avx2 or nothing (unset it to read the CPU as it is)")
+    return limit
+
+
 def cpu_flags() -> set[str]:
-    return set(cpu_info().get("flags", "").split())
+    """The CPU's flags, less those above $RLRF_CPU_ISA where it is set."""
+    flags = set(cpu_info().get("flags", "").split())
+    if isa_limit() == "avx2":
+        flags = {f for f in flags if not f.startswith(("avx512", "amx"))}
+    return flags
 
 
 def machine() -> dict:
@@ -34,6 +50,8 @@ def machine() -> dict:
     info = {"cpu": cpu_info().get("model name") or platform.processor(),
             "cpu_flags": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}),
             "cores": os.cpu_count()}
+    if isa_limit():  # a figure measured as on another CPU says so
+        info["cpu_isa_limit"] = isa_limit()
     if "torch" in sys.modules:  # only where the stage already paid for torch
         import torch
 

@@ -35,7 +35,8 @@ def dataset_name(round: int) -> str:
 def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance: int = -1,
                  ended_only: bool = False, typicality_tolerance: float = -1.0,
                  agree_with: tuple[str, ...] = (), min_overlap: float = 0.0,
-                 typicality_band: float = -1.0, genres_tolerance: int = -1) -> tuple[pl.DataFrame, Counter]:
+                 typicality_band: float = -1.0, genres_tolerance: int = -1, diverse: str = "",
+                 diverse_pool: float = 0.5) -> tuple[pl.DataFrame, Counter]:
     """Best and worst profile per user from a scores frame (user_id, sample_idx, reward, empty_text; plus
     n_tokens with `length_tolerance`, finish_reason with `ended_only`, typicality with `typicality_tolerance` or
     `typicality_band`, each column named in `agree_with`, text with `min_overlap`).
@@ -57,6 +58,9 @@ def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance
     `typicality_band` >= 0 (pairs.typicality_band) the two profiles' typicality differs by at most that much either
     way. With `genres_tolerance` >= 0 (column genres_named) the two profiles name as many of the catalogue's genres
     give or take that many, so a reward that pays for naming more genres cannot teach DPO "name more genres".
+    With `diverse` (a column, higher = more diverse) the pair is DivPO's (Lanchantin et al., 2025): the chosen profile
+    among the user's floor(diverse_pool x n) best-rewarded ones (at least one), the rejected among as many
+    worst-rewarded, the allowed pair with the largest diversity lead of chosen over rejected, then the largest margin.
     """
     dropped: Counter = Counter()
     n_empty = int(scores["empty_text"].sum())
@@ -72,11 +76,18 @@ def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance
         live = live.filter(~cut)
     counts = live.group_by("user_id").len()
     typical = typicality_tolerance >= 0 or typicality_band >= 0
-    if length_tolerance >= 0 or typical or agree_with or min_overlap > 0 or genres_tolerance >= 0:
+    if length_tolerance >= 0 or typical or agree_with or min_overlap > 0 or genres_tolerance >= 0 or diverse:
         cols = (["n_tokens"] * (length_tolerance >= 0) + ["typicality"] * typical + list(agree_with)
                 + ["text"] * (min_overlap > 0) + ["genres_named"] * (genres_tolerance >= 0))
+        cols += [diverse] * bool(diverse and diverse not in cols)
         side = live.select("user_id", "sample_idx", "reward", *cols)
         allowed = pl.col("sample_idx") != pl.col("sample_idx_r")
+        if diverse:  # each profile's reward rank within its user (0 = best) and the size of each pool
+            side = side.with_columns(
+                rank=pl.struct(pl.col("reward").neg(), "sample_idx").rank("ordinal").over("user_id") - 1,
+                pool=(pl.len().over("user_id") * diverse_pool).floor().clip(lower_bound=1).cast(pl.Int64),
+                n=pl.len().over("user_id"))
+            allowed &= (pl.col("rank") < pl.col("pool")) & (pl.col("rank_r") >= pl.col("n_r") - pl.col("pool_r"))
         if length_tolerance >= 0:
             allowed &= (pl.col("n_tokens") - pl.col("n_tokens_r")).abs() <= length_tolerance
         if typicality_tolerance >= 0:
@@ -94,8 +105,10 @@ def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance
         if min_overlap > 0:
             overlap = [bigram_overlap(a, b) for a, b in zip(cand["text"].to_list(), cand["text_r"].to_list())]
             cand = cand.filter(pl.Series(overlap, dtype=pl.Float64) >= min_overlap)
-        cand = (cand.with_columns((pl.col("reward") - pl.col("reward_r")).alias("margin"))
-                .sort(["user_id", "margin", "sample_idx", "sample_idx_r"], descending=[False, True, False, False])
+        lead = (pl.col(diverse) - pl.col(f"{diverse}_r")) if diverse else pl.lit(0.0)
+        cand = (cand.with_columns((pl.col("reward") - pl.col("reward_r")).alias("margin"), lead.alias("lead"))
+                .sort(["user_id", "lead", "margin", "sample_idx", "sample_idx_r"],
+                      descending=[False, True, True, False, False])
                 .group_by("user_id", maintain_order=True).first()
                 .select("user_id", pl.col("sample_idx").alias("chosen_idx"), pl.col("reward").alias("chosen_reward"),
                         pl.col("sample_idx_r").alias("rejected_idx"), pl.col("reward_r").alias("rejected_reward"),
@@ -103,7 +116,7 @@ def select_pairs(scores: pl.DataFrame, min_margin: float = 0.0, length_tolerance
         df = counts.join(cand, on="user_id", how="left").sort("user_id")
         far = (df["len"] >= 2) & df["margin"].is_null()
         why = ("no_pair_within_length" if length_tolerance >= 0 and not typical and not agree_with
-               and min_overlap <= 0 and genres_tolerance < 0 else "no_pair_within_tolerance")
+               and min_overlap <= 0 and genres_tolerance < 0 and not diverse else "no_pair_within_tolerance")
         dropped[why] += int(far.sum())
         df = df.filter(~far)
     else:
@@ -331,14 +344,32 @@ def write_llamafactory(pairs: pl.DataFrame, out_dir: Path, round: int) -> Path:
     return d
 
 
-def scored_profiles(profiles: pl.DataFrame, scores_dir, text: bool = False) -> pl.DataFrame:
+def scored_profiles(profiles: pl.DataFrame, scores_dir, text: bool = False, extra: list[str] = ()) -> pl.DataFrame:
     """Every split's scores with what the pairing options look at: length, finish, typicality (`profiles` holds it:
-    with_typicality), genres named where `profiles` holds them (with_genres_named) and, with `text`, the text
-    (pairs.min_overlap)."""
-    extra = ["genres_named"] if "genres_named" in profiles.columns else []
+    with_typicality), genres named where `profiles` holds them (with_genres_named), with `text` the text
+    (pairs.min_overlap), and the `extra` columns of `profiles` (with_diversity's)."""
+    extra = ["genres_named"] * ("genres_named" in profiles.columns) + list(extra)
     return read_artifact(scores_dir, "scores", "score").join(
         profiles.select("user_id", "sample_idx", "n_tokens", "finish_reason", "typicality", *extra, *(["text"] * text)),
         on=["user_id", "sample_idx"], how="left")
+
+
+def with_diversity(profiles: pl.DataFrame, criterion: str, generator: str) -> pl.DataFrame:
+    """The profiles with a `diversity` column, higher = rarer, for pairs.diverse: "typicality" = minus the profile's
+    typicality (with_typicality's column); "surprisal" = its mean token NLL (nats) on its own, no prompt, under
+    `generator` (the model that sampled it: rlrf.quality.token_nll, the check's perplexity measure), NaN for an empty
+    profile."""
+    if criterion == "typicality":
+        return profiles.with_columns(diversity=-pl.col("typicality"))
+    if criterion != "surprisal":
+        raise ValueError(f"pairs.diverse: unknown criterion {criterion!r}")
+    from rlrf.llm import load_generator
+    from rlrf.quality import token_nll
+
+    nll, count = token_nll(profiles["text"].fill_null("").to_list(), *load_generator(generator))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, nll / np.maximum(count, 1), np.nan)
+    return profiles.with_columns(diversity=pl.Series(mean, dtype=pl.Float64))
 
 
 def with_genres_named(profiles: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
@@ -361,7 +392,11 @@ def pairs_stage(recipe: Recipe, profiles_dir, scores_dir, out_dir, round: int, *
         items = read_artifact(genres_from[0], "items", "prepare") if genres_from else None
         if cfg.genres_tolerance >= 0:
             profiles = with_genres_named(profiles, items)
-        every = scored_profiles(profiles, scores_dir, text=cfg.min_overlap > 0)
+        if cfg.diverse:
+            profiles = with_diversity(profiles, cfg.diverse, runs.generator_for_round(recipe, round))
+            st.log(f"pairs: DivPO pairs (pairs.diverse={cfg.diverse}, pool {cfg.diverse_pool:g} of each user's profiles)")
+        every = scored_profiles(profiles, scores_dir, text=cfg.min_overlap > 0,
+                                extra=["diversity"] * bool(cfg.diverse))
 
         missing = [j for j in cfg.agree_with if j not in every.columns]
         if missing:
@@ -372,7 +407,8 @@ def pairs_stage(recipe: Recipe, profiles_dir, scores_dir, out_dir, round: int, *
             scores = every.filter(pl.col("split").is_in(splits))
             picked, dropped = select_pairs(scores, cfg.min_margin, cfg.length_tolerance, cfg.ended_only,
                                            cfg.typicality_tolerance, tuple(cfg.agree_with), cfg.min_overlap,
-                                           cfg.typicality_band, cfg.genres_tolerance)
+                                           cfg.typicality_band, cfg.genres_tolerance,
+                                           "diversity" if cfg.diverse else "", cfg.diverse_pool)
             return scores, picked, dropped
 
         scores, picked, dropped = pick(cfg.splits)

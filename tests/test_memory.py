@@ -79,3 +79,32 @@ def test_trim_freed_memory_gives_heap_holes_back_and_is_a_no_op_without_glibc(mo
         del keep
     monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: (_ for _ in ()).throw(OSError("no libc")))
     assert memory.trim_freed_memory() is False
+
+
+def test_an_isa_limit_reads_the_cpu_as_avx2_only(monkeypatch, repo):
+    """RLRF_CPU_ISA=avx2 (benchmarks/as_avx2.sh) hides the AVX-512 and AMX flags, so the machine-aware defaults pick
+    an AVX2 box's fp32 and stage.json's machine says the figure was measured so; any other value is refused."""
+    import os
+    import subprocess
+    import sys
+
+    from rlrf import machine
+    from rlrf.llm import cpu_has_bf16
+
+    monkeypatch.setattr(machine, "cpu_info", lambda: {"flags": "fma avx2 avx512f avx512_bf16 amx_bf16 amx_tile"})
+    monkeypatch.delenv("RLRF_CPU_ISA", raising=False)
+    assert cpu_has_bf16() and "cpu_isa_limit" not in machine.machine()
+    monkeypatch.setenv("RLRF_CPU_ISA", "avx2")
+    assert machine.cpu_flags() == {"fma", "avx2"} and not cpu_has_bf16()
+    info = machine.machine()
+    assert info["cpu_flags"] == ["avx2"] and info["cpu_isa_limit"] == "avx2"
+    monkeypatch.setenv("RLRF_CPU_ISA", "avx3")
+    with pytest.raises(ValueError, match=r"RLRF_CPU_ISA='avx3': expected avx2"):
+        machine.cpu_flags()
+    # the wrapper sets rlrf's limit and torch's, oneDNN's and MKL's, and runs the command as it is
+    env = {k: v for k, v in os.environ.items() if k != "RLRF_CPU_ISA"}
+    out = subprocess.run([str(repo / "benchmarks" / "as_avx2.sh"), sys.executable, "-c",
+                          "import os; print(*(os.environ[k] for k in ('RLRF_CPU_ISA', 'ATEN_CPU_CAPABILITY', "
+                          "'ONEDNN_MAX_CPU_ISA', 'MKL_ENABLE_INSTRUCTIONS')))"],
+                         env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["avx2", "avx2", "AVX2", "AVX2"]

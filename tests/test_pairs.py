@@ -11,6 +11,7 @@ from rlrf.config import load_recipe
 from rlrf.errors import StageError
 from rlrf.pairs import dataset_name, pairs_stage, select_pairs
 from rlrf.quality import bigram_overlap
+from tests.fixtures_llm import smollm2_dir, tiny_model  # noqa: F401  (pytest fixtures)
 from tests.loop_fixtures import profile_rows, score_rows, write_stage
 
 
@@ -468,3 +469,71 @@ def test_genre_swap_pairs_through_the_stage_with_the_real_lexical_reward(tmp_pat
     assert "(the chosen, genres swapped)" in show_pairs(tmp_path / "run", 1, df["user_id"][0], False, 0)
     with pytest.raises(ValueError, match="pairs.genre_swap"):
         load_recipe(None, ["pairs.genre_swap=true", "pairs.cross_user=1"])
+
+
+def test_divpo_pairs_the_rarest_good_profile_with_the_commonest_bad_one():
+    """pairs.diverse (DivPO): user 1's best-rewarded half is {0 (diversity 0), 1 (1)}, its worst half {2 (0),
+    3 (5)}: the pair is 1 over 2, not best (0) over worst (3); user 2 has 3 profiles, a pool of one each: best over
+    worst. With a pool of 1/4 user 1 is best over worst too. Worked by hand."""
+    sc = _scores({1: [0.9, 0.8, 0.2, 0.1], 2: [0.5, 0.4, 0.3]}).with_columns(
+        div=pl.Series([0.0, 1.0, 0.0, 5.0, 1.0, 2.0, 3.0]))
+    picked, dropped = select_pairs(sc, diverse="div")
+    assert picked.select("user_id", "chosen_idx", "rejected_idx").rows() == [(1, 1, 2), (2, 0, 2)]
+    assert picked["margin"].to_list() == pytest.approx([0.6, 0.2]) and dict(dropped) == {}
+    assert select_pairs(sc, diverse="div", diverse_pool=0.25)[0].select(
+        "user_id", "chosen_idx", "rejected_idx").rows() == [(1, 0, 3), (2, 0, 2)]
+    # with the length tolerance both hold: 1 (40 tokens) is far from both of the worst half, so the pair is the
+    # allowed one with the largest diversity lead, 0 over 2; user 2 has no like-length pair across its pools
+    both, dropped = select_pairs(sc.with_columns(n_tokens=pl.Series([10, 40, 12, 11, 10, 30, 50])), diverse="div",
+                                 length_tolerance=5)
+    assert both.select("user_id", "chosen_idx", "rejected_idx").rows() == [(1, 0, 2)]
+    assert dict(dropped) == {"no_pair_within_tolerance": 1}
+    # a diversity lead never buys a pair whose chosen profile is below its rejected one, nor a tie
+    flat = _scores({3: [0.5, 0.5]}).with_columns(div=pl.Series([0.0, 9.0]))
+    assert select_pairs(flat, diverse="div")[1] == {"tie": 1}
+
+
+def test_divpo_stage_by_typicality_and_by_surprisal(tmp_path, tiny_model):
+    """The stage with pairs.diverse: by typicality the chosen profile is the better half's one that the other users'
+    profiles do not echo; by surprisal each profile's mean token NLL on its own under sample.model (here a tiny
+    random Llama) is the criterion, NaN for an empty text, and the choice follows it."""
+    from rlrf.pairs import with_diversity
+    from rlrf.quality import token_nll
+    from rlrf.llm import load_generator
+
+    texts = {u: ["likes drama films", f"only {w} here", "likes drama films too", f"dislikes {w} a lot"]
+             for u, w in ((1, "noir"), (2, "westerns"), (3, "musicals"))}
+    rewards = {u: [0.9, 0.8, 0.2, 0.1] for u in texts}
+    prof, sc = _stage_inputs(tmp_path, rewards, texts=texts)
+    out = pairs_stage(load_recipe(None, ["pairs.diverse=typicality"]), prof, sc, tmp_path / "pairs_t", round=1)
+    pairs = read_artifact(out, "pairs")
+    assert [m[0]["content"] for m in pairs["chosen"]] == ["only noir here", "only westerns here", "only musicals here"]
+    assert [m[0]["content"] for m in pairs["rejected"]] == ["likes drama films too"] * 3
+
+    profiles = read_artifact(prof, "profiles").with_columns(
+        text=pl.when(pl.col("sample_idx") == 3).then(pl.lit("")).otherwise(pl.col("text")))
+    got = with_diversity(profiles, "surprisal", str(tiny_model))["diversity"].to_numpy()
+    nll, count = token_nll(profiles["text"].to_list(), *load_generator(tiny_model))
+    want = nll / count.clip(1)
+    assert got[profiles["sample_idx"].to_numpy() != 3] == pytest.approx(want[profiles["sample_idx"].to_numpy() != 3])
+    assert all(x != x for x in got[profiles["sample_idx"].to_numpy() == 3])  # NaN: nothing to measure
+    recipe = load_recipe(None, ["pairs.diverse=surprisal", f"sample.model={tiny_model}"])
+    out = pairs_stage(recipe, prof, sc, tmp_path / "pairs_s", round=1)
+    full = with_diversity(read_artifact(prof, "profiles"), "surprisal", str(tiny_model))
+    for row in read_artifact(out, "pairs").iter_rows(named=True):
+        d = dict(full.filter(pl.col("user_id") == row["user_id"]).select("sample_idx", "diversity").iter_rows())
+        assert row["chosen"][0]["content"] == texts[row["user_id"]][max((0, 1), key=d.get)]
+        assert row["rejected"][0]["content"] == texts[row["user_id"]][min((2, 3), key=d.get)]
+
+
+def test_divpo_recipe_keys_are_checked():
+    from rlrf.config import fingerprint
+
+    assert "diverse" not in fingerprint(load_recipe(None).pairs)
+    assert fingerprint(load_recipe(None, ["pairs.diverse=surprisal"]).pairs)["diverse"] == "surprisal"
+    for bad, key in (("pairs.diverse=entropy", "pairs.diverse"), ("pairs.diverse_pool=0.75", "pairs.diverse_pool"),
+                     ("pairs.diverse_pool=0", "pairs.diverse_pool")):
+        with pytest.raises(ValueError, match=key):
+            load_recipe(None, [bad])
+    with pytest.raises(ValueError, match="pairs.diverse.*pairs.cross_user"):
+        load_recipe(None, ["pairs.diverse=typicality", "pairs.cross_user=1"])

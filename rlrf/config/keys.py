@@ -66,6 +66,7 @@ DPOBackend = Literal["trl", "llamafactory"]
 Divergence = Literal["reverse_kl", "forward_kl", "js_divergence"]  # dpo.divergence: TRL's f_divergence_type
 ScaleRewards = Literal["group", "batch", "none"]
 GRPOLoss = Literal["dapo", "grpo", "dr_grpo", "bnpo"]
+Diverse = Literal["", "surprisal", "typicality"]  # pairs.diverse: DivPO's diversity criterion ("" = off)
 
 
 def choices(tp: Any) -> tuple | None:

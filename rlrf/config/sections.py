@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from rlrf.config.keys import (Backbone, Candidates, DatasetName, Divergence, DPOBackend, DType, GRPOLoss, Layout,
-                              Pooling, RerankLoss, Reward, SampleBackend, ScaleRewards, TextJudge, TextReward,
+from rlrf.config.keys import (Backbone, Candidates, DatasetName, Diverse, Divergence, DPOBackend, DType, GRPOLoss,
+                              Layout, Pooling, RerankLoss, Reward, SampleBackend, ScaleRewards, TextJudge, TextReward,
                               Trim, WithoutProfile, _check, _check_choices, _f)
 from rlrf.prompts import INSTRUCTIONS
 
@@ -228,6 +228,15 @@ class PairsConfig:
                                 "as it would but on labels the reward did not give; what such a round changes (a "
                                 "judge, distinct-2) is DPO's own doing, not the reward's. The held-out pairs keep "
                                 "the reward's labels", late=True)
+    diverse: Diverse = _f("", "DivPO (Lanchantin et al., 2025): the chosen profile is the most diverse of the user's "
+                              "best-rewarded pairs.diverse_pool share of profiles and the rejected one the least "
+                              "diverse of the worst-rewarded share, diversity by this criterion: surprisal (the "
+                              "profile's mean token NLL on its own under the generator that sampled it: rare text) | "
+                              "typicality (minus rlrf.quality.typicality: what few other users' profiles say). DPO "
+                              "then pushes up rare good profiles and down common bad ones, against the sharpening "
+                              "that lowers distinct-2 ('' = off: the largest reward margin)", late=True)
+    diverse_pool: float = _f(0.5, "pairs.diverse: the share of a user's profiles (rounded down, at least one) in each of the best- and "
+                                  "worst-rewarded pools", late=True)
     cross_user_draws: int = _f(16, "other users' chosen profiles tried per user for pairs.cross_user, in a seeded order "
                                    "(the first ones the reward scores lower are taken)", late=True)
 
@@ -247,6 +256,11 @@ class PairsConfig:
                f"must be in [0, 1], or -1 (off); got {self.typicality_band}")
         _check(self.genres_tolerance >= -1, "pairs.genres_tolerance", f"must be >= 0 genres, or -1 (off); got "
                                                                       f"{self.genres_tolerance}")
+        _check(0 < self.diverse_pool <= 0.5, "pairs.diverse_pool", f"must be in (0, 0.5] (the two pools never share "
+                                                                     f"a profile); got {self.diverse_pool}")
+        _check(not (self.diverse and (self.genre_swap or self.cross_user)), "pairs.diverse",
+               "picks both sides from the user's own profiles; it does not combine with pairs.genre_swap or "
+               "pairs.cross_user")
         _check(0 <= self.min_overlap <= 1, "pairs.min_overlap", f"must be in [0, 1] (0 = off); got {self.min_overlap}")
         _check_choices(self, "pairs")
         _check(set(self.splits) <= {"train", "valid", "test"} and self.splits, "pairs.splits",
