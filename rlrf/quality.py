@@ -158,27 +158,51 @@ def history_mentions(profiles: pl.DataFrame, items: pl.DataFrame, interactions: 
 
 def token_nll(texts: list[str], model, tokenizer, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Each text's summed negative log-likelihood (nats) and its token count under a causal LM, the text on its own
-    (no prompt) after a BOS token; an empty text is (0, 0)."""
+    (no prompt) after a BOS token; an empty text is (0, 0).
+
+    Texts of like length are batched together (sorted by token count: little padding), and where the model exposes
+    its decoder and LM head the head runs only at the positions that predict a text token (not at padding, not past
+    the last token) and the NLL comes from cross_entropy on those rows: the model's 49k-wide logits are never held for
+    a whole padded batch, nor copied into a log-softmax of the same size."""
     import torch
+    import torch.nn.functional as F
 
     nll, count = np.zeros(len(texts)), np.zeros(len(texts), dtype=np.int64)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [pad]
-    todo = [i for i, t in enumerate(texts) if t.strip()]
+    ids = {i: bos + tokenizer(t, add_special_tokens=False)["input_ids"][:512] for i, t in enumerate(texts) if t.strip()}
+    order = sorted(ids, key=lambda i: (len(ids[i]), i))
+    body, head = _decoder_and_head(model)
     model.eval()
-    for s in range(0, len(todo), batch_size):
-        rows = todo[s:s + batch_size]
-        ids = [bos + tokenizer(texts[i], add_special_tokens=False)["input_ids"][:512] for i in rows]
-        width = max(map(len, ids))
-        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
-        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-        with torch.no_grad():
-            logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, input_ids[:, 1:, None])[..., 0]
+    for s in range(0, len(order), batch_size):
+        rows = order[s:s + batch_size]
+        width = max(len(ids[i]) for i in rows)
+        input_ids = torch.tensor([ids[i] + [pad] * (width - len(ids[i])) for i in rows])
+        mask = torch.tensor([[1] * len(ids[i]) + [0] * (width - len(ids[i])) for i in rows])
         keep = mask[:, 1:].bool()
-        nll[rows] = -(logp * keep).sum(1).double().numpy()
+        with torch.no_grad():
+            if head is None:
+                logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1][keep]
+            else:
+                logits = head(body(input_ids=input_ids, attention_mask=mask).last_hidden_state[:, :-1][keep])
+            tok = F.cross_entropy(logits.float(), input_ids[:, 1:][keep], reduction="none").double()
+        row = torch.arange(len(rows))[:, None].expand_as(keep)[keep]
+        nll[rows] = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, row, tok).numpy()
         count[rows] = keep.sum(1).numpy()
     return nll, count
+
+
+def _decoder_and_head(model):
+    """(decoder, LM head) of a causal LM whose logits are exactly head(decoder's last hidden state), or (None, None)
+    where that is not known to hold (logit soft-capping or scaling, a wrapper without get_decoder)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (
+            None, 1, 1.0) or getattr(cfg, "model_type", "") not in ("llama", "qwen2", "mistral", "qwen3", "smollm3"):
+        return None, None
+    try:
+        return model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None, None
 
 
 def pooled_perplexity(nll: np.ndarray, count: np.ndarray) -> float:

@@ -23,6 +23,7 @@ from rlrf.quality import (
     typicality,
     words,
 )
+from tests.fixtures_llm import smollm2_dir, tiny_model  # noqa: F401  (pytest fixtures)
 
 
 def test_distinct_2_by_hand():
@@ -250,3 +251,26 @@ def test_perplexity_under_smollm2_prefers_fluent_text():
     shuffled = [" ".join(sorted(fluent[0].split(), key=lambda w: w[::-1]))]
     p_fluent, p_shuffled = perplexity(fluent, model, tok), perplexity(shuffled, model, tok)
     assert 1 < p_fluent < p_shuffled
+
+
+def test_token_nll_through_the_head_alone_equals_the_whole_model_text_by_text(tiny_model):
+    """A Llama's NLL with the LM head run only where a text token is predicted, texts batched by length, equals the
+    whole model's log-softmax on each text alone (fp32: to rounding)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlrf.quality import _decoder_and_head
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    assert _decoder_and_head(model)[1] is not None  # the fast path is the one under test
+    texts = ["Likes drama and war films.", "", "Comedy.", "A fan of sci-fi, horror and thrillers from the 1980s."]
+    nll, count = token_nll(texts, model, tok, batch_size=3)
+    for t, n, c in zip(texts, nll, count):
+        if not t:
+            assert (n, c) == (0, 0)
+            continue
+        ids = torch.tensor([[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        assert c == ids.shape[1] - 1
+        assert n == pytest.approx(-logp.gather(-1, ids[0, 1:, None]).sum().item(), rel=1e-5)
