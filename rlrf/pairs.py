@@ -344,7 +344,8 @@ def write_llamafactory(pairs: pl.DataFrame, out_dir: Path, round: int) -> Path:
     return d
 
 
-def scored_profiles(profiles: pl.DataFrame, scores_dir, text: bool = False, extra: list[str] = ()) -> pl.DataFrame:
+def scored_profiles(profiles: pl.DataFrame, scores_dir, text: bool = False,
+                    extra: list[str] = ()) -> pl.DataFrame:
     """Every split's scores with what the pairing options look at: length, finish, typicality (`profiles` holds it:
     with_typicality), genres named where `profiles` holds them (with_genres_named), with `text` the text
     (pairs.min_overlap), and the `extra` columns of `profiles` (with_diversity's)."""
@@ -367,8 +368,7 @@ def with_diversity(profiles: pl.DataFrame, criterion: str, generator: str) -> pl
     from rlrf.quality import token_nll
 
     nll, count = token_nll(profiles["text"].fill_null("").to_list(), *load_generator(generator))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(count > 0, nll / np.maximum(count, 1), np.nan)
+    mean = np.where(count > 0, nll / np.maximum(count, 1), np.nan)
     return profiles.with_columns(diversity=pl.Series(mean, dtype=pl.Float64))
 
 
@@ -394,7 +394,8 @@ def pairs_stage(recipe: Recipe, profiles_dir, scores_dir, out_dir, round: int, *
             profiles = with_genres_named(profiles, items)
         if cfg.diverse:
             profiles = with_diversity(profiles, cfg.diverse, runs.generator_for_round(recipe, round))
-            st.log(f"pairs: DivPO pairs (pairs.diverse={cfg.diverse}, pool {cfg.diverse_pool:g} of each user's profiles)")
+            st.log(f"pairs: DivPO pairs (pairs.diverse={cfg.diverse}, pools of {cfg.diverse_pool:g} of each user's "
+                   f"profiles)")
         every = scored_profiles(profiles, scores_dir, text=cfg.min_overlap > 0,
                                 extra=["diversity"] * bool(cfg.diverse))
 

@@ -233,10 +233,11 @@ class PairsConfig:
                               "diverse of the worst-rewarded share, diversity by this criterion: surprisal (the "
                               "profile's mean token NLL on its own under the generator that sampled it: rare text) | "
                               "typicality (minus rlrf.quality.typicality: what few other users' profiles say). DPO "
-                              "then pushes up rare good profiles and down common bad ones, against the sharpening "
-                              "that lowers distinct-2 ('' = off: the largest reward margin)", late=True)
-    diverse_pool: float = _f(0.5, "pairs.diverse: the share of a user's profiles (rounded down, at least one) in each of the best- and "
-                                  "worst-rewarded pools", late=True)
+                              "then pushes up rare good profiles and down common bad ones ('' = off: the largest "
+                              "reward margin; README H27-H29: on the demo neither holds distinct-2 with a gain)",
+                          late=True)
+    diverse_pool: float = _f(0.5, "pairs.diverse: the share of a user's profiles (rounded down, at least one) in each "
+                                  "of the best- and worst-rewarded pools", late=True)
     cross_user_draws: int = _f(16, "other users' chosen profiles tried per user for pairs.cross_user, in a seeded order "
                                    "(the first ones the reward scores lower are taken)", late=True)
 
