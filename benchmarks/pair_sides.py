@@ -35,7 +35,7 @@ from rlrf.stats import ci_text, paired_bootstrap
 def picked_sides(profiles: pl.DataFrame, picked: pl.DataFrame) -> pl.DataFrame:
     """select_pairs' pairs with each side's text, tokens and typicality (the rejected side's suffixed _r)."""
     side = profiles.select("user_id", "sample_idx", "text", "n_tokens", "typicality", "genres_named",
-                           *(["surprisal"] * ("surprisal" in profiles.columns)))
+                           *(["div_surprisal"] * ("div_surprisal" in profiles.columns)))
     return (picked.join(side, left_on=["user_id", "chosen_idx"], right_on=["user_id", "sample_idx"])
             .join(side, left_on=["user_id", "rejected_idx"], right_on=["user_id", "sample_idx"], suffix="_r"))
 
@@ -49,8 +49,8 @@ def sides_with_intervals(picked: pl.DataFrame, resamples: int) -> dict:
     diff = lambda c: (picked[c] - picked[f"{c}_r"]).cast(pl.Float64).to_numpy()  # noqa: E731
     out = {"distinct_2": d2, "typicality": paired_bootstrap(diff("typicality"), resamples=resamples),
            "genres_named": paired_bootstrap(diff("genres_named"), resamples=resamples)}
-    if "surprisal" in picked.columns:
-        out["surprisal"] = paired_bootstrap(diff("surprisal"), resamples=resamples)
+    if "div_surprisal" in picked.columns:  # with_diversity's surprisal column, as main names it
+        out["surprisal"] = paired_bootstrap(diff("div_surprisal"), resamples=resamples)
     return out
 
 
@@ -76,8 +76,6 @@ def main() -> None:
     for c in criteria:
         profiles = with_diversity(profiles, c, runs.generator_for_round(recipe, args.round)).rename(
             {"diversity": f"div_{c}"})
-    if "surprisal" in criteria:
-        profiles = profiles.with_columns(surprisal=pl.col("div_surprisal"))
     scores = scored_profiles(profiles, runs.stage_dir(recipe, "score", args.round), text=True,
                              extra=[f"div_{c}" for c in criteria]).filter(
         pl.col("split").is_in(cfg.splits))

@@ -192,12 +192,13 @@ def token_nll(texts: list[str], model, tokenizer, batch_size: int = 16) -> tuple
     return nll, count
 
 
+# causal LMs whose logits are exactly lm_head(the decoder's last hidden state): no logit soft-capping or scaling
+_PLAIN_HEAD = ("llama", "qwen2", "qwen3", "mistral", "smollm3")
+
+
 def _decoder_and_head(model):
-    """(decoder, LM head) of a causal LM whose logits are exactly head(decoder's last hidden state), or (None, None)
-    where that is not known to hold (logit soft-capping or scaling, a wrapper without get_decoder)."""
-    cfg = getattr(model, "config", None)
-    if cfg is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (
-            None, 1, 1.0) or getattr(cfg, "model_type", "") not in ("llama", "qwen2", "mistral", "qwen3", "smollm3"):
+    """(decoder, LM head) of a causal LM of a _PLAIN_HEAD architecture, else (None, None): the whole model's logits."""
+    if getattr(getattr(model, "config", None), "model_type", "") not in _PLAIN_HEAD:
         return None, None
     try:
         return model.get_decoder(), model.get_output_embeddings()
