@@ -154,7 +154,7 @@ def sample_stage(recipe: Recipe, out_dir: str | Path, generator: str, round: int
     ghash = weights_hash(model_dir)
     config = _stage_config(recipe, cfg, generator, round, ghash)
     with Stage(out_dir, runs.STAGES["sample"].name, config, inputs=[prep], force=force, shard=shard,
-               summary=_line) as st:
+               summary=_line, arithmetic=arithmetic(cfg)) as st:
         if st.done:
             return out_dir
         prompts = read_artifact(prep, "prompts", "prepare")
@@ -208,6 +208,23 @@ def sample_stage(recipe: Recipe, out_dir: str | Path, generator: str, round: int
 TAKEN = "taken.json"
 
 
+def arithmetic(cfg) -> dict:
+    """What decides a sampled text's floats beyond the stage's config: the device (the CPU model and its dtype flags,
+    or the GPU) and the dtype `sample.dtype` resolves to there. A bf16 sample and an fp32 one of the same recipe
+    share a fingerprint and differ in nearly every text; the store refuses to resume one with the other
+    (rlrf.store.Stage `arithmetic`), and stage.json records it."""
+    import torch  # noqa: F401 (machine() names the GPU only once torch is imported)
+
+    from rlrf.llm import pick_dtype
+    from rlrf.machine import machine
+
+    here = machine()
+    device = ({"gpu": here["gpu"]} if here.get("gpu") else
+              {"cpu": here["cpu"], "cpu_flags": here["cpu_flags"]})
+    dtype = str(pick_dtype(cfg.dtype)).removeprefix("torch.") if cfg.backend == "hf" else cfg.dtype
+    return {**device, "backend": cfg.backend, "dtype": dtype}
+
+
 def _taken(st: Stage, out_dir: Path, recipe: Recipe, sources: list, users: pl.DataFrame, cfg,
            config: dict) -> tuple[pl.DataFrame | None, dict | None]:
     """(the profiles taken from the sources, {"users": their ids, "from": the sources used}); (None, None) when
@@ -257,23 +274,24 @@ def from_sources(recipe: Recipe, sources: list, users: pl.DataFrame, cfg, want: 
     """The profiles a sample stage of config `want` would sample for those of `users` that a finished sample stage
     among `sources` holds with at least cfg.n profiles (the first source that holds a user serves it), and the
     sources used. A source serves when it has the same seed, run, round, generator weights and decoding, and ran on
-    the same arithmetic (the same CPU model and flags, or GPU: bf16 rounds differently on another CPU). A text's
+    the same arithmetic (`arithmetic`: the same CPU model and flags, or GPU, and dtype). A text's
     seed is (run seed, user, round, sample_idx), never the batch or the other users, and each prompt is prefilled
     alone (rlrf.generate), so what is taken is what sampling would write."""
     from rlrf.machine import machine
 
     strip = lambda d: {k: v for k, v in d.items() if k not in _LAYOUT_KEYS}  # noqa: E731
-    here = machine()
+    here, mine = machine(), arithmetic(cfg)
     frames, used, left = [], [], users.select("user_id")
     for src in map(Path, sources):
         if left.is_empty() or not (src / "stage.json").is_file():
             continue
         info = json.loads((src / "stage.json").read_text())
         have, ran = info.get("config", {}), info.get("machine", {})
+        same_arithmetic = (info["arithmetic"] == mine if "arithmetic" in info else  # before it was kept
+                           all(ran.get(k) == here.get(k) for k in ("cpu", "cpu_flags")) and ran.get("gpu") == here.get("gpu"))
         same = (all(have.get(k) == want[k] for k in ("seed", "run", "round", "generator_hash"))
                 and strip(have.get("sample", {})) == strip(want["sample"]) and not cfg.item_knowledge
-                and int(have["sample"].get("n", 0)) >= cfg.n
-                and all(ran.get(k) == here.get(k) for k in ("cpu", "cpu_flags")) and ran.get("gpu") == here.get("gpu"))
+                and int(have["sample"].get("n", 0)) >= cfg.n and same_arithmetic)
         if not same:
             continue
         got = (read_artifact(src, "profiles", "sample")

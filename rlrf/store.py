@@ -86,9 +86,16 @@ class Stage:
         shard: tuple[int, int] | None = None,
         quiet: bool = False,
         summary: Callable[[dict], str] | None = None,
+        arithmetic: dict | None = None,
     ):
         """`summary` turns the stage's stage.json into the stage's own figures, which the store appends to the one
-        line it prints when the stage finishes or is found up to date."""
+        line it prints when the stage finishes or is found up to date.
+
+        `arithmetic` is what, beyond the fingerprinted config, decides the bytes a shard holds (the sample stage's: the
+        CPU or GPU and the dtype `auto` resolved to, for a sampled text's floats differ between them). It is kept out
+        of the fingerprint, so a finished stage copied to another machine stays up to date, but every shard's marker
+        records it and a resume refuses to add shards to those written under another (the stage would hold a mix of
+        two machines' draws that neither reproduces)."""
         self.dir = Path(stage_dir)
         self.summary = summary
         self.name = name
@@ -97,6 +104,7 @@ class Stage:
         self.force = force
         self.shard = shard or (0, 1)
         self.quiet = quiet
+        self.arithmetic = arithmetic
         self.fingerprint = fingerprint(config, self.inputs)
         self.done = False
         self.counters: Counter = Counter()
@@ -225,10 +233,30 @@ class Stage:
         si, sn = self.shard
         mine = [s for s in range(num_shards) if s % sn == si]
         todo = [s for s in mine if not self.shard_done(s) or not self._shard_intact(s)]
+        if todo and len(todo) < len(mine):
+            self._same_arithmetic([s for s in mine if s not in todo])
         if len(todo) < len(mine):
             self.log(f"{self.name}: resuming, {len(mine) - len(todo)} of {len(mine)} shards already done")
         self._num_shards = num_shards
         return todo
+
+    def _same_arithmetic(self, done: list[int]) -> None:
+        """Refuse to resume next to done shards written under another arithmetic (see __init__); markers from before
+        it was recorded, and stages that record none, are trusted."""
+        if self.arithmetic is None:
+            return
+        other = {}
+        for i in done:
+            theirs = (read_json(self._marker(i)) or {}).get("arithmetic")
+            if theirs is not None and theirs != self.arithmetic:
+                other.setdefault(json.dumps(theirs, sort_keys=True), []).append(i)
+        if other:
+            theirs, shards = next(iter(other.items()))
+            raise StageError(
+                f"{self.dir}: {sum(map(len, other.values()))} done shard(s) of '{self.name}' (first: {shards[:5]}) were "
+                f"written on {theirs}, and this machine is {json.dumps(self.arithmetic, sort_keys=True)}: what it "
+                f"writes would differ in its floats, and the stage would hold a mix of two draws that neither machine "
+                f"reproduces. Resume it on the machine kind that started it, or rerun with --force to redo it here.")
 
     def _shard_intact(self, i: int) -> bool:
         """Whether shard i's parts are all there at the size its marker recorded; a shard whose part went missing
@@ -259,7 +287,8 @@ class Stage:
             write_parquet(path, df)
             rows[artifact] = df.height
             files[path.relative_to(self.dir).as_posix()] = {**file_digest(path), "rows": df.height}
-        write_json(self._marker(i), {"rows": rows, "dropped": dict(counters or {}), "files": files})
+        write_json(self._marker(i), {"rows": rows, "dropped": dict(counters or {}), "files": files,
+                                     **({"arithmetic": self.arithmetic} if self.arithmetic is not None else {})})
         _maybe_die()
 
     def finish(self, extra: dict | None = None, rows: dict | None = None) -> dict | None:
@@ -294,6 +323,7 @@ class Stage:
             # the process's peak resident memory so far (a stage run by its own script: the stage's own peak)
             "peak_rss_mb": peak_rss_mb(),
             "machine": machine(),
+            **({"arithmetic": self.arithmetic} if self.arithmetic is not None else {}),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **(extra or {}),
         }

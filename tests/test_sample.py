@@ -320,6 +320,34 @@ def test_a_half_done_stage_with_a_changed_part_redoes_that_shard(setup, tiny_mod
     assert _rows(sample_stage(r, d, str(tiny_model), 1, force=True)).equals(done)
 
 
+def test_a_half_done_stage_from_another_machine_kind_is_refused_not_mixed(setup, tiny_model):
+    """Shards sampled on another device or dtype (a bf16 CPU's against an fp32 one's: the same fingerprint, other
+    texts) are not resumed beside: the error names the shards and both arithmetics and says what to do. Markers
+    from before the arithmetic was recorded are trusted; --force redoes the stage here."""
+    from rlrf.sample import arithmetic
+
+    r = setup
+    d = r.run_dir / "moved"
+    sample_stage(r, d, str(tiny_model), 1)
+    done = _rows(d)
+    here = json.loads((d / "stage.json").read_text())["arithmetic"]
+    assert here == arithmetic(r.sample) and here["dtype"] == "bfloat16" and here["backend"] == "hf"
+    (d / "stage.json").unlink()
+    (d / "_shards" / "00002.json").unlink()  # killed before its last shard
+    marker = d / "_shards" / "00000.json"
+    m = json.loads(marker.read_text())
+    assert m["arithmetic"] == here
+    marker.write_text(json.dumps({**m, "arithmetic": {**here, "dtype": "float32", "cpu_flags": ["avx2"]}}))
+    with pytest.raises(StageError, match=r"(?s)1 done shard.*\[0\].*float32.*bfloat16.*--force"):
+        sample_stage(r, d, str(tiny_model), 1)
+    marker.write_text(json.dumps({k: v for k, v in m.items() if k != "arithmetic"}))  # an older marker
+    assert _rows(sample_stage(r, d, str(tiny_model), 1)).equals(done)
+    (d / "stage.json").unlink()
+    (d / "_shards" / "00002.json").unlink()
+    marker.write_text(json.dumps({**m, "arithmetic": {**here, "gpu": "another"}}))
+    assert _rows(sample_stage(r, d, str(tiny_model), 1, force=True)).equals(done)
+
+
 def test_item_knowledge_shard(setup, tiny_model):
     r = _recipe(setup.runs_dir, tiny_model, "sample.item_knowledge=true", "sample.splits=[test]")
     out = sample_stage(r, r.run_dir / "ik", str(tiny_model), 1)
