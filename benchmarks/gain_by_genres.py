@@ -9,7 +9,10 @@ round's finished check stage (round_<k>/check/{old,new}/{sample,score}, the vali
              more genre is worth among one user's own profiles, before any training;
   explained  slope x the users' mean change in genres named, new - old;
   rest       the gain less that: what the round changed besides the genre count (a phrasing the judge pays for, or
-             one it does not).
+             one it does not);
+  distinct-2 of both sides as the check counts it, and again with every genre name taken out of the texts
+             (rlrf.quality.without_genres), new - old with the check's paired bootstrap (rlrf.quality.paired_quality):
+             how much of the fall is the genre names themselves.
 
 Each with its 95% bootstrap interval over users (the slope refitted in every draw). The slope is measured on the old
 profiles and carried to the new ones: where the new profiles leave the old ones' range (lists twice as long), the
@@ -87,7 +90,7 @@ def main() -> None:
     from rlrf import runs
     from rlrf.artifacts import read_artifact
     from rlrf.config import load_recipe
-    from rlrf.quality import catalogue_genres
+    from rlrf.quality import catalogue_genres, distinct_n, paired_quality, without_genres
 
     recipe = load_recipe(args.recipe, args.overrides)
     check = runs.stage_dir(recipe, "check", args.round)
@@ -95,7 +98,8 @@ def main() -> None:
         sys.exit(f"gain_by_genres: {check} is not a finished check stage: run `python pipelines/check.py --recipe "
                  f"<recipe> --round {args.round} run={recipe.run}` first")
     genres = catalogue_genres(read_artifact(runs.prepare_dir(recipe), "items", "prepare"))
-    d = decompose(side(check, "old", args.judge, genres), side(check, "new", args.judge, genres))
+    old, new = side(check, "old", args.judge, genres), side(check, "new", args.judge, genres)
+    d = decompose(old, new)
     ci = lambda k, f="+.4f": f"{d[k]['mean']:{f}} [{d[k]['lo']:{f}}, {d[k]['hi']:{f}}]"  # noqa: E731
     print(f"round {args.round}, run {recipe.run}, judge {args.judge}: {d['n']} valid users, 95% bootstrap over users")
     print(f"  gain new - old                 {ci('gain')}")
@@ -103,6 +107,12 @@ def main() -> None:
     print(f"  reward per genre (within user) {ci('slope', '+.5f')}")
     print(f"  explained by the genre count   {ci('explained')}")
     print(f"  rest                           {ci('rest')}")
+    rest = lambda f: f.with_columns(text=pl.col("text").map_elements(lambda t: without_genres(t, genres),  # noqa: E731
+                                                                     return_dtype=pl.String))
+    for label, (o, n) in (("distinct-2", (old, new)), ("distinct-2, genre names taken out", (rest(old), rest(new)))):
+        q = paired_quality(o.select("user_id", "text"), n.select("user_id", "text"))["distinct_2"]  # as the check
+        print(f"  {label:<34} {distinct_n(o['text'].to_list()):.3f} -> {distinct_n(n['text'].to_list()):.3f}, "
+              f"new - old {q['mean']:+.3f} [{q['low']:+.3f}, {q['high']:+.3f}]")
 
 
 if __name__ == "__main__":

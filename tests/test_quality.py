@@ -21,6 +21,7 @@ from rlrf.quality import (
     token_nll,
     length_matched_perplexity,
     typicality,
+    without_genres,
     words,
 )
 from tests.fixtures_llm import smollm2_dir, tiny_model  # noqa: F401  (pytest fixtures)
@@ -116,6 +117,14 @@ def test_genres_named_counts_each_catalogue_genre_once_in_its_prose_spellings():
     assert genres_named("Science fiction, more science fiction, and film noir.", genres) == 2
     assert genres_named("Dramas for kids; a warm drama.", genres) == 2  # "kids" -> Children's, "drama"; not "warm"
     assert genres_named("", genres) == 0
+
+
+def test_without_genres_takes_out_every_spelling_genres_named_counts():
+    genres = ["Sci-Fi", "Film-Noir", "Drama", "Children's", "War"]
+    text = "Loves science fiction and Sci-Fi, dramas for kids, and a warm drama; not software."
+    rest = without_genres(text, genres)
+    assert genres_named(rest, genres) == 0 and genres_named(text, genres) == 3
+    assert words(rest) == ["loves", "and", "dramas", "for", "and", "a", "warm", "not", "software"]  # as counted: whole words
 
 
 class _Tok:
