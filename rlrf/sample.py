@@ -213,14 +213,16 @@ def arithmetic(cfg) -> dict:
     or the GPU) and the dtype `sample.dtype` resolves to there. A bf16 sample and an fp32 one of the same recipe
     share a fingerprint and differ in nearly every text; the store refuses to resume one with the other
     (rlrf.store.Stage `arithmetic`), and stage.json records it."""
-    import torch  # noqa: F401 (machine() names the GPU only once torch is imported)
+    import torch
 
     from rlrf.llm import pick_dtype
     from rlrf.machine import machine
 
-    here = machine()
-    device = ({"gpu": here["gpu"]} if here.get("gpu") else
-              {"cpu": here["cpu"], "cpu_flags": here["cpu_flags"]})
+    if torch.cuda.is_available():
+        device = {"gpu": torch.cuda.get_device_name(0)}
+    else:
+        here = machine()
+        device = {"cpu": here["cpu"], "cpu_flags": here["cpu_flags"]}
     dtype = str(pick_dtype(cfg.dtype)).removeprefix("torch.") if cfg.backend == "hf" else cfg.dtype
     return {**device, "backend": cfg.backend, "dtype": dtype}
 
