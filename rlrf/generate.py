@@ -12,7 +12,9 @@ Why the HF path is a hand-written loop rather than `model.generate(num_return_se
     prompt is ~500 tokens and the profile ~100, so this is most of the work saved);
   - each prompt is prefilled alone (no padding, causal SDPA's fast path), and the decode attention runs
     over the prompt budget (`pad_to`) whatever the batch, so a row's arithmetic, not only its random
-    draws, is the same in any batch (tests/test_llm.py checks texts alone == in batches of 2 == of 5);
+    draws, is the same in any batch (tests/test_llm.py checks texts alone == in batches of 2 == of 5); in fp32,
+    whose matmuls round a row by its row count on some CPUs, a decode step runs at a count that does not
+    (`row_padding`);
   - a sample that ends leaves the model's batch at once (`HFBackend.leave`): the projections and the LM head run
     over the live rows only, while the attention keeps each prompt's slots until its last sample ends;
   - bf16 weights on CPUs with AVX512-bf16/AMX; `threads` (1 wins when other jobs share the cores).
@@ -125,6 +127,14 @@ class HFBackend:
         self.pad_id = self.tokenizer.pad_token_id
         self.shared_prefix = shared_prefix.supports(self.model)
 
+    def _row_padding(self) -> list[int] | None:
+        """row_padding for this model at the current thread count, measured once per count."""
+        cache = self.__dict__.setdefault("_row_pads", {})
+        threads = torch.get_num_threads()
+        if threads not in cache:
+            cache[threads] = row_padding(self.model)
+        return cache[threads]
+
     @staticmethod
     def tokenizer_for(model_dir):
         from transformers import AutoTokenizer
@@ -172,10 +182,17 @@ class HFBackend:
                                           logits_to_keep=1).logits[:, -1].float() for p in prompts])
             kv.pack([len(p) for p in prompts], self.pad_to)
 
+            pad = self._row_padding()
+
             def forward(tok, step, positions):
                 kv.step = step
+                rows = tok.shape[0]
+                kv.pad = pad[rows] - rows if pad is not None and rows < len(pad) else 0
+                if kv.pad:  # copies of the last row, dropped again below: only the row count matters
+                    tok = torch.cat([tok, tok[-1:].expand(kv.pad, -1)])
+                    positions = torch.cat([positions, positions[-1:].expand(kv.pad, -1)])
                 with kv.active():
-                    return model(input_ids=tok, position_ids=positions, use_cache=False).logits[:, -1].float()
+                    return model(input_ids=tok, position_ids=positions, use_cache=False).logits[:rows, -1].float()
         else:
             # any other architecture: transformers' own cache, prefilled once and repeated n times
             from transformers import DynamicCache
@@ -240,6 +257,39 @@ class HFBackend:
                                     token_ids=ids, finish_reason="eos" if done[r] else "length",
                                     stop_id=int(stop[r]) if done[r] else None))
         return comps
+
+
+def row_padding(model, rows: int = 64) -> list[int] | None:
+    """The row count to run a decode step's matmuls at for each count of live rows below `rows` (pad[m] >= m), so
+    that a row's floats do not depend on how many rows share its step; None where no padding is needed.
+
+    On some CPUs an fp32 matmul rounds a row differently with the number of rows beside it (MKL's small-M kernels:
+    on an AMD EPYC, every M below 12 that is not a multiple of 4 differs from M = 256, every other M agrees). A
+    sample whose prompt's other samples ended, or whose batch is the stage's last, would then draw another text
+    than the same user sampled in another batch, and resume, --shard slices and the check's reuse of the round's
+    profiles would mix two draws. Measured here, once, on random matrices of each of the model's linear shapes
+    (the LM head's output width capped at 4096) at the current thread count: a count is safe when all its rows
+    equal the first rows at `rows`; pad[m] is the smallest safe count >= m (counts from `rows` up are taken as
+    safe). Only fp32 on a CPU is measured: bf16 rows did not depend on their neighbours (tests/test_llm.py), and
+    padding there would change texts sampled before."""
+    p = next(model.parameters())
+    if p.device.type != "cpu" or p.dtype != torch.float32:
+        return None
+    shapes = sorted({(m.in_features, min(m.out_features, 4096)) for m in model.modules()
+                     if isinstance(m, torch.nn.Linear)})
+    gen = torch.Generator().manual_seed(0)
+    safe = [True] * (rows + 1)
+    with torch.inference_mode():
+        for k, n in shapes:
+            w, x = torch.randn(n, k, generator=gen), torch.randn(rows, k, generator=gen)
+            ref = torch.nn.functional.linear(x, w)
+            for m in range(1, rows):
+                safe[m] = safe[m] and torch.equal(torch.nn.functional.linear(x[:m], w), ref[:m])
+    pad, up = list(range(rows + 1)), rows
+    for m in range(rows, 0, -1):
+        up = m if safe[m] else up
+        pad[m] = up
+    return None if pad == list(range(rows + 1)) else pad
 
 
 def _rows_kept(stay: torch.Tensor, live, nxt, next_pos, gens):

@@ -130,9 +130,15 @@ def _sample_config(recipe: Recipe, splits=None, n=None, max_users=None, batch_si
 
 
 def _stage_config(recipe: Recipe, cfg, generator: str, round: int, ghash: str) -> dict:
-    """The sample stage's fingerprinted config: what decides which text each (user, sample_idx) gets, plus layout."""
+    """The sample stage's fingerprinted config: what decides which text each (user, sample_idx) gets, plus layout.
+
+    Sampling in fp32 on a CPU adds `fp32_rows: padded`: since 2026-12-06 its decode steps run at a row count whose
+    rounding does not depend on the neighbours (rlrf.generate.row_padding), which changed some of the texts an fp32
+    sample drew before, so such a stage made before is redone; bf16 samples drew the same texts and keep theirs."""
+    arith = arithmetic(cfg)
+    marks = {"fp32_rows": "padded"} if arith["backend"] == "hf" and "cpu" in arith and arith["dtype"] == "float32" else {}
     return runs.STAGES["sample"].config(recipe, {"sample": cfg}, run=recipe.run, round=round,
-                                        generator=str(generator), generator_hash=ghash)
+                                        generator=str(generator), generator_hash=ghash, **marks)
 
 
 def sample_stage(recipe: Recipe, out_dir: str | Path, generator: str, round: int, *, splits=None, n=None,
@@ -291,7 +297,7 @@ def from_sources(recipe: Recipe, sources: list, users: pl.DataFrame, cfg, want: 
         have, ran = info.get("config", {}), info.get("machine", {})
         same_arithmetic = (info["arithmetic"] == mine if "arithmetic" in info else  # before it was kept
                            all(ran.get(k) == here.get(k) for k in ("cpu", "cpu_flags")) and ran.get("gpu") == here.get("gpu"))
-        same = (all(have.get(k) == want[k] for k in ("seed", "run", "round", "generator_hash"))
+        same = (all(have.get(k) == want.get(k) for k in ("seed", "run", "round", "generator_hash", "fp32_rows"))
                 and strip(have.get("sample", {})) == strip(want["sample"]) and not cfg.item_knowledge
                 and int(have["sample"].get("n", 0)) >= cfg.n and same_arithmetic)
         if not same:

@@ -44,6 +44,7 @@ class PrefixKV:
         self.step = 0  # index of the token being fed in the current decode call
         self.prompts: torch.Tensor | None = None  # the batch's prompts (their index in it) still in the layout
         self.rows: torch.Tensor | None = None  # slot of each row the model is fed (None: every slot, in order)
+        self.pad = 0  # rows appended after them that only make up the matmuls' row count (rlrf.generate.row_padding)
 
     @contextlib.contextmanager
     def active(self):
@@ -103,6 +104,10 @@ def attention(module, query, key, value, attention_mask=None, scaling=None, drop
     layer = module.layer_idx
     if query.shape[2] > 1:
         out = _prefill(kv, layer, query, key, value, scaling)
+    elif kv.pad:  # the padding rows take no slot: the attention runs on the real rows, the padding gets zeros
+        live = query.shape[0] - kv.pad
+        out = _decode(kv, layer, query[:live], key[:live], value[:live], scaling)
+        out = torch.cat([out, out.new_zeros((kv.pad, *out.shape[1:]))])
     else:
         out = _decode(kv, layer, query, key, value, scaling)
     return out.transpose(1, 2).contiguous(), None

@@ -10,6 +10,7 @@ import torch
 
 from rlrf.generate import HFBackend, Sampling, sample_next
 from rlrf.llm import ModelError, load_generator, resolve_model, weights_hash
+from rlrf.threads import torch_threads
 from tests.fixtures_llm import smollm2_dir, tiny_model  # noqa: F401
 
 
@@ -110,6 +111,32 @@ def test_texts_do_not_depend_on_batch_composition(tiny_model):
     assert ids(other_seed)[0] != ids(whole)[0]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fp32_texts_do_not_depend_on_how_many_rows_share_a_step(tiny_model, threads):
+    """fp32, as the stage runs on an AVX2-only CPU: with samples ending at uneven steps and prompts in batches of
+    every size, each text is the one the prompt gets alone (rlrf.generate.row_padding makes up the decode step's
+    row count where the CPU's fp32 matmuls round a row by its neighbours); the padding rows take no slot."""
+    from rlrf.generate import row_padding
+
+    be = HFBackend(str(tiny_model), dtype="float32", batch_size=64, pad_to=96, threads=threads)
+    be.eos_ids = list(range(0, be.model.config.vocab_size, 4))  # a quarter of the vocabulary stops: uneven lengths
+    ps, seeds = _prompts(be.tokenizer, TEXTS) * 2, list(range(11, 111, 10))
+    sp = Sampling(n=3, temperature=1.0, top_p=0.95, max_new_tokens=12)
+    ids = lambda out: [[c.token_ids for c in cs] for cs in out]  # noqa: E731
+    batch = be.generate(ps, seeds, sp)
+    assert len({c.n_tokens for cs in batch for c in cs}) > 2
+    assert ids(batch) == ids([be.generate([p], [s], sp)[0] for p, s in zip(ps, seeds)])
+    for size in (6, 9, 12):  # 2, 3, 4 prompts a batch
+        be.batch_size = size
+        assert ids(be.generate(ps, seeds, sp)) == ids(batch), size
+    with torch_threads(threads):
+        pad = row_padding(be.model)
+    if pad is not None:  # this CPU rounds by row count: every count maps to one at least as large, in order
+        assert all(m <= pad[m] <= pad[m + 1] for m in range(len(pad) - 1))
+    be16 = HFBackend(str(tiny_model), dtype="bfloat16", threads=threads)
+    assert row_padding(be16.model) is None  # bf16 texts stay those sampled before
+
+
 def test_shared_prefix_attention_matches_transformers_cache(tiny_model):
     """The shared-prefix decode gives the tokens transformers' own sdpa + DynamicCache path gives."""
     be = HFBackend(str(tiny_model), dtype="float32", batch_size=64, threads=1)
@@ -126,8 +153,7 @@ def test_ended_samples_leave_the_decode_batch_and_the_rest_decode_as_before(tiny
     """A sample that ended leaves the model's batch at once, and its prompt the attention's layout once all its
     samples have (shared_prefix.PrefixKV.keep); the rows that stay sample what they sample alone, and what the
     samplers before (whole prompts leaving; the static batch) sampled. bf16, as the stage runs on a CPU with bf16
-    (fp32 matmuls round a row differently with the number of rows on some CPUs, with or without rows leaving: this
-    test's prompt 0 does, in fp32, here)."""
+    (fp32, whose matmuls round a row by the number of rows on some CPUs: the next test)."""
     from rlrf import shared_prefix
 
     be = HFBackend(str(tiny_model), dtype="bfloat16", batch_size=64, pad_to=96, threads=1)
