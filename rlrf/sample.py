@@ -129,13 +129,13 @@ def _sample_config(recipe: Recipe, splits=None, n=None, max_users=None, batch_si
                                                   "batch_size": batch_size}.items() if v is not None})
 
 
-def _stage_config(recipe: Recipe, cfg, generator: str, round: int, ghash: str) -> dict:
+def _stage_config(recipe: Recipe, cfg, generator: str, round: int, ghash: str, arith: dict | None = None) -> dict:
     """The sample stage's fingerprinted config: what decides which text each (user, sample_idx) gets, plus layout.
 
     Sampling in fp32 on a CPU adds `fp32_rows: padded`: since 2026-12-06 its decode steps run at a row count whose
     rounding does not depend on the neighbours (rlrf.generate.row_padding), which changed some of the texts an fp32
     sample drew before, so such a stage made before is redone; bf16 samples drew the same texts and keep theirs."""
-    arith = arithmetic(cfg)
+    arith = arith or arithmetic(cfg)
     marks = {"fp32_rows": "padded"} if arith["backend"] == "hf" and "cpu" in arith and arith["dtype"] == "float32" else {}
     return runs.STAGES["sample"].config(recipe, {"sample": cfg}, run=recipe.run, round=round,
                                         generator=str(generator), generator_hash=ghash, **marks)
@@ -158,9 +158,10 @@ def sample_stage(recipe: Recipe, out_dir: str | Path, generator: str, round: int
     prep = runs.prepare_dir(recipe)
     model_dir = resolve_model(generator)  # an unknown model fails here, before any work
     ghash = weights_hash(model_dir)
-    config = _stage_config(recipe, cfg, generator, round, ghash)
+    arith = arithmetic(cfg)
+    config = _stage_config(recipe, cfg, generator, round, ghash, arith)
     with Stage(out_dir, runs.STAGES["sample"].name, config, inputs=[prep], force=force, shard=shard,
-               summary=_line, arithmetic=arithmetic(cfg)) as st:
+               summary=_line, arithmetic=arith) as st:
         if st.done:
             return out_dir
         prompts = read_artifact(prep, "prompts", "prepare")
