@@ -126,14 +126,14 @@ class HFBackend:
         self.eos_ids = sorted({e for e in eos + [self.tokenizer.eos_token_id] if e is not None})
         self.pad_id = self.tokenizer.pad_token_id
         self.shared_prefix = shared_prefix.supports(self.model)
+        self._row_pads: dict[int, list[int] | None] = {}  # row_padding by thread count
 
     def _row_padding(self) -> list[int] | None:
         """row_padding for this model at the current thread count, measured once per count."""
-        cache = self.__dict__.setdefault("_row_pads", {})
         threads = torch.get_num_threads()
-        if threads not in cache:
-            cache[threads] = row_padding(self.model)
-        return cache[threads]
+        if threads not in self._row_pads:
+            self._row_pads[threads] = row_padding(self.model)
+        return self._row_pads[threads]
 
     @staticmethod
     def tokenizer_for(model_dir):

@@ -233,9 +233,9 @@ class Stage:
         si, sn = self.shard
         mine = [s for s in range(num_shards) if s % sn == si]
         todo = [s for s in mine if not self.shard_done(s) or not self._shard_intact(s)]
-        if todo and len(todo) < len(mine):
-            self._same_arithmetic([s for s in mine if s not in todo])
         if len(todo) < len(mine):
+            if todo:
+                self._same_arithmetic([s for s in mine if s not in todo])
             self.log(f"{self.name}: resuming, {len(mine) - len(todo)} of {len(mine)} shards already done")
         self._num_shards = num_shards
         return todo
