@@ -77,13 +77,16 @@ def _side(recipe: Recipe, root: Path, generator: str, k: int, reranker: Path) ->
 
 
 def write_summary(path: Path, k: int, figures: dict, old_gen: str, new_gen: str, dpo: dict | None,
-                  quality: dict) -> None:
+                  quality: dict, temperatures: dict | None = None) -> None:
     lines = [f"# Round {k}: is it learning?", "",
              f"Valid users (never trained on by DPO), same seeds for both generators; each judge's reward averaged "
              f"over a user's profiles, paired by user. Old = generator {k - 1} (`{old_gen}`), new = generator {k} "
-             f"(`{new_gen}`). The first judge is independent of the reward that picked the pairs.", "",
-             "| judge | old | new | new - old (95% bootstrap interval) | users | improved | verdict |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             f"(`{new_gen}`). The first judge is independent of the reward that picked the pairs.", ""]
+    if temperatures and temperatures["old"] != temperatures["new"]:
+        lines += [f"Sampling temperature: old {temperatures['old']}, new {temperatures['new']} (check.temperature: "
+                  f"generator {k} measured at a recalibrated temperature).", ""]
+    lines += ["| judge | old | new | new - old (95% bootstrap interval) | users | improved | verdict |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, f in figures.items():
         ci = f["diff"]
         lines.append(f"| {name} | {f['old_mean']:.4f} | {f['new_mean']:.4f} | {ci['mean']:+.4f} [{ci['low']:+.4f}, "
@@ -140,6 +143,15 @@ def judged(recipe: Recipe) -> Recipe:
     return dataclasses.replace(recipe, score=dataclasses.replace(recipe.score, reward=reward))
 
 
+def new_side(recipe: Recipe) -> Recipe:
+    """The recipe generator k samples with in the check: check.temperature, where set, in place of sample.temperature
+    (generator k-1 keeps the round's)."""
+    t = recipe.check.temperature
+    if t is None or t == recipe.sample.temperature:
+        return recipe
+    return dataclasses.replace(recipe, sample=dataclasses.replace(recipe.sample, temperature=t))
+
+
 def judge_diffs(recipe: Recipe, old: pl.DataFrame, new: pl.DataFrame, k: int) -> dict[str, tuple[str, pl.DataFrame, dict]]:
     """{judge: (its scores column, the per-user old/new/diff frame, new - old with its paired bootstrap interval)}
     for every judge of the check (in its order) that scored some user under both generators."""
@@ -173,7 +185,8 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
         if st.done:
             info = read_stage_json(out)
         else:
-            sides = {side: _side(recipe, out / side, gen, k, reranker) for side, gen in (("old", old_gen), ("new", new_gen))}
+            sides = {side: _side(rec, out / side, gen, k, reranker)
+                     for side, gen, rec in (("old", old_gen, recipe), ("new", new_gen, new_side(recipe)))}
             old = with_judge_ab(read_artifact(sides["old"], "scores", "score"))
             new = with_judge_ab(read_artifact(sides["new"], "scores", "score"))
             figures = {}
@@ -190,7 +203,8 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
             quality = _quality(recipe, sides, k)
             dpo_dir = runs.stage_dir(recipe, runs.trainer_stage(recipe), k)
             dpo = read_stage_json(dpo_dir) if (dpo_dir / "stage.json").is_file() else None
-            write_summary(out / "summary.md", k, figures, old_gen, new_gen, dpo, quality)
+            temperatures = {"old": recipe.sample.temperature, "new": new_side(recipe).sample.temperature}
+            write_summary(out / "summary.md", k, figures, old_gen, new_gen, dpo, quality, temperatures)
             first = next(iter(figures))
             ci = figures[first]["diff"]
             info = st.finish(
@@ -198,7 +212,7 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
                        "old_mean": figures[first]["old_mean"], "new_mean": figures[first]["new_mean"],
                        "improved_share": figures[first]["improved_share"], "judges": figures,
                        "judge_order": list(figures), "quality": quality,
-                       "dpo_heldout": (dpo or {}).get("heldout"),
+                       "dpo_heldout": (dpo or {}).get("heldout"), "temperature": temperatures,
                        "old_generator": old_gen, "new_generator": new_gen},
                 rows={"users": ci["n"]})
     figs = info.get("judges", {info["metric"]: {"diff": info["reward_diff"]}})

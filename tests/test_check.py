@@ -7,6 +7,7 @@ import polars as pl
 import pytest
 
 from rlrf import check
+from rlrf.errors import StageError
 from rlrf.stats import paired, paired_bootstrap, verdict
 from tests.loop_fixtures import score_rows, write_stage
 
@@ -81,6 +82,47 @@ def test_check_stage_writes_figure_summary_and_interval(tmp_path, monkeypatch):
     calls.clear()
     check.check_stage(recipe, 1)  # finished: a no-op that still prints the figure
     assert calls == []
+
+
+def test_check_temperature_samples_only_generator_k_at_it(tmp_path, monkeypatch):
+    from rlrf import runs
+    from rlrf.config import load_recipe
+    from rlrf.store import Stage
+
+    def prepared(extra):
+        recipe = load_recipe(None, [f"runs_dir={tmp_path}", "run=r", "rounds.bootstrap=300", *extra])
+        gen = runs.generator_dir(recipe, 1)
+        gen.mkdir(parents=True, exist_ok=True)
+        (gen / "config.json").write_text("{}")
+        with Stage(runs.reranker_dir(recipe, 1), "train-reranker", {"x": 1}, quiet=True) as st:
+            if not st.done:
+                st.finish(rows={})
+        return recipe
+
+    monkeypatch.setattr("rlrf.llm.weights_hash", lambda p: "h-" + str(p)[-6:])
+    rows = {u: [0.4, 0.5] for u in range(1, 11)}
+    temps = {}
+
+    def fake_side(recipe, root, generator, k, reranker):
+        temps[root.name] = recipe.sample.temperature
+        return write_stage(root / "score", "score", "scores", score_rows(rows, split="valid"))
+
+    monkeypatch.setattr(check, "_side", fake_side)
+    recipe = prepared([])
+    check.check_stage(recipe, 1)
+    assert temps == {"old": recipe.sample.temperature, "new": recipe.sample.temperature}
+    hot = prepared(["check.temperature=0.9"])
+    assert check.new_side(hot).sample.temperature == 0.9 and hot.sample.temperature == recipe.sample.temperature
+    with pytest.raises(StageError, match="--force"):  # another setting: the finished check is not reused
+        check.check_stage(hot, 1)
+    temps.clear()
+    out = check.check_stage(hot, 1, force=True)
+    assert temps == {"old": recipe.sample.temperature, "new": 0.9}
+    info = json.loads((out / "stage.json").read_text())
+    assert info["temperature"] == {"old": recipe.sample.temperature, "new": 0.9}
+    assert f"old {recipe.sample.temperature}, new 0.9" in (out / "summary.md").read_text()
+    with pytest.raises(Exception, match="check.temperature"):
+        load_recipe(None, ["check.temperature=0"])
 
 
 def test_quality_criteria_are_read_off_their_intervals(tmp_path):

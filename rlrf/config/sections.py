@@ -426,9 +426,15 @@ class CheckConfig:
     users: int = _f(-1, "valid users sampled by both generators for the is-it-learning figure; -1 = all")
     n: int = _f(2, "profiles per valid user per generator (generator k-1's are taken from the round's own sample when "
                    "it has that many)")
+    temperature: float | None = _f(None, "generator k's sampling temperature in the check (generator k-1's is "
+                                         "sample.temperature); null = sample.temperature. A tuned generator is "
+                                         "sharper than its base: this measures it at a recalibrated temperature",
+                                   late=True)
 
     def __post_init__(self):
         _check(self.n >= 1, "check.n", "must be >= 1")
+        _check(self.temperature is None or self.temperature > 0, "check.temperature",
+               f"must be > 0 (or null for sample.temperature), got {self.temperature}")
         _check(self.users == -1 or self.users >= 1, "check.users", "must be -1 (all valid users) or >= 1")
 
 
