@@ -100,7 +100,7 @@ def build_variant(name: str, ds, model_dir: Path, ours: dict, out: Path, batch: 
                          peft_config=lora_config(cfg, n_layers))
     init_s = time.perf_counter() - t0
     if ours["share"]:
-        share_prompt(trainer)
+        share_prompt(trainer, cfg.entropy_alpha)
     if ours["group"]:
         trainer.train_dataset = group_by_length(trainer.train_dataset, batch, recipe.seed)
     if args.gradient_checkpointing:  # what Trainer.train() switches on before its loop

@@ -67,7 +67,8 @@ def trl_args(cfg, output_dir: Path, seed: int, bf16: bool):
 
     return TRLDPOConfig(
         output_dir=str(output_dir),
-        beta=cfg.beta,
+        # H-DPO (dpo.entropy_alpha): beta x alpha against the reference's log-probs / alpha (dpo_packed scales them)
+        beta=cfg.beta * cfg.entropy_alpha,
         # RPO: the chosen side's NLL beside the DPO loss (TRL sums the listed losses with their weights)
         loss_type=["sigmoid", "sft"] if cfg.sft_weight > 0 else ["sigmoid"],
         loss_weights=[1.0, cfg.sft_weight] if cfg.sft_weight > 0 else None,
@@ -149,10 +150,11 @@ def load_policy(model_dir: Path, bf16: bool):
     return model, tok
 
 
-def share_prompt(trainer) -> dict:
+def share_prompt(trainer, entropy_alpha: float = 1.0) -> dict:
     """Each pair's prompt through the model once (rlrf/dpo_packed.py) under TRL's own DPO loss and metrics; with
-    dpo.lora_layers the reference pass also reuses the policy pass's frozen layers. Returns the packed forward's
-    counters (updated as it trains)."""
+    dpo.lora_layers the reference pass also reuses the policy pass's frozen layers; with dpo.entropy_alpha the
+    reference pass's log-probs are divided by it (H-DPO). Returns the packed forward's counters (updated as it
+    trains)."""
     from peft import PeftModel
 
     from rlrf import dpo_packed
@@ -166,7 +168,8 @@ def share_prompt(trainer) -> dict:
         raise StageError("dpo.share_prompt: needs a LoRA policy whose reference is the adapter disabled, without "
                          "WPO weighting or MoE aux loss; set dpo.share_prompt=false")
     model = trainer.model
-    return dpo_packed.install(model.get_base_model() if isinstance(model, PeftModel) else model)
+    return dpo_packed.install(model.get_base_model() if isinstance(model, PeftModel) else model,
+                              reference_scale=1.0 / entropy_alpha)
 
 
 def group_by_length(dataset, batch_size: int, seed: int, megabatch: int = 50):
@@ -287,7 +290,7 @@ def train_trl(recipe: Recipe, pairs_dir: Path, model_dir: Path, out_dir: Path, l
     trainer = DPOTrainer(model=model, args=trl_args(cfg, ckpt_dir, seed, bf16), train_dataset=ds,
                          processing_class=tok, peft_config=lora_config(cfg, model.config.num_hidden_layers),
                          callbacks=[_checkpoint_callback()])
-    packed = share_prompt(trainer) if cfg.share_prompt else None
+    packed = share_prompt(trainer, cfg.entropy_alpha) if cfg.share_prompt else None
     if cfg.group_by_length:
         trainer.train_dataset = group_by_length(trainer.train_dataset, cfg.per_device_train_batch_size, seed)
     resume = last_checkpoint(ckpt_dir)

@@ -102,10 +102,41 @@ def token_outputs(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: tor
     return [torch.cat(o) for o in outs]
 
 
-def install(model) -> dict:
+def install(model, reference_scale: float = 1.0) -> dict:
     """Answer TRL's fused-head DPO call on `model` (the base model TRL patched) from prompt-shared rows; where LoRA
-    adapts only the top layers (dpo.lora_layers), the reference pass reuses the policy pass's frozen layers."""
-    return install_packed(model, pack_pairs, frozen=FrozenBottom.of(model))
+    adapts only the top layers (dpo.lora_layers), the reference pass reuses the policy pass's frozen layers. With
+    `reference_scale` != 1 the reference pass's (adapter disabled) token log-probs are multiplied by it: H-DPO's
+    tempered reference (dpo.entropy_alpha = 1 / reference_scale)."""
+    stats = install_packed(model, pack_pairs, frozen=FrozenBottom.of(model))
+    if reference_scale != 1.0:
+        scale_reference(model, reference_scale)
+        stats["reference_scale"] = reference_scale
+    return stats
+
+
+def _tuner(model):
+    """A LoRA layer of `model`: its `disable_adapters` says whether this forward is the reference's."""
+    tuner = next((m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "disable_adapters")), None)
+    if tuner is None:
+        raise ValueError("dpo.entropy_alpha: the model has no LoRA layer, so its reference pass cannot be told apart")
+    return tuner
+
+
+def scale_reference(model, scale: float) -> None:
+    """Multiply the token log-probs of every fused-head forward run with the adapter disabled (TRL's reference pass,
+    packed or not, precomputed or per step) by `scale`. DPO at beta' = alpha x beta against log pi_ref / alpha is
+    H-DPO's loss, -log sigmoid(beta [(alpha log pi - log pi_ref)(chosen) - (...)(rejected)]) (Omura et al., 2024):
+    its optimum is (pi_ref exp(r / beta)) ^ (1 / alpha), the reference tempered by alpha at the sequence level."""
+    tuner = _tuner(model)
+    inner = model.forward
+
+    def forward(self, *args, **kwargs):
+        out = inner(*args, **kwargs)
+        if kwargs.get("fused_lm_head") and tuner.disable_adapters:
+            out.log_probs = out.log_probs * scale
+        return out
+
+    model.forward = types.MethodType(forward, model)
 
 
 class FrozenBottom:

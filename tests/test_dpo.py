@@ -250,6 +250,38 @@ def test_divergence_reaches_trls_loss(trained, tmp_path):
         load_recipe(None, ["dpo.divergence=forward_kl", "dpo.backend=llamafactory"])
 
 
+def test_entropy_alpha_is_h_dpos_loss(trained, tmp_path):
+    """dpo.entropy_alpha (H-DPO) trains DPO at beta x alpha against the reference's log-probs / alpha: the implicit
+    reward TRL logs is beta (alpha log pi - log pi_ref). At step 1 the policy is the reference (LoRA B starts at 0), so
+    it reads beta (alpha - 1) log pi on each side, where plain DPO's reads 0 (and its loss log 2). A late key: plain runs keep their
+    fingerprint; settings it cannot be built on are refused."""
+    import math
+
+    from rlrf.dpo import dpo_stage
+
+    _, model_dir, pairs, plain = trained
+    alpha = 2.0
+    out = dpo_stage(load_recipe(None, TINY + [f"dpo.entropy_alpha={alpha}"]), pairs, str(model_dir), tmp_path / "dpo")
+    info = read_stage_json(out)
+    beta = info["config"]["dpo"]["beta"]
+    first = next(csv.DictReader(open(out / "train_log.csv")))
+    first_plain = next(csv.DictReader(open(plain / "train_log.csv")))
+    chosen, rejected = float(first["logps/chosen"]), float(first["logps/rejected"])
+    assert chosen == pytest.approx(float(first_plain["logps/chosen"]), rel=1e-5)  # the policy pass is untouched
+    assert float(first_plain["rewards/chosen"]) == pytest.approx(0.0, abs=1e-5)
+    assert float(first["rewards/chosen"]) == pytest.approx(beta * (alpha - 1) * chosen, rel=1e-4)
+    assert float(first["rewards/rejected"]) == pytest.approx(beta * (alpha - 1) * rejected, rel=1e-4)
+    assert float(first["rewards/margins"]) == pytest.approx(beta * (alpha - 1) * (chosen - rejected), rel=1e-4)
+    assert float(first_plain["loss"]) == pytest.approx(math.log(2), abs=1e-4)
+    assert float(first["loss"]) != pytest.approx(math.log(2), abs=1e-3)  # H-DPO's loss starts off log 2
+    assert info["config"]["dpo"]["entropy_alpha"] == alpha and info["packed_forward"]["reference_scale"] == 0.5
+    assert "entropy_alpha" not in read_stage_json(plain)["config"]["dpo"]
+    for bad in (["dpo.entropy_alpha=0"], ["dpo.entropy_alpha=2", "dpo.divergence=js_divergence"],
+                ["dpo.entropy_alpha=2", "dpo.share_prompt=false"], ["dpo.entropy_alpha=2", "dpo.backend=llamafactory"]):
+        with pytest.raises(ValueError, match="dpo.entropy_alpha"):
+            load_recipe(None, bad)
+
+
 def test_merged_model_differs_from_base_loads_and_generates(trained):
     from safetensors.torch import load_file
 

@@ -291,6 +291,12 @@ class DPOConfig(_TrainingSeed):
                                               "covering: pays for every answer the reference gives, its most likely "
                                               "long ones included; README: Is it learning? has what each did). TRL "
                                               "backend only", late=True)
+    entropy_alpha: float = _f(1.0, "H-DPO (Omura et al., 2024): the reverse KL's entropy term weighted by this, so "
+                                   "the policy DPO aims at is (reference x exp(reward / beta)) ^ (1 / alpha): above 1 "
+                                   "flatter than the reference (keeps the policy's spread as it learns), below 1 "
+                                   "sharper; 1 = DPO. Trained as DPO at beta x alpha against the reference's log-"
+                                   "probabilities / alpha (the same loss). TRL backend, reverse_kl, dpo.share_prompt",
+                                   late=True)
     merge_scale: float = _f(1.0, "generator k = generator k-1 + this x the adapter's update: 1 = the trained policy; "
                                  "below 1 interpolates it towards its initialisation (WiSE-FT; WARP's LITI, Rame et "
                                  "al., 2024), which keeps part of the reward for less drift from the base model. "
@@ -338,6 +344,12 @@ class DPOConfig(_TrainingSeed):
         _check(self.sft_weight >= 0, "dpo.sft_weight", "must be >= 0 (0 = plain DPO)")
         _check(self.divergence == "reverse_kl" or self.backend == "trl", "dpo.divergence",
                f"{self.divergence}: LLaMA-Factory's DPO has the reverse KL only; set dpo.backend=trl or drop the key")
+        _check(self.entropy_alpha > 0, "dpo.entropy_alpha", f"{self.entropy_alpha}: must be > 0 (1 = DPO)")
+        _check(self.entropy_alpha == 1 or (self.backend == "trl" and self.divergence == "reverse_kl"
+                                           and self.share_prompt), "dpo.entropy_alpha",
+               f"{self.entropy_alpha}: H-DPO is built on the TRL backend's reverse KL through the shared-prompt "
+               f"forward (it scales the reference pass there); set dpo.backend=trl, dpo.divergence=reverse_kl and "
+               f"dpo.share_prompt=true, or drop the key")
         _check(0 < self.merge_scale <= 1, "dpo.merge_scale", f"{self.merge_scale}: must be in (0, 1] (1 = the "
                                                              f"trained policy; 0 would be the base model itself)")
         _check(self.learning_rate > 0, "dpo.learning_rate", "must be > 0")
