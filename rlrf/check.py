@@ -82,7 +82,14 @@ def write_summary(path: Path, k: int, figures: dict, old_gen: str, new_gen: str,
              f"Valid users (never trained on by DPO), same seeds for both generators; each judge's reward averaged "
              f"over a user's profiles, paired by user. Old = generator {k - 1} (`{old_gen}`), new = generator {k} "
              f"(`{new_gen}`). The first judge is independent of the reward that picked the pairs.", ""]
-    if temperatures and temperatures["old"] != temperatures["new"]:
+    cal = (temperatures or {}).get("calibration")
+    if cal:
+        tried = ", ".join(f"{x['distinct_2']:.4f} at {x['temperature']:g}" for x in cal["tried"])
+        lines += [f"Sampling temperature: old {temperatures['old']}, new {temperatures['new']}, calibrated "
+                  f"(check.match_distinct) on {cal['users']} train users to generator {k - 1}'s distinct-2 "
+                  f"({cal['target_distinct_2']:.4f}; generator {k}: {tried})"
+                  + ("" if cal["reached"] else "; no temperature tried reached it") + ".", ""]
+    elif temperatures and temperatures["old"] != temperatures["new"]:
         lines += [f"Sampling temperature: old {temperatures['old']}, new {temperatures['new']} (check.temperature: "
                   f"generator {k} measured at a recalibrated temperature).", ""]
     lines += ["| judge | old | new | new - old (95% bootstrap interval) | users | improved | verdict |",
@@ -143,13 +150,55 @@ def judged(recipe: Recipe) -> Recipe:
     return dataclasses.replace(recipe, score=dataclasses.replace(recipe.score, reward=reward))
 
 
-def new_side(recipe: Recipe) -> Recipe:
-    """The recipe generator k samples with in the check: check.temperature, where set, in place of sample.temperature
-    (generator k-1 keeps the round's)."""
-    t = recipe.check.temperature
+def with_temperature(recipe: Recipe, t: float | None) -> Recipe:
+    """The recipe with sample.temperature = t (None: as it is)."""
     if t is None or t == recipe.sample.temperature:
         return recipe
     return dataclasses.replace(recipe, sample=dataclasses.replace(recipe.sample, temperature=t))
+
+
+def new_side(recipe: Recipe) -> Recipe:
+    """The recipe generator k samples with in the check: check.temperature, where set, in place of sample.temperature
+    (generator k-1 keeps the round's)."""
+    return with_temperature(recipe, recipe.check.temperature)
+
+
+def match_distinct(recipe: Recipe, root: Path, old_gen: str, new_gen: str, k: int, log=print) -> dict:
+    """check.match_distinct: the lowest of check.match_temperatures at which generator k's profiles of
+    check.match_users train users reach the corpus distinct-2 of generator k-1's at sample.temperature (taken from
+    round k's sample: same users, same seeds). A bisection over the ascending list, distinct-2 taken as rising with
+    the temperature; where none reaches it, the highest, with `reached` false. Train users only: the valid users the
+    check then measures play no part in the choice. Each temperature tried is a sample stage under `root`."""
+    from rlrf.quality import distinct_n
+    from rlrf.sample import sample_stage
+
+    cfg = recipe.check
+
+    def distinct(rec: Recipe, gen: str, name: str, source=None) -> float:
+        d = sample_stage(rec, root / name, gen, k, splits=["train"], n=cfg.n, max_users=cfg.match_users,
+                         source=source)
+        return distinct_n(read_artifact(d, "profiles", "sample")["text"].fill_null("").to_list(), 2)
+
+    target = distinct(recipe, old_gen, "old", source=runs.stage_dir(recipe, "sample", k))
+    temps, tried = list(cfg.match_temperatures), {}
+    lo, hi, best = 0, len(temps) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        t = temps[mid]
+        tried[t] = distinct(with_temperature(recipe, t), new_gen, f"new_t{t:g}")
+        log(f"check: calibrating generator {k}'s temperature on {cfg.match_users} train users: distinct-2 "
+            f"{tried[t]:.4f} at {t:g} (generator {k - 1}'s at {recipe.sample.temperature:g}: {target:.4f})")
+        if tried[t] >= target:
+            best, hi = mid, mid - 1
+        else:
+            lo = mid + 1
+    chosen = temps[-1] if best is None else temps[best]
+    if best is None:
+        log(f"check: no temperature in check.match_temperatures reaches generator {k - 1}'s distinct-2; measuring "
+            f"at the highest, {chosen:g}")
+    return {"temperature": chosen, "reached": best is not None, "target_distinct_2": target,
+            "tried": [{"temperature": t, "distinct_2": d} for t, d in sorted(tried.items())],
+            "users": cfg.match_users, "split": "train"}
 
 
 def judge_diffs(recipe: Recipe, old: pl.DataFrame, new: pl.DataFrame, k: int) -> dict[str, tuple[str, pl.DataFrame, dict]]:
@@ -185,8 +234,11 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
         if st.done:
             info = read_stage_json(out)
         else:
+            calibration = (match_distinct(recipe, out / "calibrate", old_gen, new_gen, k)
+                           if recipe.check.match_distinct else None)
+            new_recipe = with_temperature(recipe, calibration["temperature"]) if calibration else new_side(recipe)
             sides = {side: _side(rec, out / side, gen, k, reranker)
-                     for side, gen, rec in (("old", old_gen, recipe), ("new", new_gen, new_side(recipe)))}
+                     for side, gen, rec in (("old", old_gen, recipe), ("new", new_gen, new_recipe))}
             old = with_judge_ab(read_artifact(sides["old"], "scores", "score"))
             new = with_judge_ab(read_artifact(sides["new"], "scores", "score"))
             figures = {}
@@ -203,7 +255,8 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
             quality = _quality(recipe, sides, k)
             dpo_dir = runs.stage_dir(recipe, runs.trainer_stage(recipe), k)
             dpo = read_stage_json(dpo_dir) if (dpo_dir / "stage.json").is_file() else None
-            temperatures = {"old": recipe.sample.temperature, "new": new_side(recipe).sample.temperature}
+            temperatures = {"old": recipe.sample.temperature, "new": new_recipe.sample.temperature,
+                            **({"calibration": calibration} if calibration else {})}
             write_summary(out / "summary.md", k, figures, old_gen, new_gen, dpo, quality, temperatures)
             first = next(iter(figures))
             ci = figures[first]["diff"]
@@ -220,6 +273,12 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
         ci = figs[name]["diff"]
         print(f"check: round {k} {name}: new - old = {ci_text(ci)} over "
               f"{ci['n']} valid users -> {verdict(ci)}")
+    temps = info.get("temperature") or {}
+    if temps.get("old") != temps.get("new"):
+        how = ("calibrated to generator k-1's distinct-2 on train users" if temps.get("calibration")
+               else "check.temperature")
+        print(f"check: round {k} generator {k} sampled at temperature {temps['new']:g} ({how}), generator {k - 1} at "
+              f"{temps['old']:g}")
     for line in criteria_lines((info.get("quality") or {}).get("diff")):
         print(f"check: round {k} {line}")
     print(f"check: {out / 'summary.md'}")

@@ -9,7 +9,7 @@ import pytest
 from rlrf import check
 from rlrf.errors import StageError
 from rlrf.stats import paired, paired_bootstrap, verdict
-from tests.loop_fixtures import score_rows, write_stage
+from tests.loop_fixtures import profile_rows, score_rows, write_stage
 
 
 def test_bootstrap_of_a_constant_difference_collapses_to_it():
@@ -123,6 +123,51 @@ def test_check_temperature_samples_only_generator_k_at_it(tmp_path, monkeypatch)
     assert f"old {recipe.sample.temperature}, new 0.9" in (out / "summary.md").read_text()
     with pytest.raises(Exception, match="check.temperature"):
         load_recipe(None, ["check.temperature=0"])
+
+
+def test_match_distinct_picks_the_lowest_temperature_that_gives_back_the_old_diversity(tmp_path, monkeypatch):
+    """check.match_distinct: generator k-1's train profiles come from the round's sample, generator k's are sampled
+    at the temperatures a bisection tries; the lowest one whose corpus distinct-2 reaches the old side's is chosen,
+    never from valid users; none reaching it measures at the highest and says so. The two ways of setting the
+    temperature are exclusive."""
+    from rlrf.config import load_recipe
+    from rlrf.quality import distinct_n
+
+    words = [f"w{i}" for i in range(400)]
+
+    def texts(distinct_words: int, users: int = 12) -> dict[int, list[str]]:
+        # every user's 2 profiles drawn from the first `distinct_words` words: more words, more distinct bigrams
+        rng = np.random.default_rng(0)
+        return {u: [" ".join(rng.choice(words[:distinct_words], 12)) for _ in range(2)] for u in range(1, users + 1)}
+
+    by_temperature = {0.7: 6, 0.75: 10, 0.8: 16, 0.85: 30, 0.9: 60, 0.95: 120, 1.0: 200}
+    calls = []
+
+    def fake_sample(recipe, out_dir, generator, k, *, splits, n, max_users, source=None, **kw):
+        calls.append((out_dir.name, generator, tuple(splits), n, max_users, source is not None))
+        t = recipe.sample.temperature if generator == "new" else "old"
+        rows = texts(20 if t == "old" else by_temperature[t])
+        return write_stage(out_dir, "sample", "profiles", profile_rows(rows))
+
+    monkeypatch.setattr("rlrf.sample.sample_stage", fake_sample)
+    recipe = load_recipe(None, [f"runs_dir={tmp_path}", "run=r", "check.match_distinct=true", "check.n=2",
+                                "check.match_users=12"])
+    target = distinct_n([t for ts in texts(20).values() for t in ts])
+    assert distinct_n([t for ts in texts(16).values() for t in ts]) < target <= distinct_n(
+        [t for ts in texts(30).values() for t in ts])
+    cal = check.match_distinct(recipe, tmp_path / "cal", "old", "new", 1, log=lambda *a: None)
+    assert cal["temperature"] == 0.85 and cal["reached"] and cal["target_distinct_2"] == pytest.approx(target)
+    assert [x["temperature"] for x in cal["tried"]] == [0.75, 0.8, 0.85]  # a bisection: 3 of the 7
+    assert calls[0] == ("old", "old", ("train",), 2, 12, True)  # the round's own sample: taken, not sampled
+    assert all(c[2] == ("train",) and c[4] == 12 for c in calls)
+    calls.clear()
+    by_temperature.update({t: 8 for t in by_temperature})  # never as diverse as the old side
+    cal = check.match_distinct(recipe, tmp_path / "cal2", "old", "new", 1, log=lambda *a: None)
+    assert cal["temperature"] == 1.0 and not cal["reached"]
+    with pytest.raises(ValueError, match="check.match_distinct"):
+        load_recipe(None, ["check.match_distinct=true", "check.temperature=0.9"])
+    with pytest.raises(ValueError, match="check.match_temperatures"):
+        load_recipe(None, ["check.match_temperatures=[0.9,0.8]"])
 
 
 def test_quality_criteria_are_read_off_their_intervals(tmp_path):

@@ -442,11 +442,28 @@ class CheckConfig:
                                          "sample.temperature); null = sample.temperature. A tuned generator is "
                                          "sharper than its base: this measures it at a recalibrated temperature",
                                    late=True)
+    match_distinct: bool = _f(False, "generator k's check temperature calibrated, not set: the lowest of "
+                                     "check.match_temperatures at which generator k's profiles of "
+                                     "check.match_users train users are as diverse (corpus distinct-2) as generator "
+                                     "k-1's at sample.temperature (the round's own sample); valid users play no part "
+                                     "in the choice. A DPO-tuned generator is sharper than its base; this measures it "
+                                     "at the temperature that gives back the base's diversity", late=True)
+    match_temperatures: list[float] = _f([0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0],
+                                         "the temperatures check.match_distinct chooses among (ascending; a "
+                                         "bisection samples about log2 of them)", late=True)
+    match_users: int = _f(96, "train users check.match_distinct samples at each temperature it tries (check.n "
+                              "profiles each)", late=True)
 
     def __post_init__(self):
         _check(self.n >= 1, "check.n", "must be >= 1")
         _check(self.temperature is None or self.temperature > 0, "check.temperature",
                f"must be > 0 (or null for sample.temperature), got {self.temperature}")
+        _check(not (self.match_distinct and self.temperature is not None), "check.match_distinct",
+               f"calibrates the temperature that check.temperature={self.temperature} sets; use one of the two")
+        t = self.match_temperatures
+        _check(len(t) >= 1 and all(x > 0 for x in t) and list(t) == sorted(set(t)), "check.match_temperatures",
+               f"must be distinct temperatures > 0 in ascending order, got {t}")
+        _check(self.match_users >= 1, "check.match_users", f"must be >= 1, got {self.match_users}")
         _check(self.users == -1 or self.users >= 1, "check.users", "must be -1 (all valid users) or >= 1")
 
 
