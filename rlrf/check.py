@@ -86,7 +86,7 @@ def write_summary(path: Path, k: int, figures: dict, old_gen: str, new_gen: str,
     if cal:
         tried = ", ".join(f"{x['distinct_2']:.4f} at {x['temperature']:g}" for x in cal["tried"])
         lines += [f"Sampling temperature: old {temperatures['old']}, new {temperatures['new']}, calibrated "
-                  f"(check.match_distinct) on {cal['users']} train users to generator {k - 1}'s distinct-2 "
+                  f"(check.match_distinct) on {cal['users']} train users outside the round's sample to generator {k - 1}'s distinct-2 "
                   f"({cal['target_distinct_2']:.4f}; generator {k}: {tried})"
                   + ("" if cal["reached"] else "; no temperature tried reached it") + ".", ""]
     elif temperatures and temperatures["old"] != temperatures["new"]:
@@ -165,21 +165,33 @@ def new_side(recipe: Recipe) -> Recipe:
 
 def match_distinct(recipe: Recipe, root: Path, old_gen: str, new_gen: str, k: int, log=print) -> dict:
     """check.match_distinct: the lowest of check.match_temperatures at which generator k's profiles of
-    check.match_users train users reach the corpus distinct-2 of generator k-1's at sample.temperature (taken from
-    round k's sample: same users, same seeds). A bisection over the ascending list, distinct-2 taken as rising with
-    the temperature; where none reaches it, the highest, with `reached` false. Train users only: the valid users the
-    check then measures play no part in the choice. Each temperature tried is a sample stage under `root`."""
+    check.match_users train users reach the corpus distinct-2 of generator k-1's at sample.temperature (same users,
+    same seeds). The users are train users outside the round's sample (the seeded draw's next ones after the
+    sample.max_users it took): DPO never trained on their prompts, and the valid users the check then measures play
+    no part in the choice. A bisection over the ascending list, distinct-2 taken as rising with the temperature;
+    where none reaches it, the highest, with `reached` false. Each side and temperature is a sample stage under
+    `root`."""
     from rlrf.quality import distinct_n
-    from rlrf.sample import sample_stage
+    from rlrf.sample import sample_stage, select_users
 
-    cfg = recipe.check
+    cfg, taken = recipe.check, recipe.sample.max_users
+    if taken <= 0 and "train" in recipe.sample.splits:
+        raise StageError("check.match_distinct calibrates on train users outside the round's sample, and "
+                         "sample.max_users=-1 sampled them all: set sample.max_users below the train split's size, "
+                         "or measure at a set check.temperature instead")
+    skip = taken if "train" in recipe.sample.splits else 0
 
-    def distinct(rec: Recipe, gen: str, name: str, source=None) -> float:
+    prompts = read_artifact(runs.prepare_dir(recipe), "prompts", "prepare")
+    if select_users(prompts, ["train"], cfg.match_users, recipe.seed, skip=skip).height == 0:
+        raise StageError(f"check.match_distinct: no train users are left outside the round's sample of {skip}; "
+                         f"lower sample.max_users, or measure at a set check.temperature instead")
+
+    def distinct(rec: Recipe, gen: str, name: str) -> float:
         d = sample_stage(rec, root / name, gen, k, splits=["train"], n=cfg.n, max_users=cfg.match_users,
-                         source=source)
+                         skip_users=skip)
         return distinct_n(read_artifact(d, "profiles", "sample")["text"].fill_null("").to_list(), 2)
 
-    target = distinct(recipe, old_gen, "old", source=runs.stage_dir(recipe, "sample", k))
+    target = distinct(recipe, old_gen, "old")
     temps, tried = list(cfg.match_temperatures), {}
     lo, hi, best = 0, len(temps) - 1, None
     while lo <= hi:
@@ -198,7 +210,7 @@ def match_distinct(recipe: Recipe, root: Path, old_gen: str, new_gen: str, k: in
             f"at the highest, {chosen:g}")
     return {"temperature": chosen, "reached": best is not None, "target_distinct_2": target,
             "tried": [{"temperature": t, "distinct_2": d} for t, d in sorted(tried.items())],
-            "users": cfg.match_users, "split": "train"}
+            "users": cfg.match_users, "split": "train", "skipped": skip}
 
 
 def judge_diffs(recipe: Recipe, old: pl.DataFrame, new: pl.DataFrame, k: int) -> dict[str, tuple[str, pl.DataFrame, dict]]:

@@ -43,17 +43,20 @@ def user_seed(seed: int, user_id: int, round: int, kind: str = "user") -> int:
     return int.from_bytes(h[:8], "little") >> 4
 
 
-def select_users(prompts: pl.DataFrame, splits: list[str], max_users: int, seed: int) -> pl.DataFrame:
+def select_users(prompts: pl.DataFrame, splits: list[str], max_users: int, seed: int, skip: int = 0) -> pl.DataFrame:
     """Prompts of the chosen splits; with max_users > 0, that many per split from a seeded shuffle.
 
-    The shuffle depends on the run seed only (not the round), so every round samples the same users.
+    The shuffle depends on the run seed only (not the round), so every round samples the same users. `skip` > 0
+    leaves out the shuffle's first `skip` users of each split, those a draw of max_users=skip took: users
+    disjoint from the round's own (check.match_distinct's calibration users).
     """
     out = []
     for split in splits:
         part = prompts.filter(pl.col("split") == split).sort("user_id")
-        if 0 < max_users < part.height:
+        if skip > 0 or 0 < max_users < part.height:
             rng = np.random.default_rng([seed, 7, schema.SPLITS.index(split)])
-            part = part[sorted(rng.permutation(part.height)[:max_users].tolist())]
+            order = rng.permutation(part.height)[skip:]
+            part = part[sorted((order[:max_users] if max_users > 0 else order).tolist())]
         out.append(part)
     return pl.concat(out).sort("user_id") if out else prompts.head(0)
 
@@ -143,7 +146,7 @@ def _stage_config(recipe: Recipe, cfg, generator: str, round: int, ghash: str, a
 
 def sample_stage(recipe: Recipe, out_dir: str | Path, generator: str, round: int, *, splits=None, n=None,
                  max_users=None, batch_size=None, force: bool = False, shard=None,
-                 source: str | Path | list[str | Path] | None = None) -> Path:
+                 source: str | Path | list[str | Path] | None = None, skip_users: int = 0) -> Path:
     """Write the `profiles` artifact (N per user) for `generator` into out_dir; returns out_dir.
 
     `source`, one finished sample stage or a list of them, is where texts are taken from instead of sampled
@@ -151,7 +154,8 @@ def sample_stage(recipe: Recipe, out_dir: str | Path, generator: str, round: int
     The stage's config, hence its fingerprint, is the same either way, because the texts are. When the sources
     hold every user, the stage is one shard of taken texts; otherwise the taken users are shard 0 (their ids kept
     in `taken.json`, so a resume cuts the rest the same way whatever the sources hold by then) and the rest are
-    sampled in shards after it."""
+    sampled in shards after it. `skip_users` > 0 samples the users after the first `skip_users` of each split's
+    seeded draw (select_users), recorded in the fingerprint."""
     cfg = _sample_config(recipe, splits, n, max_users, batch_size)
     out_dir = Path(out_dir)
     shard = parse_shard(shard) if isinstance(shard, str) else shard
@@ -160,12 +164,14 @@ def sample_stage(recipe: Recipe, out_dir: str | Path, generator: str, round: int
     ghash = weights_hash(model_dir)
     arith = arithmetic(cfg)
     config = _stage_config(recipe, cfg, generator, round, ghash, arith)
+    if skip_users:
+        config["skip_users"] = skip_users
     with Stage(out_dir, runs.STAGES["sample"].name, config, inputs=[prep], force=force, shard=shard,
                summary=_line, arithmetic=arith) as st:
         if st.done:
             return out_dir
         prompts = read_artifact(prep, "prompts", "prepare")
-        users = select_users(prompts, cfg.splits, cfg.max_users, recipe.seed)
+        users = select_users(prompts, cfg.splits, cfg.max_users, recipe.seed, skip=skip_users)
         if users.height == 0:
             raise StageError(f"sample: no users in splits {cfg.splits} of {prep} (sample.splits); "
                              f"check the prepare stage's output")

@@ -126,12 +126,17 @@ def test_check_temperature_samples_only_generator_k_at_it(tmp_path, monkeypatch)
 
 
 def test_match_distinct_picks_the_lowest_temperature_that_gives_back_the_old_diversity(tmp_path, monkeypatch):
-    """check.match_distinct: generator k-1's train profiles come from the round's sample, generator k's are sampled
-    at the temperatures a bisection tries; the lowest one whose corpus distinct-2 reaches the old side's is chosen,
-    never from valid users; none reaching it measures at the highest and says so. The two ways of setting the
-    temperature are exclusive."""
+    """check.match_distinct: both generators sample train users outside the round's sample (the seeded draw's users
+    after the sample.max_users it took), generator k at the temperatures a bisection tries; the lowest one whose
+    corpus distinct-2 reaches generator k-1's is chosen, never from valid users; none reaching it measures at the
+    highest and says so. A round that sampled every train user, and the two ways of setting the temperature at once,
+    are refused."""
+    from rlrf import runs
     from rlrf.config import load_recipe
     from rlrf.quality import distinct_n
+    from rlrf.sample import select_users
+    from rlrf.schema import SCHEMAS
+    from rlrf.store import Stage
 
     words = [f"w{i}" for i in range(400)]
 
@@ -143,27 +148,47 @@ def test_match_distinct_picks_the_lowest_temperature_that_gives_back_the_old_div
     by_temperature = {0.7: 6, 0.75: 10, 0.8: 16, 0.85: 30, 0.9: 60, 0.95: 120, 1.0: 200}
     calls = []
 
-    def fake_sample(recipe, out_dir, generator, k, *, splits, n, max_users, source=None, **kw):
-        calls.append((out_dir.name, generator, tuple(splits), n, max_users, source is not None))
+    def fake_sample(recipe, out_dir, generator, k, *, splits, n, max_users, skip_users=0, **kw):
+        calls.append((out_dir.name, generator, tuple(splits), n, max_users, skip_users))
         t = recipe.sample.temperature if generator == "new" else "old"
         rows = texts(20 if t == "old" else by_temperature[t])
         return write_stage(out_dir, "sample", "profiles", profile_rows(rows))
 
     monkeypatch.setattr("rlrf.sample.sample_stage", fake_sample)
     recipe = load_recipe(None, [f"runs_dir={tmp_path}", "run=r", "check.match_distinct=true", "check.n=2",
-                                "check.match_users=12"])
+                                "check.match_users=12", "sample.max_users=20"])
+    prompts = pl.DataFrame([{"user_id": u, "split": "train" if u <= 40 else "valid", "domain": "movies",
+                             "prompt_head": "h", "history_lines": ["l"], "prompt_tail": "t", "prompt": "p"}
+                            for u in range(1, 51)], schema=SCHEMAS["prompts"])
+    with Stage(runs.prepare_dir(recipe), "prepare", {"x": 1}, quiet=True) as st:
+        for i in st.todo(1):
+            st.write_shard(i, {"prompts": prompts})
+        st.finish()
+    # the calibration users: 12 train users, none of the round's 20
+    mine = set(select_users(prompts, ["train"], 12, recipe.seed, skip=20)["user_id"])
+    assert len(mine) == 12 and not mine & set(select_users(prompts, ["train"], 20, recipe.seed)["user_id"])
+    assert select_users(prompts, ["train"], 32, recipe.seed).equals(select_users(prompts, ["train"], 20, recipe.seed)
+                                                                      .vstack(select_users(prompts, ["train"], 12,
+                                                                                           recipe.seed, skip=20))
+                                                                      .sort("user_id"))
     target = distinct_n([t for ts in texts(20).values() for t in ts])
     assert distinct_n([t for ts in texts(16).values() for t in ts]) < target <= distinct_n(
         [t for ts in texts(30).values() for t in ts])
     cal = check.match_distinct(recipe, tmp_path / "cal", "old", "new", 1, log=lambda *a: None)
     assert cal["temperature"] == 0.85 and cal["reached"] and cal["target_distinct_2"] == pytest.approx(target)
     assert [x["temperature"] for x in cal["tried"]] == [0.75, 0.8, 0.85]  # a bisection: 3 of the 7
-    assert calls[0] == ("old", "old", ("train",), 2, 12, True)  # the round's own sample: taken, not sampled
-    assert all(c[2] == ("train",) and c[4] == 12 for c in calls)
+    assert calls[0] == ("old", "old", ("train",), 2, 12, 20)
+    assert all(c[2] == ("train",) and c[4] == 12 and c[5] == 20 for c in calls)
     calls.clear()
     by_temperature.update({t: 8 for t in by_temperature})  # never as diverse as the old side
     cal = check.match_distinct(recipe, tmp_path / "cal2", "old", "new", 1, log=lambda *a: None)
     assert cal["temperature"] == 1.0 and not cal["reached"]
+    every = load_recipe(None, [f"runs_dir={tmp_path}", "run=r", "check.match_distinct=true", "sample.max_users=-1"])
+    with pytest.raises(StageError, match="sample.max_users"):
+        check.match_distinct(every, tmp_path / "cal3", "old", "new", 1, log=lambda *a: None)
+    late = load_recipe(None, [f"runs_dir={tmp_path}", "run=r", "check.match_distinct=true", "sample.max_users=40"])
+    with pytest.raises(StageError, match="no train users are left"):
+        check.match_distinct(late, tmp_path / "cal4", "old", "new", 1, log=lambda *a: None)
     with pytest.raises(ValueError, match="check.match_distinct"):
         load_recipe(None, ["check.match_distinct=true", "check.temperature=0.9"])
     with pytest.raises(ValueError, match="check.match_temperatures"):
