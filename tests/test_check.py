@@ -156,7 +156,8 @@ def test_match_distinct_picks_the_lowest_temperature_that_gives_back_the_old_div
 
     monkeypatch.setattr("rlrf.sample.sample_stage", fake_sample)
     recipe = load_recipe(None, [f"runs_dir={tmp_path}", "run=r", "check.match_distinct=true", "check.n=2",
-                                "check.match_users=12", "sample.max_users=20"])
+                                "check.match_users=12", "sample.max_users=20",
+                                "check.match_temperatures=[0.7,0.75,0.8,0.85,0.9,0.95,1.0]"])
     prompts = pl.DataFrame([{"user_id": u, "split": "train" if u <= 40 else "valid", "domain": "movies",
                              "prompt_head": "h", "history_lines": ["l"], "prompt_tail": "t", "prompt": "p"}
                             for u in range(1, 51)], schema=SCHEMAS["prompts"])
@@ -183,6 +184,7 @@ def test_match_distinct_picks_the_lowest_temperature_that_gives_back_the_old_div
     by_temperature.update({t: 8 for t in by_temperature})  # never as diverse as the old side
     cal = check.match_distinct(recipe, tmp_path / "cal2", "old", "new", 1, log=lambda *a: None)
     assert cal["temperature"] == 1.0 and not cal["reached"]
+    assert load_recipe(None, []).check.match_temperatures[:3] == [0.7, 0.725, 0.75]
     every = load_recipe(None, [f"runs_dir={tmp_path}", "run=r", "check.match_distinct=true", "sample.max_users=-1"])
     with pytest.raises(StageError, match="sample.max_users"):
         check.match_distinct(every, tmp_path / "cal3", "old", "new", 1, log=lambda *a: None)

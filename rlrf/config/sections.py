@@ -448,9 +448,10 @@ class CheckConfig:
                                      "k-1's at sample.temperature (the round's own sample); valid users play no part "
                                      "in the choice. A DPO-tuned generator is sharper than its base; this measures it "
                                      "at the temperature that gives back the base's diversity", late=True)
-    match_temperatures: list[float] = _f([0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0],
+    match_temperatures: list[float] = _f([round(0.7 + 0.025 * i, 3) for i in range(13)],
                                          "the temperatures check.match_distinct chooses among (ascending; a "
-                                         "bisection samples about log2 of them)", late=True)
+                                         "bisection samples about log2 of them: 0.7 to 1.0 by 0.025, 4 of 13; on "
+                                         "the demo distinct-2 rises ~0.01 a 0.01 of temperature there)", late=True)
     match_users: int = _f(96, "train users check.match_distinct samples at each temperature it tries (check.n "
                               "profiles each)", late=True)
 
