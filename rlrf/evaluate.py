@@ -162,13 +162,32 @@ def train_rerankers(recipe: Recipe, jobs: list[RerankJob], workers: int = 1) -> 
                                      f"with evaluate.workers=1 to train one at a time in this process.") from None
                 bar.update()
     except BaseException:
-        for p in list((getattr(pool, "_processes", None) or {}).values()):
-            p.terminate()  # a stop stops the workers too; their sub-stages resume on the next run
+        _stop(pool)  # a stop stops the workers too; their sub-stages resume on the next run
         raise
+    else:
+        pool.shutdown(wait=True)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
     return [results[i] for i in range(len(jobs))]
+
+
+def _stop(pool, grace_s: float = 5.0) -> None:
+    """Stop a process pool's workers now and give the pool up without waiting on its queues.
+
+    `shutdown(wait=True)` after terminating workers can wait forever: an idle worker blocks in the call queue's get
+    holding the queue's reader lock, and a worker killed there leaves the lock taken, so a surviving worker never reads
+    its stop sentinel (seen: the fast tests hung in test_rerankers_in_worker_processes_... with one worker asleep on
+    that lock). So: terminate every worker, drop the pool without waiting, then join each with a grace period and
+    kill what is still alive."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for p in procs:
+        p.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs + [q for q in (getattr(pool, "_processes", None) or {}).values() if q not in procs]:
+        p.join(timeout=grace_s)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=grace_s)
 
 
 # ----------------------------------------------------------------------------- tables (pure)
