@@ -287,8 +287,8 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
               f"{ci['n']} valid users -> {verdict(ci)}")
     temps = info.get("temperature") or {}
     if temps.get("old") != temps.get("new"):
-        how = ("calibrated to generator k-1's distinct-2 on train users" if temps.get("calibration")
-               else "check.temperature")
+        how = (f"calibrated to generator {k - 1}'s distinct-2 on train users outside the round's sample"
+               if temps.get("calibration") else "check.temperature")
         print(f"check: round {k} generator {k} sampled at temperature {temps['new']:g} ({how}), generator {k - 1} at "
               f"{temps['old']:g}")
     for line in criteria_lines((info.get("quality") or {}).get("diff")):
