@@ -183,7 +183,7 @@ def _stop(pool, grace_s: float = 5.0) -> None:
     for p in procs:
         p.terminate()
     pool.shutdown(wait=False, cancel_futures=True)
-    for p in procs + [q for q in (getattr(pool, "_processes", None) or {}).values() if q not in procs]:
+    for p in procs:  # (shutdown has dropped the pool's own table of them)
         p.join(timeout=grace_s)
         if p.is_alive():
             p.kill()

@@ -444,9 +444,9 @@ class CheckConfig:
                                    late=True)
     match_distinct: bool = _f(False, "generator k's check temperature calibrated, not set: the lowest of "
                                      "check.match_temperatures at which generator k's profiles of "
-                                     "check.match_users train users are as diverse (corpus distinct-2) as generator "
-                                     "k-1's at sample.temperature (the round's own sample); valid users play no part "
-                                     "in the choice. A DPO-tuned generator is sharper than its base; this measures it "
+                                     "check.match_users train users outside the round's sample (no pair came from "
+                                     "them) are as diverse (corpus distinct-2) as generator k-1's at "
+                                     "sample.temperature; valid users play no part in the choice. A DPO-tuned generator is sharper than its base; this measures it "
                                      "at the temperature that gives back the base's diversity", late=True)
     match_temperatures: list[float] = _f([round(0.7 + 0.025 * i, 3) for i in range(13)],
                                          "the temperatures check.match_distinct chooses among (ascending; a "
