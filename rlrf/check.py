@@ -150,17 +150,11 @@ def judged(recipe: Recipe) -> Recipe:
     return dataclasses.replace(recipe, score=dataclasses.replace(recipe.score, reward=reward))
 
 
-def with_temperature(recipe: Recipe, t: float | None) -> Recipe:
-    """The recipe with sample.temperature = t (None: as it is)."""
-    if t is None or t == recipe.sample.temperature:
-        return recipe
-    return dataclasses.replace(recipe, sample=dataclasses.replace(recipe.sample, temperature=t))
-
-
 def new_side(recipe: Recipe) -> Recipe:
     """The recipe generator k samples with in the check: check.temperature, where set, in place of sample.temperature
     (generator k-1 keeps the round's)."""
-    return with_temperature(recipe, recipe.check.temperature)
+    t = recipe.check.temperature
+    return recipe if t is None else runs.at_temperature(recipe, t)
 
 
 def match_distinct(recipe: Recipe, root: Path, old_gen: str, new_gen: str, k: int, log=print) -> dict:
@@ -197,7 +191,7 @@ def match_distinct(recipe: Recipe, root: Path, old_gen: str, new_gen: str, k: in
     while lo <= hi:
         mid = (lo + hi) // 2
         t = temps[mid]
-        tried[t] = distinct(with_temperature(recipe, t), new_gen, f"new_t{t:g}")
+        tried[t] = distinct(runs.at_temperature(recipe, t), new_gen, f"new_t{t:g}")
         log(f"check: calibrating generator {k}'s temperature on {cfg.match_users} train users: distinct-2 "
             f"{tried[t]:.4f} at {t:g} (generator {k - 1}'s at {recipe.sample.temperature:g}: {target:.4f})")
         if tried[t] >= target:
@@ -230,7 +224,7 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
     from rlrf.llm import weights_hash
 
     k = round
-    recipe = judged(recipe)
+    recipe = runs.for_generator(judged(recipe), k - 1)  # generator k-1 at the temperature round k sampled it at
     out = runs.stage_dir(recipe, "check", k)
     old_gen, new_gen = runs.generator(recipe, k - 1), runs.generator(recipe, k)
     if not (Path(new_gen) / "config.json").is_file():
@@ -248,7 +242,7 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
         else:
             calibration = (match_distinct(recipe, out / "calibrate", old_gen, new_gen, k)
                            if recipe.check.match_distinct else None)
-            new_recipe = with_temperature(recipe, calibration["temperature"]) if calibration else new_side(recipe)
+            new_recipe = runs.at_temperature(recipe, calibration["temperature"]) if calibration else new_side(recipe)
             sides = {side: _side(rec, out / side, gen, k, reranker)
                      for side, gen, rec in (("old", old_gen, recipe), ("new", new_gen, new_recipe))}
             old = with_judge_ab(read_artifact(sides["old"], "scores", "score"))

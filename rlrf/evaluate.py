@@ -326,6 +326,7 @@ def quality_diff(old: pl.DataFrame, new: pl.DataFrame, resamples: int, seed: int
 def evaluate_stage(recipe: Recipe, *, force: bool = False, recipe_path: str = "<recipe>") -> Path:
     """Run (or resume) every sub-stage, then write results.md / results.json / rounds.png / rewards.png."""
     gens = check_rounds(recipe, recipe_path)  # before anything heavy: a missing round is the common mistake
+    temps = {k: runs.generator_temperature(recipe, k) for k in gens}  # sample.temperature_from_check: each its own
 
     from rlrf.encode import encode_stage
     from rlrf.llm import weights_hash
@@ -342,8 +343,10 @@ def evaluate_stage(recipe: Recipe, *, force: bool = False, recipe_path: str = "<
     # so finished results are never reported for a generator that has since changed
     hashes = {str(k): weights_hash(runs.generator_dir(recipe, k)) for k in gens[1:]}
     inputs = [prep, *(runs.stage_dir(recipe, runs.trainer_stage(recipe), k) for k in gens[1:]), reward_reranker]
-    with runs.STAGES["evaluate"].open(recipe, out, inputs=inputs, extra={"generator_hashes": hashes},
-                                      force=force) as st:
+    extra = {"generator_hashes": hashes}
+    if any(t != recipe.sample.temperature for t in temps.values()):
+        extra["generator_temperatures"] = {str(k): t for k, t in temps.items()}
+    with runs.STAGES["evaluate"].open(recipe, out, inputs=inputs, extra=extra, force=force) as st:
         if st.done:
             return out
         items, interactions = read_artifact(prep, "items", "prepare"), read_artifact(prep, "interactions", "prepare")
@@ -351,7 +354,8 @@ def evaluate_stage(recipe: Recipe, *, force: bool = False, recipe_path: str = "<
         profiles, encoded = {}, {}
         for k in gens:
             g = out / f"gen_{k}"
-            profiles[k] = Path(sample_stage(recipe, g / "sample", runs.generator(recipe, k), seed_round(recipe),
+            profiles[k] = Path(sample_stage(runs.at_temperature(recipe, temps[k]), g / "sample",
+                                            runs.generator(recipe, k), seed_round(recipe),
                                             splits=["train", "valid", "test"], n=ev.n, max_users=ev.max_users,
                                             batch_size=ev.batch_size, source=sources(recipe)))
             encoded[k] = Path(encode_stage(recipe, profiles[k], g / "encode"))
@@ -398,6 +402,7 @@ def evaluate_stage(recipe: Recipe, *, force: bool = False, recipe_path: str = "<
 
         hw = hardware()
         results = {"run": recipe.run, "recipe": recipe_path, "hardware": hw, "generators": {k: runs.generator(recipe, k) for k in gens},
+                   "temperatures": temps,
                    "rlrf_round": last, "conditions": conditions, **tables, "reward": reward, "quality": quality,
                    "quality_diff": diffs}
         results = _str_keys(results)  # json wants string keys; generator k becomes "k"
@@ -443,8 +448,11 @@ def results_markdown(res: dict, recipe: Recipe) -> str:
         "",
         f"Recipe `{res['recipe']}`; {hw['cpu']} ({hw['cores']} cores, {hw['torch_threads']} torch threads){gpu}.",
         f"Test users; every reranker early-stopped on valid users. Mean ± std (ddof=1) over seeds {ev.seeds}; "
-        f"{ev.n} profile(s) per user per generator, same seeds and decoding for every generator. "
-        f"RLRF = generator of round {last}. "
+        f"{ev.n} profile(s) per user per generator, same seeds and decoding for every generator"
+        + (". " if len(set((res.get("temperatures") or {}).values())) <= 1 else
+           " but the temperature, each generator's own (sample.temperature_from_check): "
+           + ", ".join(f"generator {k} {t:g}" for k, t in res["temperatures"].items()) + ". ")
+        + f"RLRF = generator of round {last}. "
         + (f"Every reranker (base and knowledge alike) also reads the user's last {ev.history} prompt-history "
            f"items (evaluate.history)." if ev.history else "The rerankers see no user history (evaluate.history=0)."),
         "",

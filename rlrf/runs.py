@@ -14,7 +14,7 @@ it lives, and which generator a round samples from.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -154,6 +154,37 @@ def generator_for_round(r: Recipe, k: int) -> str:
     """What round k samples from: generator k-1 (the base model for round 1)."""
     round_dir(r, k)  # refuses k < 1
     return generator(r, k - 1)
+
+
+def generator_temperature(r: Recipe, k: int) -> float:
+    """The temperature generator k samples at, in round k+1's sample and check and in `evaluate`: sample.temperature,
+    or with sample.temperature_from_check (k >= 1) the one round k's check measured generator k at (its stage.json
+    `temperature.new`: check.match_distinct's calibration, or check.temperature)."""
+    if k < 0:
+        raise ValueError(f"generators count from 0 (the base model); got generator {k}")
+    if k == 0 or not r.sample.temperature_from_check:
+        return r.sample.temperature
+    from rlrf.artifacts import read_stage_json
+    from rlrf.errors import StageError
+
+    check = stage_dir(r, "check", k)
+    info = read_stage_json(check) if (check / "stage.json").is_file() else None
+    if info is None or not (info.get("temperature") or {}).get("new"):
+        raise StageError(f"sample.temperature_from_check: generator {k} samples at the temperature round {k}'s check "
+                         f"measured it at, and {check} has none yet: run `python pipelines/check.py --recipe <recipe> "
+                         f"--round {k}` first (check.match_distinct calibrates it), or set "
+                         f"sample.temperature_from_check=false to sample at sample.temperature")
+    return float(info["temperature"]["new"])
+
+
+def at_temperature(r: Recipe, t: float) -> Recipe:
+    """The recipe with sample.temperature = t (the same recipe where it already is)."""
+    return r if t == r.sample.temperature else replace(r, sample=replace(r.sample, temperature=t))
+
+
+def for_generator(r: Recipe, k: int) -> Recipe:
+    """The recipe generator k samples with: sample.temperature set to generator_temperature(r, k)."""
+    return at_temperature(r, generator_temperature(r, k))
 
 
 def cache_dir() -> Path:

@@ -33,7 +33,7 @@ class WorkLog(list):
 
     def __init__(self, path: str | None = None):
         super().__init__()
-        self.path, self.loads = path, []
+        self.path, self.loads, self.temperatures = path, [], {}
 
     def append(self, item):
         super().append(item)
@@ -76,6 +76,7 @@ def modules(work: WorkLog) -> dict[str, types.ModuleType]:
         assert round == min(recipe.evaluate.rounds) and runs.stage_dir(recipe, "sample", round) in source
         assert batch_size == recipe.evaluate.batch_size
         k = _gen_index(out_dir)
+        work.temperatures[k] = recipe.sample.temperature
         rows = [{"run": recipe.run, "round": round, "split": s, "user_id": u, "sample_idx": i,
                  "prompt": "p", "text": f"likes comedy and drama round {k} user {u}", "n_tokens": 7 + k,
                  "finish_reason": "eos", "n_history_trimmed": 0, "generator": generator, "generator_hash": str(k),

@@ -1,6 +1,8 @@
 """The is-it-learning check: the bootstrap interval, the pairing of users, and the stage's outputs."""
 
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -10,6 +12,8 @@ from rlrf import check
 from rlrf.errors import StageError
 from rlrf.stats import paired, paired_bootstrap, verdict
 from tests.loop_fixtures import profile_rows, score_rows, write_stage
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_bootstrap_of_a_constant_difference_collapses_to_it():
@@ -197,6 +201,74 @@ def test_match_distinct_picks_the_lowest_temperature_that_gives_back_the_old_div
         load_recipe(None, ["check.match_temperatures=[0.9,0.8]"])
 
 
+def test_temperature_from_check_samples_each_round_at_the_last_checks_temperature(tmp_path, monkeypatch):
+    """sample.temperature_from_check: round k samples generator k-1 at the temperature round k-1's check measured it
+    at, and round k's check measures (and calibrates against) generator k-1 there; round 1 keeps sample.temperature;
+    a round whose previous check is missing is refused with the command that makes it."""
+    import runpy
+    import sys
+
+    from rlrf import runs
+    from rlrf.config import load_recipe
+    from rlrf.store import Stage
+
+    recipe = load_recipe(None, [f"runs_dir={tmp_path}", "run=r", "rounds.bootstrap=300", "sample.temperature=0.7",
+                                "check.match_distinct=true", "sample.temperature_from_check=true"])
+    monkeypatch.setattr("rlrf.llm.weights_hash", lambda p: "h-" + str(p)[-6:])
+    for k in (1, 2):
+        gen = runs.generator_dir(recipe, k)
+        gen.mkdir(parents=True)
+        (gen / "config.json").write_text("{}")
+    with Stage(runs.reranker_dir(recipe, 1), "train-reranker", {"x": 1}, quiet=True) as st:
+        st.finish(rows={})
+    rows = {u: [0.4, 0.5] for u in range(1, 11)}
+    seen = []
+    chosen = {1: 0.85, 2: 0.95}
+
+    def fake_calibration(rec, root, old_gen, new_gen, k, log=print):
+        seen.append(("calibrate", k, rec.sample.temperature))
+        return {"temperature": chosen[k], "reached": True, "target_distinct_2": 0.3, "users": 96,
+                "tried": [{"temperature": chosen[k], "distinct_2": 0.31}]}
+
+    def fake_side(rec, root, generator, k, reranker):
+        seen.append((root.name, k, rec.sample.temperature))
+        return write_stage(root / "score", "score", "scores", score_rows(rows, split="valid"))
+
+    def fake_sample(rec, out_dir, generator, k, **kw):
+        seen.append(("sample", k, rec.sample.temperature))
+        return out_dir
+
+    monkeypatch.setattr(check, "match_distinct", fake_calibration)
+    monkeypatch.setattr(check, "_side", fake_side)
+    monkeypatch.setattr("rlrf.sample.sample_stage", fake_sample)
+
+    def sample_round(k):
+        monkeypatch.setattr(sys, "argv", ["sample.py", "--round", str(k), f"runs_dir={tmp_path}", "run=r",
+                                          "sample.temperature=0.7", "check.match_distinct=true",
+                                          "sample.temperature_from_check=true"])
+        runpy.run_path(str(REPO / "pipelines" / "sample.py"), run_name="__main__")
+
+    assert runs.generator_temperature(recipe, 0) == 0.7
+    with pytest.raises(StageError, match="pipelines/check.py --recipe <recipe> --round 1"):
+        runs.generator_temperature(recipe, 1)
+    with pytest.raises(SystemExit):  # the stage script turns the refusal into a one-line error
+        sample_round(2)
+    assert seen == []
+    sample_round(1)
+    check.check_stage(recipe, 1)
+    assert seen == [("sample", 1, 0.7), ("calibrate", 1, 0.7), ("old", 1, 0.7), ("new", 1, 0.85)]
+    assert runs.generator_temperature(recipe, 1) == 0.85 and runs.for_generator(recipe, 1).sample.temperature == 0.85
+    seen.clear()
+    sample_round(2)
+    out = check.check_stage(recipe, 2)
+    assert seen == [("sample", 2, 0.85), ("calibrate", 2, 0.85), ("old", 2, 0.85), ("new", 2, 0.95)]
+    info = json.loads((out / "stage.json").read_text())
+    assert info["temperature"]["old"] == 0.85 and info["temperature"]["new"] == 0.95
+    assert info["config"]["sample"]["temperature"] == 0.85  # generator 1's temperature is part of what was measured
+    plain = dataclasses.replace(recipe, sample=dataclasses.replace(recipe.sample, temperature_from_check=False))
+    assert runs.generator_temperature(plain, 1) == 0.7
+
+
 def test_quality_criteria_are_read_off_their_intervals(tmp_path):
     """The check's quality lines: distinct-2 and names-history 'lower' only when the whole interval is below 0, the
     perplexity ratio against the +25% bound; summary.md carries them under the quality table."""
@@ -235,6 +307,7 @@ def test_old_side_profiles_are_taken_from_the_rounds_sample_when_it_has_them(tmp
     from rlrf import runs, sample
     from rlrf.artifacts import read_artifact
     from rlrf.config import load_recipe
+    from rlrf.config.keys import fingerprint
     from rlrf.schema import SCHEMAS
     from rlrf.store import Stage
 
@@ -248,7 +321,7 @@ def test_old_side_profiles_are_taken_from_the_rounds_sample_when_it_has_them(tmp
         for i in st.todo(1):
             st.write_shard(i, {"prompts": prompts})
         st.finish()
-    base = {c: v for c, v in dataclasses.asdict(recipe.sample).items() if c not in ("threads", "trim")}
+    base = fingerprint(recipe.sample)  # as the sample stage fingerprints it: no speed keys, no late keys at default
     src_config = {"seed": recipe.seed, "run": "r", "round": 1, "generator": "g0", "generator_hash": "w0", "sample": base}
     rows = [{"run": "r", "round": 1, "split": s, "user_id": u, "sample_idx": i, "prompt": "p", "text": f"u{u} s{i}",
              "n_tokens": 3, "finish_reason": "eos", "n_history_trimmed": 0, "generator": "g0", "generator_hash": "w0",

@@ -4,6 +4,7 @@ the integration tier) a real round plus evaluate on the tiny recipe."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -279,6 +280,24 @@ def test_evaluate_refuses_results_of_another_config(fake_stages):
     after = json.loads((r.run_dir / "evaluate" / "results.json").read_text())
     assert after["conditions"]["dlcm"]["base"]["map@5"]["n"] == 2
     assert not (r.run_dir / "evaluate" / "rerank" / "dlcm" / "base" / "seed_3").exists()
+
+
+def test_evaluate_samples_each_generator_at_its_own_check_temperature(fake_stages):
+    """sample.temperature_from_check: generator k's evaluation profiles at the temperature round k's check measured it
+    at (the base model at sample.temperature); refused, before any work, while that check is missing."""
+    r, work = fake_stages.recipe, fake_stages.work
+    carry = dataclasses.replace(r, sample=dataclasses.replace(r.sample, temperature_from_check=True))
+    with pytest.raises(StageError, match="pipelines/check.py --recipe <recipe> --round 1"):
+        evaluate_stage(carry)
+    assert not work and not (r.run_dir / "evaluate").exists()
+    with Stage(runs.stage_dir(r, "check", 1), "check", {"synthetic": 1}, quiet=True) as st:
+        st.finish(extra={"temperature": {"old": r.sample.temperature, "new": 0.85}})
+    out = evaluate_stage(carry)
+    assert work.temperatures == {0: r.sample.temperature, 1: 0.85}
+    assert json.loads((out / "results.json").read_text())["temperatures"] == {"0": r.sample.temperature, "1": 0.85}
+    assert f"generator 0 {r.sample.temperature:g}, generator 1 0.85" in (out / "results.md").read_text()
+    with pytest.raises(StageError, match="different config"):  # the temperatures are part of what it measured
+        evaluate_stage(r)
 
 
 def test_rerankers_in_worker_processes_write_what_one_process_writes(tmp_path):

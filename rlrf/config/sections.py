@@ -68,6 +68,15 @@ class SampleConfig:
     trim: Trim = _f("none", "a profile cut by max_new_tokens: none (kept mid-sentence) | sentence (cut back to its last "
                            "sentence end, finish_reason 'sentence'), so DPO compares profiles that end instead of two "
                            "cut-off texts that both learn to stop mid-word", late=True)
+    temperature_from_check: bool = _f(False, "each tuned generator samples at the temperature its round's check "
+                                             "measured it at (check.match_distinct's calibration, or check.temperature) "
+                                             "instead of sample.temperature: round k > 1 samples generator k-1 at round "
+                                             "k-1's, so its pairs and its check start from profiles as diverse as "
+                                             "round 1's, and `make evaluate` samples each generator at its own. Needs "
+                                             "round k-1's check; the grpo stage's online rollouts keep "
+                                             "sample.temperature. Not fingerprinted itself: the temperature it picks is, "
+                                             "in every stage that samples at it",
+                                      place=True)
 
     def __post_init__(self):
         _check_choices(self, "sample")
