@@ -278,7 +278,8 @@ def _line(info: dict) -> str:
         where = (f"{info['reused']['users']} users' profiles taken from {', '.join(info['reused']['from'])} (same "
                  f"seeds), the rest sampled | {where}")
     t = (c.get("sample") or {}).get("temperature")
-    return f"round {c['round']}: {info['users']} users from {c['generator']}" + (f" at T={t:g}" if t is not None else "") + f" | {where}"
+    at = f" at T={t:g}" if t is not None else ""
+    return f"round {c['round']}: {info['users']} users from {c['generator']}{at} | {where}"
 
 
 # what only changes how a sample stage is cut into work, never which text a (user, sample_idx) gets
