@@ -47,3 +47,33 @@ def verdict(ci: dict, up: str = "improved", down: str = "got worse") -> str:
     if ci["high"] < 0:
         return f"{down}: the whole 95% interval is below 0"
     return "no detectable change: the 95% interval contains 0"
+
+
+def noise_split(old: pl.DataFrame, new: pl.DataFrame, col: str = "reward") -> dict:
+    """How much of the check's per-user paired difference is sampling noise, the part more profiles a user removes.
+
+    `old` and `new` hold one row per profile (user_id, `col`). A user's difference of means carries, besides what
+    the generators really differ by for that user, each side's sampling noise: its within-user variance over its
+    profile count. Returns {"users", "n" (profiles a user, the median of both sides), "var_diff" (variance of the
+    per-user differences across users), "within" (the mean over users of s2_old/n_old + s2_new/n_new: the sampling
+    part), "between" (var_diff - within, at least 0: what more profiles cannot remove)}. Treating the two sides'
+    draws as independent (they share seeds, not texts) is an assumption: `benchmarks/check_power.py` checks the
+    projection it gives against the interval measured on subsets of a larger check."""
+    def stats(f: pl.DataFrame) -> pl.DataFrame:
+        return (f.filter(pl.col(col).is_not_nan()).group_by("user_id")
+                .agg(m=pl.col(col).mean(), v=pl.col(col).var(), k=pl.len()).filter(pl.col("k") >= 2))
+    j = stats(old).join(stats(new), on="user_id", suffix="_n")
+    if j.height < 2:
+        raise ValueError(f"noise_split: {j.height} user(s) with at least 2 profiles on both sides; need 2 or more")
+    diff = (j["m_n"] - j["m"]).to_numpy()
+    within = float(np.mean((j["v"] / j["k"] + j["v_n"] / j["k_n"]).to_numpy()))
+    var_diff = float(diff.var(ddof=1))
+    n = float(np.median(np.concatenate([j["k"].to_numpy(), j["k_n"].to_numpy()])))
+    return {"users": j.height, "n": n, "var_diff": var_diff, "within": within, "between": max(var_diff - within, 0.0)}
+
+
+def projected_half_width(split: dict, n: int, level_z: float = 1.96) -> float:
+    """The paired interval's half-width (normal approximation) a check of `n` profiles a user would have over the
+    same users, from `noise_split`: the sampling part shrinks as split["n"] / n, the between-user part stays."""
+    var = split["between"] + split["within"] * split["n"] / n
+    return float(level_z * np.sqrt(var / split["users"]))

@@ -216,3 +216,11 @@ def test_gain_by_genres_splits_a_gain_into_the_genre_count_and_the_rest():
     assert d["slope"]["lo"] < 0.01 < d["slope"]["hi"] and d["rest"]["lo"] < d["rest"]["mean"] < d["rest"]["hi"]
     with pytest.raises(ValueError, match="no user"):
         m.decompose(old, new.filter(pl.col("user_id") == 99))
+
+
+def test_check_power_is_the_normal_approximation():
+    p = load("check_power").power
+    assert p(0.0, 0.01) == pytest.approx(0.025, abs=1e-3)  # no gain: the one-sided 2.5% of reading "improved"
+    assert p(0.01, 0.01) == pytest.approx(0.5)  # the gain one half-width away: a coin toss
+    assert p(0.02, 0.01) == pytest.approx(0.975, abs=1e-3)
+    assert p(0.01, 0.0) == 1.0 and p(-0.01, 0.0) == 0.0

@@ -51,6 +51,34 @@ def test_pairing_averages_profiles_per_user_and_keeps_users_scored_twice():
     assert p["diff"].to_list() == pytest.approx([0.2, 0.15])
 
 
+def _two_sides(users: int, n: int, sd_user: float, sd_profile: float, seed: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Profiles whose reward is the user's own gain (sd_user across users) plus sampling noise (sd_profile)."""
+    rng = np.random.default_rng(seed)
+    gain = rng.normal(0.01, sd_user, users)
+    frame = lambda shift: pl.DataFrame({  # noqa: E731
+        "user_id": np.repeat(np.arange(users), n), "sample_idx": np.tile(np.arange(n), users),
+        "reward": np.repeat(shift, n) + rng.normal(0, sd_profile, users * n)})
+    return frame(np.zeros(users)), frame(gain)
+
+
+def test_noise_split_recovers_known_sampling_and_between_user_variance():
+    from rlrf.stats import noise_split, projected_half_width
+
+    old, new = _two_sides(4000, 4, sd_user=0.02, sd_profile=0.06, seed=0)
+    s = noise_split(old, new)
+    assert s["users"] == 4000 and s["n"] == 4
+    assert s["within"] == pytest.approx(2 * 0.06 ** 2 / 4, rel=0.05)  # each side's s2 / 4
+    assert s["between"] == pytest.approx(0.02 ** 2, rel=0.2)
+    # the projection for 16 profiles matches what 16 profiles a user measure on a fresh draw
+    big_old, big_new = _two_sides(4000, 16, sd_user=0.02, sd_profile=0.06, seed=1)
+    d = (big_new.group_by("user_id").agg(pl.col("reward").mean()).sort("user_id")["reward"]
+         - big_old.group_by("user_id").agg(pl.col("reward").mean()).sort("user_id")["reward"]).to_numpy()
+    assert projected_half_width(s, 16) == pytest.approx(1.96 * d.std(ddof=1) / np.sqrt(4000), rel=0.06)
+    assert projected_half_width(s, 4) > projected_half_width(s, 16) > projected_half_width(s, 10 ** 6) > 0
+    with pytest.raises(ValueError, match="at least 2 profiles"):
+        noise_split(old.filter(pl.col("sample_idx") == 0), new)
+
+
 def test_check_stage_writes_figure_summary_and_interval(tmp_path, monkeypatch):
     from rlrf import runs
     from rlrf.config import load_recipe
