@@ -216,6 +216,13 @@ def test_match_distinct_picks_the_lowest_temperature_that_gives_back_the_old_div
     by_temperature.update({t: 8 for t in by_temperature})  # never as diverse as the old side
     cal = check.match_distinct(recipe, tmp_path / "cal2", "old", "new", 1, log=lambda *a: None)
     assert cal["temperature"] == 1.0 and not cal["reached"]
+    # check.match_n: a check of many profiles a user calibrates at fewer (null = check.n, as above)
+    calls.clear()
+    few = dataclasses.replace(recipe, check=dataclasses.replace(recipe.check, n=16, match_n=2))
+    assert check.match_distinct(few, tmp_path / "cal5", "old", "new", 1, log=lambda *a: None)["n"] == 2
+    assert calls and all(c[3] == 2 for c in calls)
+    with pytest.raises(ValueError, match="check.match_n"):
+        load_recipe(None, ["check.match_n=0"])
     assert load_recipe(None, []).check.match_temperatures[:3] == [0.7, 0.725, 0.75]
     every = load_recipe(None, [f"runs_dir={tmp_path}", "run=r", "check.match_distinct=true", "sample.max_users=-1"])
     with pytest.raises(StageError, match="sample.max_users"):
@@ -328,8 +335,6 @@ def test_quality_criteria_are_read_off_their_intervals(tmp_path):
 def test_old_side_profiles_are_taken_from_the_rounds_sample_when_it_has_them(tmp_path, monkeypatch):
     """The check's old side (generator k-1, valid users, round k's seeds) is a subset of round k's own sample
     stage; it is copied from there when decoding, seeds and weights match, and sampled otherwise."""
-    import dataclasses
-
     import polars as pl
 
     from rlrf import runs, sample

@@ -461,8 +461,12 @@ class CheckConfig:
                                          "the temperatures check.match_distinct chooses among (ascending; a "
                                          "bisection samples about log2 of them: 0.7 to 1.0 by 0.025, 4 of 13; on "
                                          "the demo distinct-2 rises ~0.01 a 0.01 of temperature there)", late=True)
-    match_users: int = _f(96, "train users check.match_distinct samples at each temperature it tries (check.n "
-                              "profiles each)", late=True)
+    match_users: int = _f(96, "train users check.match_distinct samples at each temperature it tries "
+                              "(check.match_n profiles each)", late=True)
+    match_n: int | None = _f(None, "profiles a user check.match_distinct samples at each temperature; null = check.n. "
+                                   "Distinct-2 is a corpus figure that 4 a user already pin down, while the paired "
+                                   "difference wants more: a check of 16 a user calibrated at 4 costs the calibration "
+                                   "nothing more", late=True)
 
     def __post_init__(self):
         _check(self.n >= 1, "check.n", "must be >= 1")
@@ -474,6 +478,7 @@ class CheckConfig:
         _check(len(t) >= 1 and all(x > 0 for x in t) and list(t) == sorted(set(t)), "check.match_temperatures",
                f"must be distinct temperatures > 0 in ascending order, got {t}")
         _check(self.match_users >= 1, "check.match_users", f"must be >= 1, got {self.match_users}")
+        _check(self.match_n is None or self.match_n >= 1, "check.match_n", f"must be >= 1 (or null for check.n), got {self.match_n}")
         _check(self.users == -1 or self.users >= 1, "check.users", "must be -1 (all valid users) or >= 1")
 
 
