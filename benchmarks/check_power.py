@@ -3,7 +3,8 @@
 How sharp the learning check is, and what more profiles a valid user (`check.n`) would buy. Read from a finished
 check stage (round_<k>/check/{old,new}/score), for one judge (by default the independent MiniLM one):
 
-  measured     the check's own paired difference and its 95% bootstrap interval (rlrf.stats.paired_bootstrap);
+  measured     the check's own paired difference and its 95% bootstrap interval (rlrf.stats.paired_bootstrap, with
+               the check's resamples and seed: the figure the check printed);
   noise        the variance of the per-user differences split into its sampling part (each side's within-user
                variance over its profile count: what more profiles remove) and the rest (users really differ);
   projected    the interval's half-width a check of 4, 8, 16 and 32 profiles a user would have over the same users
@@ -56,7 +57,8 @@ def main() -> None:
     if args.judge not in old.columns:
         sys.exit(f"check_power: the check's scores have no '{args.judge}' column (there are: "
                  f"{', '.join(c for c in old.columns if c not in ('run', 'round', 'split', 'user_id', 'sample_idx'))})")
-    ci = paired_bootstrap(paired(old, new, args.judge)["diff"].to_numpy())
+    boot = dict(resamples=recipe.rounds.bootstrap, seed=recipe.seed + args.round)  # the check's own bootstrap
+    ci = paired_bootstrap(paired(old, new, args.judge)["diff"].to_numpy(), **boot)
     split = noise_split(old, new, args.judge)
     half = (ci["high"] - ci["low"]) / 2
     print(f"round {args.round}, {check}, judge {args.judge}: {split['users']} valid users, {split['n']:g} profiles a "
@@ -74,7 +76,7 @@ def main() -> None:
         if k >= have:
             break
         sub = [f.filter(pl.col("sample_idx") < k) for f in (old, new)]
-        c = paired_bootstrap(paired(*sub, args.judge)["diff"].to_numpy())
+        c = paired_bootstrap(paired(*sub, args.judge)["diff"].to_numpy(), **boot)
         print(f"  subsets    first {k:<3} profiles a user: new - old {ci_text(c)}, half-width "
               f"{(c['high'] - c['low']) / 2:.4f} (projected from all {have}: "
               f"{projected_half_width(split, k):.4f})")
