@@ -181,8 +181,8 @@ def match_distinct(recipe: Recipe, root: Path, old_gen: str, new_gen: str, k: in
                          f"lower sample.max_users, or measure at a set check.temperature instead")
 
     def distinct(rec: Recipe, gen: str, name: str) -> float:
-        d = sample_stage(rec, root / name, gen, k, splits=["train"], n=cfg.match_n or cfg.n, max_users=cfg.match_users,
-                         skip_users=skip)
+        d = sample_stage(rec, root / name, gen, k, splits=["train"], n=cfg.match_n or cfg.n,
+                         max_users=cfg.match_users, skip_users=skip)
         return distinct_n(read_artifact(d, "profiles", "sample")["text"].fill_null("").to_list(), 2)
 
     target = distinct(recipe, old_gen, "old")

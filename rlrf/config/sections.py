@@ -478,7 +478,8 @@ class CheckConfig:
         _check(len(t) >= 1 and all(x > 0 for x in t) and list(t) == sorted(set(t)), "check.match_temperatures",
                f"must be distinct temperatures > 0 in ascending order, got {t}")
         _check(self.match_users >= 1, "check.match_users", f"must be >= 1, got {self.match_users}")
-        _check(self.match_n is None or self.match_n >= 1, "check.match_n", f"must be >= 1 (or null for check.n), got {self.match_n}")
+        _check(self.match_n is None or self.match_n >= 1, "check.match_n",
+               f"must be >= 1 (or null for check.n), got {self.match_n}")
         _check(self.users == -1 or self.users >= 1, "check.users", "must be -1 (all valid users) or >= 1")
 
 
