@@ -46,13 +46,14 @@ def main() -> None:
     from rlrf import runs
     from rlrf.artifacts import read_artifact
     from rlrf.config import load_recipe
+    from rlrf.errors import StageError
     from rlrf.stats import ci_text, noise_split, paired, paired_bootstrap, projected_half_width
 
     recipe = load_recipe(args.recipe, args.overrides)
-    check = runs.stage_dir(recipe, "check", args.round)
-    if not (check / "stage.json").is_file():
-        sys.exit(f"check_power: {check} is not a finished check stage: run `python pipelines/check.py --recipe "
-                 f"<recipe> --round {args.round}` with the same overrides first")
+    try:
+        check = runs.finished_check(recipe, args.round)
+    except StageError as e:
+        sys.exit(f"check_power: {e}")
     old, new = (read_artifact(check / s / "score", "scores", "score") for s in ("old", "new"))
     if args.judge not in old.columns:
         sys.exit(f"check_power: the check's scores have no '{args.judge}' column (there are: "

@@ -90,13 +90,14 @@ def main() -> None:
     from rlrf import runs
     from rlrf.artifacts import read_artifact
     from rlrf.config import load_recipe
+    from rlrf.errors import StageError
     from rlrf.quality import catalogue_genres, distinct_n, paired_quality, without_genres
 
     recipe = load_recipe(args.recipe, args.overrides)
-    check = runs.stage_dir(recipe, "check", args.round)
-    if not (check / "stage.json").is_file():
-        sys.exit(f"gain_by_genres: {check} is not a finished check stage: run `python pipelines/check.py --recipe "
-                 f"<recipe> --round {args.round} run={recipe.run}` first")
+    try:
+        check = runs.finished_check(recipe, args.round)
+    except StageError as e:
+        sys.exit(f"gain_by_genres: {e}")
     genres = catalogue_genres(read_artifact(runs.prepare_dir(recipe), "items", "prepare"))
     old, new = side(check, "old", args.judge, genres), side(check, "new", args.judge, genres)
     d = decompose(old, new)

@@ -169,6 +169,7 @@ def match_distinct(recipe: Recipe, root: Path, old_gen: str, new_gen: str, k: in
     from rlrf.sample import sample_stage, select_users
 
     cfg, taken = recipe.check, recipe.sample.max_users
+    calib_n = cfg.match_n or cfg.n  # profiles a calibration user
     if taken <= 0 and "train" in recipe.sample.splits:
         raise StageError("check.match_distinct calibrates on train users outside the round's sample, and "
                          "sample.max_users=-1 sampled them all: set sample.max_users below the train split's size, "
@@ -181,8 +182,8 @@ def match_distinct(recipe: Recipe, root: Path, old_gen: str, new_gen: str, k: in
                          f"lower sample.max_users, or measure at a set check.temperature instead")
 
     def distinct(rec: Recipe, gen: str, name: str) -> float:
-        d = sample_stage(rec, root / name, gen, k, splits=["train"], n=cfg.match_n or cfg.n,
-                         max_users=cfg.match_users, skip_users=skip)
+        d = sample_stage(rec, root / name, gen, k, splits=["train"], n=calib_n, max_users=cfg.match_users,
+                         skip_users=skip)
         return distinct_n(read_artifact(d, "profiles", "sample")["text"].fill_null("").to_list(), 2)
 
     target = distinct(recipe, old_gen, "old")
@@ -204,7 +205,7 @@ def match_distinct(recipe: Recipe, root: Path, old_gen: str, new_gen: str, k: in
             f"at the highest, {chosen:g}")
     return {"temperature": chosen, "reached": best is not None, "target_distinct_2": target,
             "tried": [{"temperature": t, "distinct_2": d} for t, d in sorted(tried.items())],
-            "users": cfg.match_users, "n": cfg.match_n or cfg.n, "split": "train", "skipped": skip}
+            "users": cfg.match_users, "n": calib_n, "split": "train", "skipped": skip}
 
 
 def judge_diffs(recipe: Recipe, old: pl.DataFrame, new: pl.DataFrame, k: int) -> dict[str, tuple[str, pl.DataFrame, dict]]:

@@ -115,6 +115,18 @@ def stage_dir(r: Recipe, stage: str, k: int) -> Path:
     return round_dir(r, k) / stage
 
 
+def finished_check(r: Recipe, k: int) -> Path:
+    """Round k's check directory; a StageError naming the command that makes it where the check has not finished
+    (the reports in benchmarks/ that read a check)."""
+    from rlrf.errors import StageError
+
+    check = stage_dir(r, "check", k)
+    if not (check / "stage.json").is_file():
+        raise StageError(f"{check} is not a finished check stage: run `python pipelines/check.py --recipe <recipe> "
+                         f"--round {k}` with the run's overrides first")
+    return check
+
+
 def embeddings_cache(r: Recipe) -> Path:
     return r.run_dir / "embeddings"
 

@@ -224,3 +224,17 @@ def test_check_power_is_the_normal_approximation():
     assert p(0.01, 0.01) == pytest.approx(0.5)  # the gain one half-width away: a coin toss
     assert p(0.02, 0.01) == pytest.approx(0.975, abs=1e-3)
     assert p(0.01, 0.0) == 1.0 and p(-0.01, 0.0) == 0.0
+
+
+def test_finished_check_names_the_command_or_returns_the_check(tmp_path):
+    from rlrf import runs
+    from rlrf.config import load_recipe
+    from rlrf.errors import StageError
+
+    recipe = load_recipe(None, [f"runs_dir={tmp_path}", "run=r"])
+    with pytest.raises(StageError, match=r"not a finished check stage: run `python pipelines/check.py .* --round 2`"):
+        runs.finished_check(recipe, 2)
+    check = runs.stage_dir(recipe, "check", 2)
+    check.mkdir(parents=True)
+    (check / "stage.json").write_text("{}")
+    assert runs.finished_check(recipe, 2) == check
