@@ -86,7 +86,8 @@ def write_summary(path: Path, k: int, figures: dict, old_gen: str, new_gen: str,
     if cal:
         tried = ", ".join(f"{x['distinct_2']:.4f} at {x['temperature']:g}" for x in cal["tried"])
         lines += [f"Sampling temperature: old {temperatures['old']}, new {temperatures['new']}, calibrated "
-                  f"(check.match_distinct) on {cal['users']} train users outside the round's sample to generator {k - 1}'s distinct-2 "
+                  f"(check.match_distinct) on {cal['users']} train users outside the round's sample to generator "
+                  f"{k - 1}'s distinct-2{' across users' if cal.get('figure') == 'across' else ''} "
                   f"({cal['target_distinct_2']:.4f}; generator {k}: {tried})"
                   + ("" if cal["reached"] else "; no temperature tried reached it") + ".", ""]
     elif temperatures and temperatures["old"] != temperatures["new"]:
@@ -99,8 +100,8 @@ def write_summary(path: Path, k: int, figures: dict, old_gen: str, new_gen: str,
         lines.append(f"| {name} | {f['old_mean']:.4f} | {f['new_mean']:.4f} | {ci['mean']:+.4f} [{ci['low']:+.4f}, "
                      f"{ci['high']:+.4f}] | {ci['n']} | {f['improved_share']:.0%} | {verdict(ci)} |")
     if quality:
-        keys = [q for q in ("mean_tokens", "distinct_2", "names_history", "genres_named", "share_truncated",
-                            "share_at_limit", "perplexity", "perplexity_at_old_lengths")
+        keys = [q for q in ("mean_tokens", "distinct_2", "distinct_2_across", "names_history", "genres_named",
+                            "share_truncated", "share_at_limit", "perplexity", "perplexity_at_old_lengths")
                 if q in quality.get("old", {})]
         lines += ["", "| profiles | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
         for side in ("old", "new"):
@@ -159,17 +160,18 @@ def new_side(recipe: Recipe) -> Recipe:
 
 def match_distinct(recipe: Recipe, root: Path, old_gen: str, new_gen: str, k: int, log=print) -> dict:
     """check.match_distinct: the lowest of check.match_temperatures at which generator k's profiles of
-    check.match_users train users reach the corpus distinct-2 of generator k-1's at sample.temperature (same users,
-    same seeds). The users are train users outside the round's sample (the seeded draw's next ones after the
-    sample.max_users it took): DPO never trained on their prompts, and the valid users the check then measures play
-    no part in the choice. A bisection over the ascending list, distinct-2 taken as rising with the temperature;
-    where none reaches it, the highest, with `reached` false. Each side and temperature is a sample stage under
-    `root`."""
-    from rlrf.quality import distinct_n
+    check.match_users train users reach the distinct-2 (check.match_figure: corpus, or across users) of generator
+    k-1's at sample.temperature (same users, same seeds). The users are train users outside the round's sample (the
+    seeded draw's next ones after the sample.max_users it took): DPO never trained on their prompts, and the valid
+    users the check then measures play no part in the choice. A bisection over the ascending list, distinct-2 taken
+    as rising with the temperature; where none reaches it, the highest, with `reached` false. Each side and
+    temperature is a sample stage under `root`."""
+    from rlrf.quality import distinct_across, distinct_n
     from rlrf.sample import sample_stage, select_users
 
     cfg, taken = recipe.check, recipe.sample.max_users
     calib_n = cfg.match_n or cfg.n  # profiles a calibration user
+    across = cfg.match_figure == "across"
     if taken <= 0 and "train" in recipe.sample.splits:
         raise StageError("check.match_distinct calibrates on train users outside the round's sample, and "
                          "sample.max_users=-1 sampled them all: set sample.max_users below the train split's size, "
@@ -184,7 +186,9 @@ def match_distinct(recipe: Recipe, root: Path, old_gen: str, new_gen: str, k: in
     def distinct(rec: Recipe, gen: str, name: str) -> float:
         d = sample_stage(rec, root / name, gen, k, splits=["train"], n=calib_n, max_users=cfg.match_users,
                          skip_users=skip)
-        return distinct_n(read_artifact(d, "profiles", "sample")["text"].fill_null("").to_list(), 2)
+        p = read_artifact(d, "profiles", "sample")
+        texts = p["text"].fill_null("").to_list()
+        return distinct_across(texts, p["sample_idx"].to_list()) if across else distinct_n(texts, 2)
 
     target = distinct(recipe, old_gen, "old")
     temps, tried = list(cfg.match_temperatures), {}
@@ -193,7 +197,8 @@ def match_distinct(recipe: Recipe, root: Path, old_gen: str, new_gen: str, k: in
         mid = (lo + hi) // 2
         t = temps[mid]
         tried[t] = distinct(runs.at_temperature(recipe, t), new_gen, f"new_t{t:g}")
-        log(f"check: calibrating generator {k}'s temperature on {cfg.match_users} train users: distinct-2 "
+        log(f"check: calibrating generator {k}'s temperature on {cfg.match_users} train users: distinct-2"
+            f"{' across users' if across else ''} "
             f"{tried[t]:.4f} at {t:g} (generator {k - 1}'s at {recipe.sample.temperature:g}: {target:.4f})")
         if tried[t] >= target:
             best, hi = mid, mid - 1
@@ -205,7 +210,7 @@ def match_distinct(recipe: Recipe, root: Path, old_gen: str, new_gen: str, k: in
             f"at the highest, {chosen:g}")
     return {"temperature": chosen, "reached": best is not None, "target_distinct_2": target,
             "tried": [{"temperature": t, "distinct_2": d} for t, d in sorted(tried.items())],
-            "users": cfg.match_users, "n": calib_n, "split": "train", "skipped": skip}
+            "users": cfg.match_users, "n": calib_n, "figure": cfg.match_figure, "split": "train", "skipped": skip}
 
 
 def judge_diffs(recipe: Recipe, old: pl.DataFrame, new: pl.DataFrame, k: int) -> dict[str, tuple[str, pl.DataFrame, dict]]:

@@ -44,6 +44,17 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
     return len(seen) / total if total else 0.0
 
 
+def distinct_across(texts: list[str], slots, n: int = 2) -> float:
+    """Distinct-n across users: the mean, over profile slots (`slots`: each text's sample_idx), of the corpus
+    distinct-n of the slot's texts, one profile a user. The corpus figure of several profiles a user also counts the
+    variety within a user, which a hotter temperature buys and which grows with the profiles a user; this one counts
+    what tells users' profiles apart (a shared template lowers it) and reads the same at any profile count.
+    0.0 without texts."""
+    slots = np.asarray(slots)
+    per = [distinct_n([t for t, s in zip(texts, slots) if s == j], n) for j in np.unique(slots)]
+    return float(np.mean(per)) if per else 0.0
+
+
 def bigrams(text: str) -> set[tuple[str, str]]:
     """The text's distinct word bigrams."""
     w = words(text)
@@ -278,6 +289,8 @@ def profile_quality(profiles: pl.DataFrame, items: pl.DataFrame, interactions: p
         "mean_tokens": float(profiles["n_tokens"].mean()) if len(texts) else 0.0,
         "mean_words": float(np.mean([len(words(t)) for t in texts])) if texts else 0.0,
         "distinct_2": distinct_n(texts, 2),
+        **({"distinct_2_across": distinct_across(texts, profiles["sample_idx"].to_list())}
+           if "sample_idx" in profiles.columns else {}),
         "names_history": float(mentions.mean()) if texts else 0.0,
         "genres_named": float(np.mean([genres_named(t, genres) for t in texts])) if texts else 0.0,
         # cut mid-sentence at max_new_tokens; "sentence" = cut there too, then trimmed back to a sentence end
@@ -337,15 +350,17 @@ def paired_quality(old: pl.DataFrame, new: pl.DataFrame, resamples: int = 2000, 
                    level: float = 0.95, bins: int = 4) -> dict:
     """new - old profile quality with percentile bootstrap intervals, users resampled with replacement and a drawn user
     bringing its profiles of both sides (Koehn's paired bootstrap, as for corpus BLEU: a corpus figure is recomputed on
-    each draw). Frames hold one row per profile: user_id and what the figures need: `text` for distinct-2,
-    `names_history` (bool) for its share, `nll` and `tokens` (token_nll's) for the perplexity ratios. Only users
-    present in both frames count.
+    each draw). Frames hold one row per profile: user_id and what the figures need: `text` for distinct-2 (and with
+    `sample_idx`, distinct-2 across users: distinct_across over the slots both sides have), `names_history` (bool)
+    for its share, `nll` and `tokens` (token_nll's) for the perplexity ratios. Only users present in both frames
+    count.
 
-    Returns those of {"distinct_2": diff, "names_history": diff, "perplexity": ratio, "perplexity_at_old_lengths":
-    ratio} the frames allow, each {"mean" (the full sample's figure: new - old, or new / old for the ratios), "low", "high", "n" (users),
-    "level", "resamples"}. Distinct-2 counts a drawn user's own bigrams (those no other user's texts use) once per
-    copy, as another user drawn in its place would bring bigrams of its own: counted once, every repeat would lower
-    the draw's distinct-2, the more diverse side's the most, and the interval would sit off its figure."""
+    Returns those of {"distinct_2": diff, "distinct_2_across": diff, "names_history": diff, "perplexity": ratio,
+    "perplexity_at_old_lengths": ratio} the frames allow, each {"mean" (the full sample's figure: new - old, or
+    new / old for the ratios), "low", "high", "n" (users), "level", "resamples"}. Distinct-2 counts a drawn user's
+    own bigrams (those no other user's texts use) once per copy, as another user drawn in its place would bring
+    bigrams of its own: counted once, every repeat would lower the draw's distinct-2, the more diverse side's the
+    most, and the interval would sit off its figure."""
     users = np.intersect1d(old["user_id"].unique().to_numpy(), new["user_id"].unique().to_numpy())
     if not len(users):
         raise ValueError("paired_quality: no user has profiles from both generators")
@@ -373,6 +388,19 @@ def paired_quality(old: pl.DataFrame, new: pl.DataFrame, resamples: int = 2000, 
             distinct[name] = (_covered(mult, inc) + mult @ own) / np.maximum(mult @ total, 1)
         point = distinct_n(new["text"].fill_null("").to_list()) - distinct_n(old["text"].fill_null("").to_list())
         out["distinct_2"] = interval(point, distinct["new"] - distinct["old"])
+        if "sample_idx" in old.columns and "sample_idx" in new.columns:
+            # across users: each slot's corpus (one profile a user) drawn as above, the slots' figures averaged
+            slots = np.intersect1d(old["sample_idx"].unique().to_numpy(), new["sample_idx"].unique().to_numpy())
+            across = np.zeros(resamples)
+            for j in slots:
+                for sign, df in ((-1, old), (1, new)):
+                    at = df.filter(pl.col("sample_idx") == j)
+                    inc, own, total = _bigram_incidence(at["text"].to_list(), users, at["user_id"].to_list())
+                    across += sign * (_covered(mult, inc) + mult @ own) / np.maximum(mult @ total, 1) / len(slots)
+            o, w = (df.filter(pl.col("sample_idx").is_in(slots)) for df in (old, new))
+            point = (distinct_across(w["text"].to_list(), w["sample_idx"].to_list())
+                     - distinct_across(o["text"].to_list(), o["sample_idx"].to_list()))
+            out["distinct_2_across"] = interval(point, across)
     if "names_history" in old.columns and "names_history" in new.columns:
         share = {name: mult @ per_user(df, "names_history") / (mult @ per_user(df.with_columns(one=1), "one"))
                  for name, df in (("old", old), ("new", new))}
@@ -401,9 +429,11 @@ def paired_quality(old: pl.DataFrame, new: pl.DataFrame, resamples: int = 2000, 
 
 
 def profile_frame(profiles: pl.DataFrame, mentions: np.ndarray, nll=None, tokens=None) -> pl.DataFrame:
-    """What paired_quality reads, one row per profile: user_id, split, text, names_history (history_mentions'
-    array), and with token_nll's arrays (one value per profile row) nll and tokens."""
-    out = profiles.select("user_id", "split", pl.col("text").fill_null("")).with_columns(
+    """What paired_quality reads, one row per profile: user_id, split, sample_idx (where the profiles have it), text,
+    names_history (history_mentions' array), and with token_nll's arrays (one value per profile row) nll and
+    tokens."""
+    keep = ["user_id", "split"] + (["sample_idx"] if "sample_idx" in profiles.columns else [])
+    out = profiles.select(*keep, pl.col("text").fill_null("")).with_columns(
         names_history=pl.Series(np.asarray(mentions, dtype=bool), dtype=pl.Boolean))
     if nll is not None:
         out = out.with_columns(nll=pl.Series(np.asarray(nll, dtype=np.float64)),
@@ -418,7 +448,8 @@ def criteria_lines(diff: dict | None) -> list[str]:
         return []
 
     lines = [f"{name} new - old {ci_text(diff[key])} -> {verdict(diff[key], 'higher', 'lower')}"
-             for key, name in (("distinct_2", "distinct-2"), ("names_history", "names-history share")) if key in diff]
+             for key, name in (("distinct_2", "distinct-2"), ("distinct_2_across", "distinct-2 across users"),
+                               ("names_history", "names-history share")) if key in diff]
     for key, name in (("perplexity", "perplexity"), ("perplexity_at_old_lengths", "perplexity at old's lengths")):
         ci = diff.get(key)
         if ci and math.isnan(ci["mean"]):  # length_matched_perplexity: a length bin of old's holds no new profile

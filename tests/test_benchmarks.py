@@ -226,6 +226,30 @@ def test_check_power_is_the_normal_approximation():
     assert p(0.01, 0.0) == 1.0 and p(-0.01, 0.0) == 0.0
 
 
+def test_calibration_shape_reads_distinct_2_at_each_shape_of_one_cost():
+    """calibration_shape: the shapes of one profile count (capped at the users there are), and per shape the corpus
+    distinct-2 of each user's first k profiles on the same users of both sides: a generator that repeats itself within
+    a user loses to one that varies there the more profiles a user are counted."""
+    import polars as pl
+
+    from rlrf.quality import distinct_n
+
+    m = load("calibration_shape")
+    assert m.shapes_at(384, 16, 94) == [(1, 94), (2, 94), (4, 94), (8, 48), (12, 32), (16, 24)]
+    assert m.shapes_at(64, 4, 10) == [(1, 10), (2, 10), (4, 10)]
+    users = np.repeat(np.arange(1, 9), 4)
+    slots = np.tile(np.arange(4), 8)
+    old = pl.DataFrame({"user_id": users, "sample_idx": slots, "text": [f"user u{u} likes g{u}" for u in users]})
+    new = pl.DataFrame({"user_id": users, "sample_idx": slots,
+                        "text": [f"user likes w{i} w{i + 100}" for i in range(32)]})
+    rows = m.shape_diffs(old, new, [(1, 8), (4, 8), (2, 4)], draws=5, seed=0)
+    assert [(r["k"], r["users"], r["draws"]) for r in rows] == [(1, 8, 1), (4, 8, 1), (2, 4, 5)]
+    want = {k: distinct_n(new.filter(pl.col("sample_idx") < k)["text"].to_list())
+            - distinct_n(old.filter(pl.col("sample_idx") < k)["text"].to_list()) for k in (1, 4)}
+    assert rows[0]["mean"] == pytest.approx(want[1]) and rows[1]["mean"] == pytest.approx(want[4])
+    assert rows[0]["mean"] < rows[2]["mean"] < rows[1]["mean"] and rows[0]["std"] == 0.0
+
+
 def test_finished_check_names_the_command_or_returns_the_check(tmp_path):
     from rlrf import runs
     from rlrf.config import load_recipe

@@ -236,6 +236,64 @@ def test_match_distinct_picks_the_lowest_temperature_that_gives_back_the_old_div
         load_recipe(None, ["check.match_temperatures=[0.9,0.8]"])
 
 
+def test_match_figure_across_matches_the_variety_between_users_not_within(tmp_path, monkeypatch):
+    """check.match_figure=across: the calibration matches distinct-2 across users (each profile slot's corpus, one
+    profile a user), not the corpus figure, which a generator that varies within a user but writes every user the
+    same template reaches at a lower temperature. Here the old generator writes each user one personal text twice,
+    the new one a shared template plus words drawn per profile (more of them the hotter): the corpus figure is
+    matched at a lower temperature than the across-users one, and each choice is the lowest temperature whose figure
+    reaches the old side's."""
+    from rlrf import runs
+    from rlrf.config import load_recipe
+    from rlrf.quality import distinct_across, distinct_n
+    from rlrf.schema import SCHEMAS
+    from rlrf.store import Stage
+
+    temps = [0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3]
+    rng_words = [f"v{i}" for i in range(1000)]
+
+    def texts(t) -> dict[int, list[str]]:
+        if t == "old":  # a frame and three personal words, the same text in both slots
+            return {u: ["this user enjoys the films of " + " ".join(f"u{u}w{i}" for i in range(3))] * 2
+                    for u in range(1, 13)}
+        m = temps.index(t)  # words drawn a profile, rising with the temperature
+        rng = np.random.default_rng(7)
+        return {u: ["the user likes films of every kind " + " ".join(rng.choice(rng_words, m)) for _ in range(2)]
+                for u in range(1, 13)}
+
+    def fake_sample(recipe, out_dir, generator, k, *, splits, n, max_users, skip_users=0, **kw):
+        return write_stage(out_dir, "sample", "profiles",
+                           profile_rows(texts("old" if generator == "old" else recipe.sample.temperature)))
+
+    def figures(t):
+        rows = pl.DataFrame(profile_rows(texts(t)))
+        return distinct_n(rows["text"].to_list()), distinct_across(rows["text"].to_list(), rows["sample_idx"].to_list())
+
+    monkeypatch.setattr("rlrf.sample.sample_stage", fake_sample)
+    prompts = pl.DataFrame([{"user_id": u, "split": "train", "domain": "movies", "prompt_head": "h",
+                             "history_lines": ["l"], "prompt_tail": "t", "prompt": "p"} for u in range(1, 51)],
+                           schema=SCHEMAS["prompts"])
+    chosen = {}
+    for figure, at in (("corpus", 0), ("across", 1)):
+        recipe = load_recipe(None, [f"runs_dir={tmp_path}", "run=r", "check.match_distinct=true", "check.n=2",
+                                    "check.match_users=12", "sample.max_users=20", f"check.match_figure={figure}",
+                                    f"check.match_temperatures={temps}"])
+        if figure == "corpus":
+            with Stage(runs.prepare_dir(recipe), "prepare", {"x": 1}, quiet=True) as st:
+                for i in st.todo(1):
+                    st.write_shard(i, {"prompts": prompts})
+                st.finish()
+        cal = check.match_distinct(recipe, tmp_path / figure, "old", "new", 1, log=lambda *a: None)
+        target = figures("old")[at]
+        lowest = next(t for t in temps if figures(t)[at] >= target)
+        assert cal["figure"] == figure and cal["reached"] and cal["temperature"] == lowest
+        assert cal["target_distinct_2"] == pytest.approx(target)
+        chosen[figure] = cal["temperature"]
+    assert chosen == {"corpus": 0.9, "across": 1.1}
+    with pytest.raises(Exception, match="check.match_figure"):
+        load_recipe(None, ["check.match_figure=within"])
+
+
 def test_temperature_from_check_samples_each_round_at_the_last_checks_temperature(tmp_path, monkeypatch):
     """sample.temperature_from_check: round k samples generator k-1 at the temperature round k-1's check measured it
     at, and round k's check measures (and calibrates against) generator k-1 there; round 1 keeps sample.temperature;
@@ -312,16 +370,19 @@ def test_quality_criteria_are_read_off_their_intervals(tmp_path):
 
     side = {"mean_tokens": 50.0, "distinct_2": 0.37, "names_history": 0.9, "perplexity": 20.0}
     quality = {"old": side, "new": side, "diff": {
-        "distinct_2": ci(-0.077, -0.0975, -0.0556), "names_history": ci(0.02, -0.01, 0.05),
+        "distinct_2": ci(-0.077, -0.0975, -0.0556), "distinct_2_across": ci(-0.036, -0.048, -0.022),
+        "names_history": ci(0.02, -0.01, 0.05),
         "perplexity": ci(1.08, 1.01, 1.16), "perplexity_at_old_lengths": ci(1.31, 1.15, 1.48)}}
     lines = check.criteria_lines(quality["diff"])
     assert lines == ["distinct-2 new - old -0.0770 [-0.0975, -0.0556] -> lower: the whole 95% interval is below 0",
+                     "distinct-2 across users new - old -0.0360 [-0.0480, -0.0220] -> lower: the whole 95% interval is "
+                     "below 0",
                      "names-history share new - old +0.0200 [-0.0100, +0.0500] -> no detectable change: the 95% interval "
                      "contains 0",
                      "perplexity new / old 1.080 [1.010, 1.160] -> within +25%",
                      "perplexity at old's lengths new / old 1.310 [1.150, 1.480] -> +25% inside the interval"]
     quality["diff"]["perplexity"] = ci(1.4, 1.3, 1.5)
-    assert check.criteria_lines(quality["diff"])[2].endswith("-> over +25%")
+    assert check.criteria_lines(quality["diff"])[3].endswith("-> over +25%")
     assert check.criteria_lines(None) == []  # a check finished before the intervals
     # a length bin of old's that no new profile reaches leaves the matched ratio NaN: said so, never read as a verdict
     nan = float("nan")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rlrf.quality import (
+    distinct_across,
     distinct_n,
     genres_named,
     history_mentions,
@@ -229,6 +230,34 @@ def test_paired_quality_figures_by_hand():
                for k in same)
     with pytest.raises(ValueError, match="no user"):
         paired_quality(old.filter(pl.col("user_id") == 9), new)
+
+
+def test_distinct_across_users_by_hand_and_against_the_corpus_figure():
+    """distinct-2 across users: each profile slot's corpus (one profile a user) by distinct_n, the slots averaged. A
+    generator that writes every user the same frame but varies within a user reads more diverse than a personal one
+    on the corpus of two profiles a user, and less diverse across users; paired_quality gives both with intervals."""
+    texts = ["a b c", "a b c", "x y", "x z"]
+    assert distinct_across(texts, [0, 0, 1, 1]) == pytest.approx((2 / 4 + 2 / 2) / 2)
+    assert distinct_across(texts, [0, 1, 0, 1]) == pytest.approx((3 / 3 + 3 / 3) / 2)
+    assert distinct_across([], []) == 0.0
+    users = np.repeat(np.arange(1, 21), 2)
+    slots = np.tile([0, 1], 20)
+    old = pl.DataFrame({"user_id": users, "sample_idx": slots,  # personal, repeated within the user
+                        "text": [f"this user likes u{u}a u{u}b u{u}c" for u in users]})
+    new = pl.DataFrame({"user_id": users, "sample_idx": slots,  # one frame for all, a word drawn per profile
+                        "text": [f"the user likes films w{i} w{i + 1}" for i in range(40)]})
+    r = paired_quality(old, new, resamples=300, seed=0)
+    assert r["distinct_2"]["mean"] > 0 and r["distinct_2_across"]["high"] < 0  # the corpus figure says the reverse
+    rows = {name: df for name, df in (("old", old), ("new", new))}
+    want = {k: distinct_across(df["text"].to_list(), df["sample_idx"].to_list()) for k, df in rows.items()}
+    assert r["distinct_2_across"]["mean"] == pytest.approx(want["new"] - want["old"])
+    a = r["distinct_2_across"]
+    assert a["low"] - 1e-9 <= a["mean"] <= a["high"] + 1e-9  # every user alike here: the draws hardly move it
+    # a slot one side lacks does not count; without sample_idx the figure is not given
+    assert paired_quality(old, new.filter(pl.col("sample_idx") == 0), resamples=50)["distinct_2_across"]["mean"] == (
+        pytest.approx(distinct_across(new.filter(pl.col("sample_idx") == 0)["text"].to_list(), [0] * 20)
+                      - distinct_across(old.filter(pl.col("sample_idx") == 0)["text"].to_list(), [0] * 20)))
+    assert "distinct_2_across" not in paired_quality(old.drop("sample_idx"), new, resamples=50)
 
 
 def test_paired_quality_distinct_2_interval_sits_on_its_figure():

@@ -67,6 +67,7 @@ Divergence = Literal["reverse_kl", "forward_kl", "js_divergence"]  # dpo.diverge
 ScaleRewards = Literal["group", "batch", "none"]
 GRPOLoss = Literal["dapo", "grpo", "dr_grpo", "bnpo"]
 Diverse = Literal["", "surprisal", "typicality"]  # pairs.diverse: DivPO's diversity criterion ("" = off)
+MatchFigure = Literal["corpus", "across"]  # check.match_figure: the distinct-2 check.match_distinct matches
 
 
 def choices(tp: Any) -> tuple | None:

@@ -7,8 +7,8 @@ import re
 from dataclasses import dataclass
 
 from rlrf.config.keys import (Backbone, Candidates, DatasetName, Diverse, Divergence, DPOBackend, DType, GRPOLoss,
-                              Layout, Pooling, RerankLoss, Reward, SampleBackend, ScaleRewards, TextJudge, TextReward,
-                              Trim, WithoutProfile, _check, _check_choices, _f)
+                              Layout, MatchFigure, Pooling, RerankLoss, Reward, SampleBackend, ScaleRewards, TextJudge,
+                              TextReward, Trim, WithoutProfile, _check, _check_choices, _f)
 from rlrf.prompts import INSTRUCTIONS
 
 
@@ -468,7 +468,15 @@ class CheckConfig:
                                    "difference wants more: a check of 16 a user calibrated at 4 costs the calibration "
                                    "nothing more", late=True)
 
+    match_figure: MatchFigure = _f(
+        "corpus", "the diversity check.match_distinct matches: corpus (distinct-2 of all the calibration's "
+                  "profiles, which also counts the variety within a user, so its reading depends on the profiles a "
+                  "user: at 4 it under-reads the check's own figure at 16 by 0.01-0.03) | across (distinct-2 across "
+                  "users: each profile slot's corpus of one profile a user, averaged; what a shared template lowers, "
+                  "the same at any profile count; the check reports it as distinct_2_across)", late=True)
+
     def __post_init__(self):
+        _check_choices(self, "check")
         _check(self.n >= 1, "check.n", "must be >= 1")
         _check(self.temperature is None or self.temperature > 0, "check.temperature",
                f"must be > 0 (or null for sample.temperature), got {self.temperature}")
