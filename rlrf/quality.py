@@ -395,11 +395,12 @@ def paired_quality(old: pl.DataFrame, new: pl.DataFrame, resamples: int = 2000, 
             for j in slots:
                 for sign, df in ((-1, old), (1, new)):
                     at = df.filter(pl.col("sample_idx") == j)
-                    inc, own, total = _bigram_incidence(at["text"].to_list(), users, at["user_id"].to_list())
+                    inc, own, total = _bigram_incidence(at["text"].fill_null("").to_list(), users,
+                                                        at["user_id"].to_list())
                     across += sign * (_covered(mult, inc) + mult @ own) / np.maximum(mult @ total, 1) / len(slots)
             o, w = (df.filter(pl.col("sample_idx").is_in(slots)) for df in (old, new))
-            point = (distinct_across(w["text"].to_list(), w["sample_idx"].to_list())
-                     - distinct_across(o["text"].to_list(), o["sample_idx"].to_list()))
+            point = (distinct_across(w["text"].fill_null("").to_list(), w["sample_idx"].to_list())
+                     - distinct_across(o["text"].fill_null("").to_list(), o["sample_idx"].to_list()))
             out["distinct_2_across"] = interval(point, across)
     if "names_history" in old.columns and "names_history" in new.columns:
         share = {name: mult @ per_user(df, "names_history") / (mult @ per_user(df.with_columns(one=1), "one"))

@@ -464,9 +464,9 @@ class CheckConfig:
     match_users: int = _f(96, "train users check.match_distinct samples at each temperature it tries "
                               "(check.match_n profiles each)", late=True)
     match_n: int | None = _f(None, "profiles a user check.match_distinct samples at each temperature; null = check.n. "
-                                   "Distinct-2 is a corpus figure that 4 a user already pin down, while the paired "
-                                   "difference wants more: a check of 16 a user calibrated at 4 costs the calibration "
-                                   "nothing more", late=True)
+                                   "A check of 16 a user calibrated at 4 costs the calibration nothing more; the "
+                                   "corpus distinct-2 reads differently at 4 and at 16 a user, distinct-2 across "
+                                   "users does not (check.match_figure)", late=True)
 
     match_figure: MatchFigure = _f(
         "corpus", "the diversity check.match_distinct matches: corpus (distinct-2 of all the calibration's "
