@@ -30,7 +30,7 @@ def test_round1_leaves_a_generator_and_an_inspectable_preference_parquet(tiny_ro
     assert check["judge"].startswith("retrieval") and len(check["judges"]) == 4 and {"old", "new"} <= set(check["quality"])
     assert check["quality"]["new"]["perplexity"] > 1
     diff = check["quality"]["diff"]  # each quality figure paired by user, with its interval
-    assert set(diff) == {"distinct_2", "names_history", "perplexity", "perplexity_at_old_lengths"}
+    assert set(diff) == {"distinct_2", "distinct_2_across", "names_history", "perplexity", "perplexity_at_old_lengths"}
     assert all(d["low"] <= d["high"] and d["n"] >= check["rows"]["users"] for d in diff.values())
     # the score stage reports its judges' reliability; DPO its accuracy on the held-out users' pairs
     score = json.loads((r1 / "score" / "stage.json").read_text())
