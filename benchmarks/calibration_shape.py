@@ -66,18 +66,17 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="key.sub=value, as the run was made (e.g. runs_dir=runs_x)")
     args = ap.parse_args()
     from rlrf import runs
-    from rlrf.artifacts import read_artifact
     from rlrf.config import load_recipe
     from rlrf.errors import StageError
     from rlrf.quality import distinct_across
+    from rlrf.stats import fewest_per_user
 
     recipe = load_recipe(args.recipe, args.overrides)
     try:
-        check = runs.finished_check(recipe, args.round)
+        check, old, new = runs.check_sides(recipe, args.round, "sample", "profiles")
     except StageError as e:
         sys.exit(f"calibration_shape: {e}")
-    old, new = (read_artifact(check / s / "sample", "profiles", "sample") for s in ("old", "new"))
-    have = int(min(old.group_by("user_id").len()["len"].min(), new.group_by("user_id").len()["len"].min()))
+    have = fewest_per_user(old, new)
     users = old["user_id"].n_unique()
     if have < 8:
         sys.exit(f"calibration_shape: the check at {check} holds {have} profiles a user; the shapes need 8 or more "

@@ -44,17 +44,15 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="key.sub=value, as the run was made (e.g. runs_dir=runs_x)")
     args = ap.parse_args()
     from rlrf import runs
-    from rlrf.artifacts import read_artifact
     from rlrf.config import load_recipe
     from rlrf.errors import StageError
-    from rlrf.stats import ci_text, noise_split, paired, paired_bootstrap, projected_half_width
+    from rlrf.stats import ci_text, fewest_per_user, noise_split, paired, paired_bootstrap, projected_half_width
 
     recipe = load_recipe(args.recipe, args.overrides)
     try:
-        check = runs.finished_check(recipe, args.round)
+        check, old, new = runs.check_sides(recipe, args.round, "score", "scores")
     except StageError as e:
         sys.exit(f"check_power: {e}")
-    old, new = (read_artifact(check / s / "score", "scores", "score") for s in ("old", "new"))
     if args.judge not in old.columns:
         sys.exit(f"check_power: the check's scores have no '{args.judge}' column (there are: "
                  f"{', '.join(c for c in old.columns if c not in ('run', 'round', 'split', 'user_id', 'sample_idx'))})")
@@ -72,7 +70,7 @@ def main() -> None:
         h = projected_half_width(split, n)
         print(f"  projected  check.n={n:<3} half-width {h:.4f}; P(improved) at a true gain of {ci['mean']:+.4f}: "
               f"{power(ci['mean'], h):.0%}")
-    have = int(min(old.group_by("user_id").len()["len"].min(), new.group_by("user_id").len()["len"].min()))
+    have = fewest_per_user(old, new)
     for k in (4, 8, 16):
         if k >= have:
             break

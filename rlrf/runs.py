@@ -127,6 +127,17 @@ def finished_check(r: Recipe, k: int) -> Path:
     return check
 
 
+def check_sides(r: Recipe, k: int, stage: str, artifact: str):
+    """(round k's finished check directory, generator k-1's and generator k's `artifact` of their `stage` sub-stage
+    in it, e.g. "sample"/"profiles" or "score"/"scores"): what the reports in benchmarks/ that read a check start
+    from; finished_check's StageError where the check has not finished."""
+    from rlrf.artifacts import read_artifact
+
+    check = finished_check(r, k)
+    old, new = (read_artifact(check / side / stage, artifact, stage) for side in ("old", "new"))
+    return check, old, new
+
+
 def embeddings_cache(r: Recipe) -> Path:
     return r.run_dir / "embeddings"
 

@@ -77,3 +77,9 @@ def projected_half_width(split: dict, n: int, level_z: float = 1.96) -> float:
     same users, from `noise_split`: the sampling part shrinks as split["n"] / n, the between-user part stays."""
     var = split["between"] + split["within"] * split["n"] / n
     return float(level_z * np.sqrt(var / split["users"]))
+
+
+def fewest_per_user(*frames) -> int:
+    """The fewest rows any user has in any of the frames (each with a user_id column): the profiles a user every
+    side of a check holds."""
+    return int(min(f.group_by("user_id").len()["len"].min() for f in frames))

@@ -262,3 +262,15 @@ def test_finished_check_names_the_command_or_returns_the_check(tmp_path):
     check.mkdir(parents=True)
     (check / "stage.json").write_text("{}")
     assert runs.finished_check(recipe, 2) == check
+    # check_sides: both sides' artifact of one sub-stage of the check; fewest_per_user: the profiles a user all hold
+    import polars as pl
+
+    from rlrf.stats import fewest_per_user
+    from tests.loop_fixtures import profile_rows, write_stage
+
+    write_stage(check / "old" / "sample", "sample", "profiles", profile_rows({1: ["a b", "c d"], 2: ["e f", "g h"]}))
+    write_stage(check / "new" / "sample", "sample", "profiles", profile_rows({1: ["a c"], 2: ["e g", "f h"]}))
+    got, old, new = runs.check_sides(recipe, 2, "sample", "profiles")
+    assert got == check and old.height == 4 and new.height == 3 and new["text"].to_list()[0] == "a c"
+    assert fewest_per_user(old, new) == 1 and fewest_per_user(old) == 2
+    assert fewest_per_user(pl.DataFrame({"user_id": [3, 3, 3]})) == 3
