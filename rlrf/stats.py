@@ -83,3 +83,42 @@ def fewest_per_user(*frames) -> int:
     """The fewest rows any user has in any of the frames (each with a user_id column): the profiles a user every
     side of a check holds."""
     return int(min(f.group_by("user_id").len()["len"].min() for f in frames))
+
+
+def pool(figures: list[dict], log: bool = False, level: float = 0.95) -> dict:
+    """Several independent draws' figures of one quantity pooled, as a meta-analysis does (each figure a
+    paired_bootstrap dict: mean, low, high; its standard error read off the interval, (high - low) / 2z).
+
+    `log`: the figures are ratios (perplexity new / old), pooled on the log scale and returned as ratios.
+    Returns {"k", "fixed": the inverse-variance mean with its interval (the draws taken as one effect measured k
+    times), "random": DerSimonian-Laird's between-draw variance tau2 added to each draw's, the interval from
+    Hartung-Knapp's t on k - 1 degrees of freedom (its scale factor at least 1): what a new draw of the recipe would
+    have on average, the figure a recipe's claim needs, "q" (Cochran's Q), "i2" (the share of the spread between
+    draws that their own intervals do not explain, 0 to 1)}. Two draws or more."""
+    from scipy import stats as st
+
+    k = len(figures)
+    if k < 2:
+        raise ValueError(f"pool: {k} figure(s); pooling needs the figures of 2 or more independent draws")
+    z = float(st.norm.ppf(0.5 + level / 2))
+    f = (lambda x: np.log(np.asarray(x, dtype=np.float64))) if log else (lambda x: np.asarray(x, dtype=np.float64))
+    y = f([g["mean"] for g in figures])
+    se = (f([g["high"] for g in figures]) - f([g["low"] for g in figures])) / (2 * z)
+    if not (se > 0).all():
+        raise ValueError("pool: every figure needs an interval of positive width (high > low)")
+    back = np.exp if log else (lambda x: x)
+    w = 1 / se**2
+    fixed = float((w * y).sum() / w.sum())
+    fixed_se = float(np.sqrt(1 / w.sum()))
+    q = float((w * (y - fixed) ** 2).sum())
+    c = float(w.sum() - (w**2).sum() / w.sum())
+    tau2 = max(0.0, (q - (k - 1)) / c)
+    wr = 1 / (se**2 + tau2)
+    mu = float((wr * y).sum() / wr.sum())
+    scale = max(1.0, float((wr * (y - mu) ** 2).sum() / (k - 1)))
+    half = float(st.t.ppf(0.5 + level / 2, k - 1) * np.sqrt(scale / wr.sum()))
+    return {"k": k, "level": level, "q": q, "i2": max(0.0, (q - (k - 1)) / q) if q > 0 else 0.0,
+            "fixed": {"mean": float(back(fixed)), "low": float(back(fixed - z * fixed_se)),
+                      "high": float(back(fixed + z * fixed_se)), "n": k},
+            "random": {"mean": float(back(mu)), "low": float(back(mu - half)), "high": float(back(mu + half)),
+                       "tau2": tau2, "n": k}}

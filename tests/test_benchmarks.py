@@ -274,3 +274,39 @@ def test_finished_check_names_the_command_or_returns_the_check(tmp_path):
     assert got == check and old.height == 4 and new.height == 3 and new["text"].to_list()[0] == "a c"
     assert fewest_per_user(old, new) == 1 and fewest_per_user(old) == 2
     assert fewest_per_user(pl.DataFrame({"user_id": [3, 3, 3]})) == 3
+
+
+def test_pool_draws_reads_checks_pools_their_figures_and_names_bad_input(tmp_path, capsys):
+    """pool_draws on three hand-made check stages: each draw's line, the pooled figures (the judge's fixed mean the
+    inverse-variance mean of the three), the criteria read on the random-effects figures; missing or foreign stages
+    and an unknown judge are refused by name."""
+    m = load("pool_draws")
+    judge = "retrieval (encoder cosine)"
+    ci = lambda mean, se: {"mean": mean, "low": mean - 1.96 * se, "high": mean + 1.96 * se, "n": 94}  # noqa: E731
+    ratio = lambda r: {"mean": r, "low": r * 0.95, "high": r * 1.05, "n": 94}  # noqa: E731
+    dirs = []
+    for i, (g, se) in enumerate(((0.014, 0.004), (0.008, 0.004), (0.005, 0.003))):
+        d = tmp_path / f"runs_{i}" / "round_1" / "check"
+        _stage(d, stage="check", round=1, judge=judge, judges={judge: {"diff": ci(g, se)}, "other": {"diff": ci(0, 1)}},
+               temperature={"old": 0.7, "new": 0.9 + i / 40},
+               quality={"diff": {"distinct_2_across": ci(0.01, 0.005), "names_history": ci(0.02, 0.01),
+                                 "perplexity": ratio(1.1 + i / 10)}})
+        dirs.append(str(d))
+    assert m.main(dirs) == 0
+    out = capsys.readouterr().out
+    w = np.array([1 / 0.004 ** 2, 1 / 0.004 ** 2, 1 / 0.003 ** 2])
+    fixed = float((w * np.array([0.014, 0.008, 0.005])).sum() / w.sum())
+    assert f"pooled (fixed): {judge} {fixed:+.4f}" in out and out.count("(T 0.7 -> ") == 3
+    assert "pooled (random) distinct-2 across users new - old +0.0100" in out
+    geo = (1.1 * 1.2 * 1.3) ** (1 / 3)  # ratios pool on the log scale: equal weights, the geometric mean
+    assert f"pooled (random) perplexity new / old {geo:.3f}" in out and "between draws" in out
+    assert "perplexity at old's lengths" not in out  # no draw carries it
+    with pytest.raises(SystemExit, match="is missing"):
+        m.main([dirs[0], str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match="no judge 'genres'"):
+        m.main(dirs + ["--judge", "genres"])
+    with pytest.raises(SystemExit, match="2 or more"):
+        m.main(dirs[:1])
+    _stage(tmp_path / "dpo", stage="dpo", wall_s=1)
+    with pytest.raises(SystemExit, match="not a check stage"):
+        m.main([dirs[0], str(tmp_path / "dpo")])
