@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -47,12 +48,13 @@ def read_check(check_dir: Path, judge: str | None) -> dict:
 
 
 def pooled(draws: list[dict]) -> dict:
-    """Every figure all draws carry, pooled: {"judge": pool(...), quality key: pool(...)}."""
+    """Every figure all draws carry and measured, pooled: {"judge": pool(...), quality key: pool(...)} (a check
+    whose perplexity at old's lengths was not measured, NaN, leaves that figure out)."""
     from rlrf.stats import pool
 
     out = {"judge": pool([d["diff"] for d in draws])}
     for key, _, log in QUALITY:
-        if all(key in d["quality"] for d in draws):
+        if all(key in d["quality"] and math.isfinite(d["quality"][key]["mean"]) for d in draws):
             out[key] = pool([d["quality"][key] for d in draws], log=log)
     return out
 

@@ -301,6 +301,9 @@ def test_pool_draws_reads_checks_pools_their_figures_and_names_bad_input(tmp_pat
     geo = (1.1 * 1.2 * 1.3) ** (1 / 3)  # ratios pool on the log scale: equal weights, the geometric mean
     assert f"pooled (random) perplexity new / old {geo:.3f}" in out and "between draws" in out
     assert "perplexity at old's lengths" not in out  # no draw carries it
+    nan = {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 94}
+    assert "perplexity" not in m.pooled([m.read_check(d, None) for d in dirs[:1]] + [
+        {"diff": ci(0.01, 0.004), "quality": {"perplexity": nan}}])  # one draw did not measure it: left out
     with pytest.raises(SystemExit, match="is missing"):
         m.main([dirs[0], str(tmp_path / "nowhere")])
     with pytest.raises(SystemExit, match="no judge 'genres'"):
