@@ -19,7 +19,6 @@ training-seed replicate on the same pairs) are not independent draws of the pair
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -31,11 +30,14 @@ QUALITY = (("distinct_2_across", "distinct-2 across users", False), ("distinct_2
 
 def read_check(check_dir: Path, judge: str | None) -> dict:
     """One finished check's judge figure, quality diffs and temperatures; a clear error where it is not one."""
+    from rlrf.artifacts import read_stage_json
+    from rlrf.errors import StageError
+
     path = Path(check_dir) / "stage.json"
-    if not path.is_file():
-        raise SystemExit(f"pool_draws: {path} is missing: pass finished check stages (runs/<run>/round_<k>/check; "
-                         "make round1 writes one)")
-    info = json.loads(path.read_text())
+    try:
+        info = read_stage_json(check_dir, "check")
+    except StageError as e:
+        raise SystemExit(f"pool_draws: a finished check stage is missing: {e}") from None
     if info.get("stage") not in (None, "check") or "judges" not in info:
         raise SystemExit(f"pool_draws: {path} is not a check stage's")
     name = judge or info["judge"]
