@@ -77,7 +77,7 @@ def _side(recipe: Recipe, root: Path, generator: str, k: int, reranker: Path) ->
 
 
 def write_summary(path: Path, k: int, figures: dict, old_gen: str, new_gen: str, dpo: dict | None,
-                  quality: dict, temperatures: dict | None = None) -> None:
+                  quality: dict, temperatures: dict | None = None, decodings: dict | None = None) -> None:
     lines = [f"# Round {k}: is it learning?", "",
              f"Valid users (never trained on by DPO), same seeds for both generators; each judge's reward averaged "
              f"over a user's profiles, paired by user. Old = generator {k - 1} (`{old_gen}`), new = generator {k} "
@@ -93,6 +93,9 @@ def write_summary(path: Path, k: int, figures: dict, old_gen: str, new_gen: str,
     elif temperatures and temperatures["old"] != temperatures["new"]:
         lines += [f"Sampling temperature: old {temperatures['old']}, new {temperatures['new']} (check.temperature: "
                   f"generator {k} measured at a recalibrated temperature).", ""]
+    cut = decoding_line(decodings, k)
+    if cut:
+        lines += [cut + ".", ""]
     lines += ["| judge | old | new | new - old (95% bootstrap interval) | users | improved | verdict |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, f in figures.items():
@@ -126,6 +129,21 @@ def write_summary(path: Path, k: int, figures: dict, old_gen: str, new_gen: str,
         tmp.write_text("\n".join(lines) + "\n")
 
 
+def decoding_line(decodings: dict | None, k: int) -> str:
+    """'Nucleus and min-p: ...' where the two generators' top_p or min_p differ in the check (check.top_p,
+    check.min_p), else ''."""
+    if not decodings:
+        return ""
+    old, new = decodings["old"], decodings["new"]
+    if all(old.get(key) == new.get(key) for key in ("top_p", "min_p")):
+        return ""
+
+    def side(d: dict) -> str:
+        return f"top_p {d.get('top_p', 1.0):g}, min_p {d.get('min_p', 0.0):g}"
+    return (f"Nucleus and min-p: generator {k} sampled at {side(new)} (check.top_p, check.min_p), generator {k - 1} "
+            f"at {side(old)}")
+
+
 def plot(path: Path, pairs: pl.DataFrame, ci: dict, k: int) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
@@ -151,17 +169,29 @@ def judged(recipe: Recipe) -> Recipe:
     return dataclasses.replace(recipe, score=dataclasses.replace(recipe.score, reward=reward))
 
 
+def new_decoding(recipe: Recipe) -> Recipe:
+    """The recipe with generator k's nucleus and min-p in the check: check.top_p and check.min_p, where set, in place
+    of the sample section's (generator k-1 keeps the round's)."""
+    c = recipe.check
+    return runs.with_decoding(recipe, **{key: v for key, v in (("top_p", c.top_p), ("min_p", c.min_p))
+                                         if v is not None})
+
+
 def new_side(recipe: Recipe) -> Recipe:
-    """The recipe generator k samples with in the check: check.temperature, where set, in place of sample.temperature
-    (generator k-1 keeps the round's)."""
+    """The recipe generator k samples with in the check: check.temperature, check.top_p and check.min_p, where set,
+    in place of the sample section's (generator k-1 keeps the round's)."""
     t = recipe.check.temperature
-    return recipe if t is None else runs.at_temperature(recipe, t)
+    return new_decoding(recipe if t is None else runs.at_temperature(recipe, t))
+
+
+def decoding(recipe: Recipe) -> dict:
+    return {key: getattr(recipe.sample, key) for key in runs.DECODING}
 
 
 def match_distinct(recipe: Recipe, root: Path, old_gen: str, new_gen: str, k: int, log=print) -> dict:
-    """check.match_distinct: the lowest of check.match_temperatures at which generator k's profiles of
-    check.match_users train users reach the distinct-2 (check.match_figure: corpus, or across users) of generator
-    k-1's at sample.temperature (same users, same seeds). The users are train users outside the round's sample (the
+    """check.match_distinct: the lowest of check.match_temperatures at which generator k's profiles (at check.top_p
+    and check.min_p where set) of check.match_users train users reach the distinct-2 (check.match_figure: corpus, or
+    across users) of generator k-1's at sample.temperature (same users, same seeds). The users are train users outside the round's sample (the
     seeded draw's next ones after the sample.max_users it took): DPO never trained on their prompts, and the valid
     users the check then measures play no part in the choice. A bisection over the ascending list, distinct-2 taken
     as rising with the temperature; where none reaches it, the highest, with `reached` false. Each side and
@@ -191,12 +221,13 @@ def match_distinct(recipe: Recipe, root: Path, old_gen: str, new_gen: str, k: in
         return distinct_across(texts, p["sample_idx"].to_list()) if across else distinct_n(texts, 2)
 
     target = distinct(recipe, old_gen, "old")
+    new = new_decoding(recipe)
     temps, tried = list(cfg.match_temperatures), {}
     lo, hi, best = 0, len(temps) - 1, None
     while lo <= hi:
         mid = (lo + hi) // 2
         t = temps[mid]
-        tried[t] = distinct(runs.at_temperature(recipe, t), new_gen, f"new_t{t:g}")
+        tried[t] = distinct(runs.at_temperature(new, t), new_gen, f"new_t{t:g}")
         log(f"check: calibrating generator {k}'s temperature on {cfg.match_users} train users: distinct-2"
             f"{' across users' if across else ''} "
             f"{tried[t]:.4f} at {t:g} (generator {k - 1}'s at {recipe.sample.temperature:g}: {target:.4f})")
@@ -248,7 +279,8 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
         else:
             calibration = (match_distinct(recipe, out / "calibrate", old_gen, new_gen, k)
                            if recipe.check.match_distinct else None)
-            new_recipe = runs.at_temperature(recipe, calibration["temperature"]) if calibration else new_side(recipe)
+            new_recipe = (runs.at_temperature(new_decoding(recipe), calibration["temperature"]) if calibration
+                          else new_side(recipe))
             sides = {side: _side(rec, out / side, gen, k, reranker)
                      for side, gen, rec in (("old", old_gen, recipe), ("new", new_gen, new_recipe))}
             old = with_judge_ab(read_artifact(sides["old"], "scores", "score"))
@@ -269,7 +301,8 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
             dpo = read_stage_json(dpo_dir) if (dpo_dir / "stage.json").is_file() else None
             temperatures = {"old": recipe.sample.temperature, "new": new_recipe.sample.temperature,
                             **({"calibration": calibration} if calibration else {})}
-            write_summary(out / "summary.md", k, figures, old_gen, new_gen, dpo, quality, temperatures)
+            decodings = {"old": decoding(recipe), "new": decoding(new_recipe)}
+            write_summary(out / "summary.md", k, figures, old_gen, new_gen, dpo, quality, temperatures, decodings)
             first = next(iter(figures))
             ci = figures[first]["diff"]
             info = st.finish(
@@ -278,6 +311,7 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
                        "improved_share": figures[first]["improved_share"], "judges": figures,
                        "judge_order": list(figures), "quality": quality,
                        "dpo_heldout": (dpo or {}).get("heldout"), "temperature": temperatures,
+                       "decoding": decodings,
                        "old_generator": old_gen, "new_generator": new_gen},
                 rows={"users": ci["n"]})
     figs = info.get("judges", {info["metric"]: {"diff": info["reward_diff"]}})
@@ -291,6 +325,9 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
                if temps.get("calibration") else "check.temperature")
         print(f"check: round {k} generator {k} sampled at temperature {temps['new']:g} ({how}), generator {k - 1} at "
               f"{temps['old']:g}")
+    cut = decoding_line(info.get("decoding"), k)
+    if cut:
+        print(f"check: round {k} {cut}")
     for line in criteria_lines((info.get("quality") or {}).get("diff")):
         print(f"check: round {k} {line}")
     print(f"check: {out / 'summary.md'}")

@@ -326,7 +326,8 @@ def quality_diff(old: pl.DataFrame, new: pl.DataFrame, resamples: int, seed: int
 def evaluate_stage(recipe: Recipe, *, force: bool = False, recipe_path: str = "<recipe>") -> Path:
     """Run (or resume) every sub-stage, then write results.md / results.json / rounds.png / rewards.png."""
     gens = check_rounds(recipe, recipe_path)  # before anything heavy: a missing round is the common mistake
-    temps = {k: runs.generator_temperature(recipe, k) for k in gens}  # sample.temperature_from_check: each its own
+    decs = {k: runs.generator_decoding(recipe, k) for k in gens}  # sample.temperature_from_check: each its own
+    temps = {k: d["temperature"] for k, d in decs.items()}
 
     from rlrf.encode import encode_stage
     from rlrf.llm import weights_hash
@@ -346,6 +347,8 @@ def evaluate_stage(recipe: Recipe, *, force: bool = False, recipe_path: str = "<
     extra = {"generator_hashes": hashes}
     if any(t != recipe.sample.temperature for t in temps.values()):
         extra["generator_temperatures"] = {str(k): t for k, t in temps.items()}
+    if any(d["top_p"] != recipe.sample.top_p or d["min_p"] != recipe.sample.min_p for d in decs.values()):
+        extra["generator_decoding"] = {str(k): d for k, d in decs.items()}
     with runs.STAGES["evaluate"].open(recipe, out, inputs=inputs, extra=extra, force=force) as st:
         if st.done:
             return out
@@ -354,7 +357,7 @@ def evaluate_stage(recipe: Recipe, *, force: bool = False, recipe_path: str = "<
         profiles, encoded = {}, {}
         for k in gens:
             g = out / f"gen_{k}"
-            profiles[k] = Path(sample_stage(runs.at_temperature(recipe, temps[k]), g / "sample",
+            profiles[k] = Path(sample_stage(runs.with_decoding(recipe, **decs[k]), g / "sample",
                                             runs.generator(recipe, k), seed_round(recipe),
                                             splits=["train", "valid", "test"], n=ev.n, max_users=ev.max_users,
                                             batch_size=ev.batch_size, source=sources(recipe)))

@@ -39,6 +39,7 @@ class Sampling:
     top_p: float = 0.95
     max_new_tokens: int = 128
     min_new_tokens: int = 0
+    min_p: float = 0.0  # tokens below min_p x the likeliest token's probability are never drawn (0 = off)
 
 
 @dataclass
@@ -57,8 +58,13 @@ class Completion:
 
 
 def sample_next(logits: torch.Tensor, generators: list[torch.Generator], temperature: float,
-                top_p: float) -> torch.Tensor:
+                top_p: float, min_p: float = 0.0) -> torch.Tensor:
     """One token per row from fp32 logits [R, V]; row r uses only generators[r] (one draw per call).
+
+    min_p > 0 (Nguyen et al., 2024, "min-p sampling") first drops the tokens whose probability at this temperature
+    is below min_p x the row's likeliest one and renormalises the rest: the cut scales with the model's confidence, so
+    a high temperature spreads the mass over the plausible tokens without reaching the tail that a fixed top_p keeps
+    where the distribution is flat.
 
     Nucleus sampling by inverse CDF: the nucleus is the smallest set of most likely tokens whose mass
     reaches top_p; draw u ~ U(0,1) from the row's generator and pick the nucleus token (in sorted order)
@@ -69,6 +75,9 @@ def sample_next(logits: torch.Tensor, generators: list[torch.Generator], tempera
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
+    if min_p > 0:
+        probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0)
+        probs = probs / probs.sum(-1, keepdim=True)
     # the nucleus usually sits in the top few hundred tokens: one topk, no full-vocabulary sort
     top, idx = probs.topk(min(256, probs.shape[-1]), dim=-1, sorted=True)
     csum = top.cumsum(-1)
@@ -225,7 +234,7 @@ class HFBackend:
             logits = logits.cpu()
             if step < sp.min_new_tokens:
                 logits[:, eos] = float("-inf")
-            nxt = sample_next(logits, gens, sp.temperature, sp.top_p)
+            nxt = sample_next(logits, gens, sp.temperature, sp.top_p, sp.min_p)
             was = done[live]
             nxt = torch.where(was, torch.full_like(nxt, self.pad_id), nxt)
             tokens[live, step] = nxt
@@ -325,7 +334,7 @@ class VLLMBackend:
     def generate(self, prompts: list[list[int]], seeds: list[int], sp: Sampling,
                  progress: Callable[[int, int], None] | None = None) -> list[list[Completion]]:
         v = self._vllm
-        params = [v.SamplingParams(n=sp.n, seed=s, temperature=sp.temperature, top_p=sp.top_p,
+        params = [v.SamplingParams(n=sp.n, seed=s, temperature=sp.temperature, top_p=sp.top_p, min_p=sp.min_p,
                                    max_tokens=sp.max_new_tokens, min_tokens=sp.min_new_tokens) for s in seeds]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         result = []

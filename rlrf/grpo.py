@@ -42,7 +42,7 @@ from rlrf.store import Stage
 # the trainer interface (rlrf.trainers): the recipe's `grpo:` section and what the stage's output depends on
 SECTION = GRPOConfig
 STAGE = runs.Declared("grpo", ("grpo",), some_keys=(  # + reward, generator and its weights hash
-    ("sample", ("temperature", "top_p", "max_new_tokens", "min_new_tokens", "max_prompt_tokens")),
+    ("sample", ("temperature", "top_p", "min_p", "max_new_tokens", "min_new_tokens", "max_prompt_tokens")),
     ("score", ("retrieval_candidates", "retrieval_k", "contrast", "contrast_weight"))))
 
 LOG_COLUMNS = ("step", "epoch", "loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "entropy",
@@ -101,7 +101,7 @@ class Rollout:
 
         s = recipe.sample
         self.sp = Sampling(n=1, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
-                           min_new_tokens=s.min_new_tokens)
+                           min_new_tokens=s.min_new_tokens, min_p=s.min_p)
         self.seed, self.batch_size = recipe.grpo.training_seed(recipe.seed), s.batch_size
         self.pad_to = s.max_prompt_tokens
         self.merged = recipe.grpo.merged_rollout
@@ -255,7 +255,8 @@ def trl_args(recipe: Recipe, output_dir: Path):
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_steps=cfg.max_steps,
         num_generations=cfg.num_generations, max_completion_length=s.max_new_tokens,
-        temperature=s.temperature, top_p=s.top_p, scale_rewards=cfg.scale_rewards, loss_type=cfg.loss_type,
+        temperature=s.temperature, top_p=s.top_p, min_p=s.min_p or None,
+        scale_rewards=cfg.scale_rewards, loss_type=cfg.loss_type,
         bf16=False,  # the frozen base is bf16 already where bf16 is on (load_policy); LoRA stays fp32
         save_strategy="steps", save_steps=cfg.save_steps, logging_steps=1, seed=cfg.training_seed(recipe.seed),
         data_seed=cfg.training_seed(recipe.seed),

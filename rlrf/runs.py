@@ -179,14 +179,19 @@ def generator_for_round(r: Recipe, k: int) -> str:
     return generator(r, k - 1)
 
 
-def generator_temperature(r: Recipe, k: int) -> float:
-    """The temperature generator k samples at, in round k+1's sample and check and in `evaluate`: sample.temperature,
-    or with sample.temperature_from_check (k >= 1) the one round k's check measured generator k at (its stage.json
-    `temperature.new`: check.match_distinct's calibration, or check.temperature)."""
+DECODING = ("temperature", "top_p", "min_p")  # the sample keys a generator's own decoding sets
+
+
+def generator_decoding(r: Recipe, k: int) -> dict:
+    """How generator k samples, in round k+1's sample and check and in `evaluate`: {temperature, top_p, min_p}, the
+    recipe's sample section, or with sample.temperature_from_check (k >= 1) the ones round k's check measured
+    generator k at (its stage.json `temperature.new`: check.match_distinct's calibration, or check.temperature; and
+    `decoding.new`: check.top_p and check.min_p; a check from before `decoding` was recorded: the recipe's)."""
     if k < 0:
         raise ValueError(f"generators count from 0 (the base model); got generator {k}")
+    own = {key: getattr(r.sample, key) for key in DECODING}
     if k == 0 or not r.sample.temperature_from_check:
-        return r.sample.temperature
+        return own
     from rlrf.artifacts import read_stage_json
     from rlrf.errors import StageError
 
@@ -197,17 +202,34 @@ def generator_temperature(r: Recipe, k: int) -> float:
                          f"measured it at, and {check} has none yet: run `python pipelines/check.py --recipe <recipe> "
                          f"--round {k}` first (check.match_distinct calibrates it), or set "
                          f"sample.temperature_from_check=false to sample at sample.temperature")
-    return float(info["temperature"]["new"])
+    new = (info.get("decoding") or {}).get("new") or {}
+    return {**own, **{key: float(new[key]) for key in ("top_p", "min_p") if key in new},
+            "temperature": float(info["temperature"]["new"])}
+
+
+def generator_temperature(r: Recipe, k: int) -> float:
+    """The temperature generator k samples at (generator_decoding's)."""
+    return generator_decoding(r, k)["temperature"]
+
+
+def with_decoding(r: Recipe, **decoding) -> Recipe:
+    """The recipe with these sample keys (temperature, top_p, min_p) set; the same recipe where they already are."""
+    unknown = set(decoding) - set(DECODING)
+    if unknown:
+        raise ValueError(f"with_decoding sets {', '.join(DECODING)}; got {', '.join(sorted(unknown))}")
+    if all(getattr(r.sample, key) == v for key, v in decoding.items()):
+        return r
+    return replace(r, sample=replace(r.sample, **decoding))
 
 
 def at_temperature(r: Recipe, t: float) -> Recipe:
     """The recipe with sample.temperature = t (the same recipe where it already is)."""
-    return r if t == r.sample.temperature else replace(r, sample=replace(r.sample, temperature=t))
+    return with_decoding(r, temperature=t)
 
 
 def for_generator(r: Recipe, k: int) -> Recipe:
-    """The recipe generator k samples with: sample.temperature set to generator_temperature(r, k)."""
-    return at_temperature(r, generator_temperature(r, k))
+    """The recipe generator k samples with: its sample decoding set to generator_decoding(r, k)."""
+    return with_decoding(r, **generator_decoding(r, k))
 
 
 def cache_dir() -> Path:

@@ -1,7 +1,7 @@
 """The sample stage: N preference profiles per user from the round's generator.
 
 For every user of the chosen splits: the KAR prompt from prepare (history trimmed oldest-first until
-the chat-templated prompt fits sample.max_prompt_tokens), then N samples with temperature / top_p /
+the chat-templated prompt fits sample.max_prompt_tokens), then N samples with temperature / top_p / min_p /
 max_new_tokens. Sample j of user u in round k is drawn with seed `user_seed(seed, u, k) + j`, from
 nothing else: a rerun, a resumed run, a `--shard i/n` slice, or another generator sampled with the
 same round argument (the is-it-learning check) all use the same seeds.
@@ -277,8 +277,8 @@ def _line(info: dict) -> str:
     if "reused" in info:
         where = (f"{info['reused']['users']} users' profiles taken from {', '.join(info['reused']['from'])} (same "
                  f"seeds), the rest sampled | {where}")
-    t = (c.get("sample") or {}).get("temperature")
-    at = f" at T={t:g}" if t is not None else ""
+    t, m = (c.get("sample") or {}).get("temperature"), (c.get("sample") or {}).get("min_p")
+    at = (f" at T={t:g}" if t is not None else "") + (f" min_p={m:g}" if m else "")
     return f"round {c['round']}: {info['users']} users from {c['generator']}{at} | {where}"
 
 
@@ -342,7 +342,7 @@ def _profiles(backend, part: pl.DataFrame, cfg, seed: int, meta: dict, desc: str
     uids = part["user_id"].to_list()
     seeds = [user_seed(seed, u, meta["round"]) for u in uids]
     sp = Sampling(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                  min_new_tokens=cfg.min_new_tokens)
+                  min_new_tokens=cfg.min_new_tokens, min_p=cfg.min_p)
     comps = _run(backend, [f[1] for f in fitted], seeds, sp, desc, unit="user")
     rows = []
     for r, (text, ids, trimmed), base, cs in zip(part.iter_rows(named=True), fitted, seeds, comps):
@@ -368,7 +368,8 @@ def _item_knowledge(backend, prep: Path, prompts: pl.DataFrame, cfg, seed: int, 
     texts = [kar.item_prompt(t, domain, y) for t, y in zip(items["title"], items["year"])]
     ids = [chat_ids(backend.tokenizer, t) for t in texts]
     seeds = [user_seed(seed, i, meta["round"], kind="item") for i in items["item_id"]]
-    sp = Sampling(n=1, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
+    sp = Sampling(n=1, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                  min_p=cfg.min_p)
     comps = _run(backend, ids, seeds, sp, "item knowledge", unit="item")
     return pl.DataFrame({
         "item_id": items["item_id"], "prompt": texts, "text": [c[0].text for c in comps],

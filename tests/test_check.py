@@ -408,6 +408,81 @@ def test_temperature_from_check_samples_each_round_at_the_last_checks_temperatur
     assert runs.generator_temperature(plain, 1) == 0.7
 
 
+def test_check_min_p_is_generator_ks_in_calibration_and_check_and_the_next_round_samples_with_it(tmp_path,
+                                                                                                 monkeypatch):
+    """check.min_p and check.top_p: generator k is calibrated and measured with them, generator k-1 keeps the sample
+    section's; the check records both sides' decoding and says so in summary.md; with sample.temperature_from_check
+    the next round samples generator k at the check's temperature, top_p and min_p; a check from before the record
+    (no `decoding`) leaves them at the recipe's."""
+    import runpy
+    import sys
+
+    from rlrf import runs
+    from rlrf.config import load_recipe
+    from rlrf.schema import SCHEMAS
+    from rlrf.store import Stage
+
+    over = [f"runs_dir={tmp_path}", "run=r", "rounds.bootstrap=300", "sample.temperature=0.7",
+            "check.match_distinct=true", "sample.temperature_from_check=true", "check.min_p=0.05", "check.top_p=1.0",
+            "check.match_users=4", "check.match_temperatures=[0.9,1.2]", "check.n=2", "sample.max_users=10"]
+    recipe = load_recipe(None, over)
+    monkeypatch.setattr("rlrf.llm.weights_hash", lambda p: "h-" + str(p)[-6:])
+    for k in (1, 2):
+        gen = runs.generator_dir(recipe, k)
+        gen.mkdir(parents=True)
+        (gen / "config.json").write_text("{}")
+    with Stage(runs.reranker_dir(recipe, 1), "train-reranker", {"x": 1}, quiet=True) as st:
+        st.finish(rows={})
+    prompts = pl.DataFrame([{"user_id": u, "split": "train", "domain": "movies", "prompt_head": "h",
+                             "history_lines": ["l"], "prompt_tail": "t", "prompt": "p"} for u in range(1, 21)],
+                           schema=SCHEMAS["prompts"])
+    with Stage(runs.prepare_dir(recipe), "prepare", {"x": 1}, quiet=True) as st:
+        for i in st.todo(1):
+            st.write_shard(i, {"prompts": prompts})
+        st.finish()
+    seen = []
+
+    def fake_sample(rec, out_dir, generator, k, **kw):
+        s = rec.sample
+        seen.append((Path(out_dir).name, k, s.temperature, s.top_p, s.min_p))
+        if Path(out_dir).parent.name == "calibrate":  # generator 1 as personal as generator 0 only at 1.2
+            personal = Path(out_dir).name == "old" or s.temperature >= 1.2
+            return write_stage(out_dir, "sample", "profiles", profile_rows(
+                {u: [f"a b c{u if personal else ''}"] * 2 for u in range(11, 15)}))
+        return out_dir
+
+    def fake_side(rec, root, generator, k, reranker):
+        s = rec.sample
+        seen.append((root.name, k, s.temperature, s.top_p, s.min_p))
+        return write_stage(root / "score", "score", "scores",
+                           score_rows({u: [0.4, 0.5] for u in range(1, 11)}, split="valid"))
+
+    monkeypatch.setattr(check, "_side", fake_side)
+    monkeypatch.setattr("rlrf.sample.sample_stage", fake_sample)
+    out = check.check_stage(recipe, 1)
+    assert ("old", 1, 0.7, 0.95, 0.0) in seen  # the calibration's generator 0
+    assert [x for x in seen if x[0].startswith("new_t")] and all(
+        x[3:] == (1.0, 0.05) for x in seen if x[0].startswith("new_t"))
+    assert seen[-2:] == [("old", 1, 0.7, 0.95, 0.0), ("new", 1, 1.2, 1.0, 0.05)]
+    info = json.loads((out / "stage.json").read_text())
+    assert info["decoding"] == {"old": {"temperature": 0.7, "top_p": 0.95, "min_p": 0.0},
+                                "new": {"temperature": 1.2, "top_p": 1.0, "min_p": 0.05}}
+    assert info["config"]["check"]["min_p"] == 0.05  # fingerprinted: another cut is another check
+    assert "generator 1 sampled at top_p 1, min_p 0.05" in (out / "summary.md").read_text()
+    assert runs.generator_decoding(recipe, 1) == {"temperature": 1.2, "top_p": 1.0, "min_p": 0.05}
+    seen.clear()
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--round", "2", *over])
+    runpy.run_path(str(REPO / "pipelines" / "sample.py"), run_name="__main__")
+    assert seen == [("sample", 2, 1.2, 1.0, 0.05)]
+    # a check written before the decoding record: generator 1 at its temperature, the recipe's top_p and min_p
+    info.pop("decoding")
+    (out / "stage.json").write_text(json.dumps(info))
+    assert runs.generator_decoding(recipe, 1) == {"temperature": 1.2, "top_p": 0.95, "min_p": 0.0}
+    for bad in ("check.min_p=1.0", "check.top_p=0", "sample.min_p=-0.1"):
+        with pytest.raises(Exception, match=bad.split("=")[0]):
+            load_recipe(None, [bad])
+
+
 def test_quality_criteria_are_read_off_their_intervals(tmp_path):
     """The check's quality lines: distinct-2 and names-history 'lower' only when the whole interval is below 0, the
     perplexity ratio against the +25% bound; summary.md carries them under the quality table."""

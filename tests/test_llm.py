@@ -75,6 +75,30 @@ def test_nucleus_keeps_the_top_p_mass_and_samples_in_proportion():
     assert (sample_next(logits[:3], gens[:3], 0.0, 0.9) == 0).all()
 
 
+def test_min_p_drops_tokens_below_its_share_of_the_likeliest_and_scales_with_temperature():
+    """min_p 0.2 on probs 0.5 / 0.3 / 0.15 / 0.05: the cut is 0.1, so token 3 is never drawn and tokens 0-2 are drawn
+    0.5 : 0.3 : 0.15 of their renormalised 0.95; at temperature 2 the same cut keeps all four (0.05 is then 0.17 of the
+    likeliest's mass); min_p 0 is the nucleus alone, draw for draw."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(6000, 4).contiguous()
+
+    def draws(temperature, top_p, min_p, seed=0):
+        gens = [torch.Generator().manual_seed(seed + s) for s in range(6000)]
+        return sample_next(logits, gens, temperature, top_p, min_p)
+
+    counts = torch.bincount(draws(1.0, 1.0, 0.2), minlength=4) / 6000
+    assert counts[3] == 0
+    assert counts[:3].tolist() == pytest.approx((probs[:3] / probs[:3].sum()).tolist(), abs=0.02)
+    hot = probs.pow(0.5) / probs.pow(0.5).sum()  # temperature 2
+    assert hot[3] / hot[0] > 0.2
+    assert torch.bincount(draws(2.0, 1.0, 0.2), minlength=4)[3] > 500
+    assert torch.equal(draws(1.0, 0.8, 0.0, seed=7), sample_next(
+        logits, [torch.Generator().manual_seed(7 + s) for s in range(6000)], 1.0, 0.8))
+    # min_p and top_p together: the nucleus of the renormalised survivors (0.5 / 0.95 alone is below 0.8: 2 tokens)
+    assert set(draws(1.0, 0.8, 0.2).unique().tolist()) == {0, 1}
+    assert (sample_next(logits[:3], [torch.Generator() for _ in range(3)], 0.0, 1.0, 0.5) == 0).all()  # greedy
+
+
 def test_a_rows_token_depends_on_its_own_generator_only():
     torch.manual_seed(0)
     logits = torch.randn(6, 1000) * 3
@@ -201,6 +225,21 @@ def test_finish_reason_eos_length_and_empty(tiny_model):
     forced = [c for cs in be.generate(ps, [1, 2, 3, 4, 5], Sampling(n=4, max_new_tokens=3, min_new_tokens=3))
               for c in cs]
     assert all(c.n_tokens == 3 and c.finish_reason == "length" for c in forced)
+
+
+def test_the_decode_loop_samples_with_min_p(tiny_model):
+    """Sampling.min_p reaches the decode loop: a cut just under the likeliest token keeps only it, so a hot
+    temperature decodes the greedy texts; without the cut the same temperature does not."""
+    be = HFBackend(str(tiny_model), dtype="float32", batch_size=64, threads=1)
+    ps = _prompts(be.tokenizer, TEXTS)
+
+    def texts(**kw):
+        return [c.token_ids for cs in be.generate(ps, [1, 2, 3, 4, 5], Sampling(n=2, max_new_tokens=8, **kw))
+                for c in cs]
+
+    greedy = texts(temperature=0.0)
+    assert texts(temperature=3.0, top_p=1.0, min_p=0.999) == greedy
+    assert texts(temperature=3.0, top_p=1.0) != greedy
 
 
 @pytest.mark.integration

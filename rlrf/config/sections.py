@@ -56,6 +56,9 @@ class SampleConfig:
     max_users: int = _f(-1, "cap users per split (first by user id order after a seeded shuffle); -1 = all")
     temperature: float = _f(1.0, "sampling temperature; higher spreads profiles (more reward signal) but rambles")
     top_p: float = _f(0.95, "nucleus sampling mass")
+    min_p: float = _f(0.0, "min-p sampling (Nguyen et al., 2024): a token is drawn only if its probability is at "
+                           "least this share of the likeliest token's, so a high temperature spreads over the "
+                           "plausible tokens without the tail (0 = off; 0.05-0.1 usual, with top_p 1)", late=True)
     max_new_tokens: int = _f(128, "profile length cap; longer profiles cost time linearly")
     min_new_tokens: int = _f(0, "force at least this many tokens (benchmarks)")
     max_prompt_tokens: int = _f(1024, "prompt budget; history is trimmed oldest-first to fit (and counted)")
@@ -83,6 +86,7 @@ class SampleConfig:
         _check(self.n >= 1, "sample.n", "must be >= 1")
         _check(self.temperature >= 0, "sample.temperature", "must be >= 0")
         _check(0 < self.top_p <= 1, "sample.top_p", "must be in (0, 1]")
+        _check(0 <= self.min_p < 1, "sample.min_p", f"must be in [0, 1) (0 = off), got {self.min_p}")
         _check(self.max_new_tokens >= 1, "sample.max_new_tokens", "must be >= 1")
         _check(set(self.splits) <= {"train", "valid", "test"} and self.splits, "sample.splits",
                f"must be a non-empty subset of train, valid, test; got {self.splits}")
@@ -451,6 +455,14 @@ class CheckConfig:
                                          "sample.temperature); null = sample.temperature. A tuned generator is "
                                          "sharper than its base: this measures it at a recalibrated temperature",
                                    late=True)
+    top_p: float | None = _f(None, "generator k's nucleus mass in the check, its calibration included (generator "
+                                   "k-1 keeps sample.top_p); null = sample.top_p", late=True)
+    min_p: float | None = _f(None, "generator k's min-p in the check, its calibration included (generator k-1 keeps "
+                                   "sample.min_p); null = sample.min_p. A tuned generator brought back to its base's "
+                                   "diversity by temperature alone draws from the tail too (x1.3 perplexity for "
+                                   "0.2 of temperature on the base); with a min-p cut the same diversity costs less "
+                                   "fluency (README: H51). With sample.temperature_from_check the next round samples "
+                                   "generator k with these too", late=True)
     match_distinct: bool = _f(False, "generator k's check temperature calibrated, not set: the lowest of "
                                      "check.match_temperatures at which generator k's profiles of "
                                      "check.match_users train users outside the round's sample (no pair came from "
@@ -480,6 +492,10 @@ class CheckConfig:
         _check(self.n >= 1, "check.n", "must be >= 1")
         _check(self.temperature is None or self.temperature > 0, "check.temperature",
                f"must be > 0 (or null for sample.temperature), got {self.temperature}")
+        _check(self.top_p is None or 0 < self.top_p <= 1, "check.top_p",
+               f"must be in (0, 1] (or null for sample.top_p), got {self.top_p}")
+        _check(self.min_p is None or 0 <= self.min_p < 1, "check.min_p",
+               f"must be in [0, 1) (or null for sample.min_p), got {self.min_p}")
         _check(not (self.match_distinct and self.temperature is not None), "check.match_distinct",
                f"calibrates the temperature that check.temperature={self.temperature} sets; use one of the two")
         t = self.match_temperatures
