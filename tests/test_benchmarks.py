@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
+from tests.fixtures_llm import smollm2_dir, tiny_model  # noqa: F401
 
 
 def load(name: str):
@@ -313,3 +314,37 @@ def test_pool_draws_reads_checks_pools_their_figures_and_names_bad_input(tmp_pat
     _stage(tmp_path / "dpo", stage="dpo", wall_s=1)
     with pytest.raises(SystemExit, match="not a check stage"):
         m.main([dirs[0], str(tmp_path / "dpo")])
+
+
+def test_perplexity_by_part_splits_the_checks_token_nll_into_named_and_rest(tiny_model):
+    """perplexity_by_part: a genre (any spelling) or a history title is named as whole words only, its tokens are the
+    ones overlapping it, and the two parts add up, user by user, to the check's own token NLL (quality.token_nll);
+    the ratio of a stage to itself is 1 in every resample."""
+    import polars as pl
+
+    from rlrf.llm import load_generator
+    from rlrf.quality import token_nll
+
+    m = load("perplexity_by_part")
+    assert m.names(["Drama", "Sci-Fi"]) == ["drama", "sci-fi", "science fiction", "science-fiction"]
+    text = "Loves Science Fiction and melodrama, and The Usual Suspects."
+    spans = m.named_spans(text, ["drama", "science fiction", "the usual suspects"])
+    assert [text[s:e] for s, e in sorted(spans)] == ["Science Fiction", "The Usual Suspects"]  # not 'melodrama'
+    assert m.named_mask([(0, 5), (6, 13), (13, 21), (22, 25)], [(6, 21)]).tolist() == [False, True, True, False]
+    items = pl.DataFrame({"item_id": [1, 2, 3], "title": ["Usual Suspects, The (1995)", "M (1931)", "unknown"]})
+    inter = pl.DataFrame({"user_id": [7, 7, 7, 8], "item_id": [1, 2, 3, 1], "in_history": [True, True, True, False]})
+    assert m.history_titles(items, inter) == {7: {"the usual suspects"}}
+
+    model, tok = load_generator(str(tiny_model), dtype="float32")
+    texts = ["This user likes drama and The Usual Suspects.", "Comedy, comedy, and more comedy!", "sci-fi fan", ""]
+    prof = pl.DataFrame({"user_id": [7, 7, 8, 8], "text": texts})
+    parts = m.split_nll(prof, {7: {"the usual suspects"}}, m.names(["Drama", "Comedy", "Sci-Fi"]), model, tok,
+                        batch_size=2)
+    nll, count = token_nll(texts, model, tok)
+    assert parts["user_id"].to_list() == [7, 8]
+    assert (parts["nll_named"] + parts["nll_rest"]).to_list() == pytest.approx([nll[:2].sum(), nll[2:].sum()],
+                                                                               rel=1e-4)
+    assert (parts["n_named"] + parts["n_rest"]).to_list() == [count[:2].sum(), count[2:].sum()]
+    assert 0 < parts["n_named"][1] < count[2]  # user 8: 'sci-fi' named, ' fan' the rest
+    r = m.ratio(parts, parts, "rest", resamples=50)
+    assert r["mean"] == pytest.approx(1.0) and r["low"] == pytest.approx(1.0) and r["high"] == pytest.approx(1.0)
