@@ -253,7 +253,7 @@ def _fake_vllm(calls: list):
 def test_vllm_backend_through_the_stage(setup, tiny_model, monkeypatch):
     calls: list = []
     monkeypatch.setitem(sys.modules, "vllm", _fake_vllm(calls))
-    r = _recipe(setup.runs_dir, tiny_model, "sample.backend=vllm", "sample.n=3")
+    r = _recipe(setup.runs_dir, tiny_model, "sample.backend=vllm", "sample.n=3", "sample.min_p=0.05")
     out = sample_stage(r, r.run_dir / "v", str(tiny_model), 1)
     df = _rows(out)
     schema.check(df, "profiles")
@@ -263,6 +263,7 @@ def test_vllm_backend_through_the_stage(setup, tiny_model, monkeypatch):
     params = [p for c in gens for p in c[2]]
     assert {p.n for p in params} == {3} and {p.max_tokens for p in params} == {6}
     assert {p.temperature for p in params} == {r.sample.temperature} and {p.top_p for p in params} == {r.sample.top_p}
+    assert {p.min_p for p in params} == {0.05}  # sample.min_p reaches vLLM's own min-p (against this fake: no GPU here)
     # SamplingParams(n, seed=base) -> sample i is vLLM's seed base + i: the seed column says so
     for row in df.iter_rows(named=True):
         assert row["text"] == f"s{row['seed']}" and row["seed"] == user_seed(1234, row["user_id"], 1) + row["sample_idx"]
