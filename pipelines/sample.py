@@ -19,11 +19,13 @@ from rlrf.sample import sample_stage
 def main() -> None:
     recipe, args = stage_args(__doc__, shards=True)
     generator = runs.generator_for_round(recipe, args.round)
-    at = runs.for_generator(recipe, args.round - 1)  # sample.temperature_from_check: generator k-1's own temperature
-    if at.sample.temperature != recipe.sample.temperature:
-        print(f"sample: round {args.round} samples generator {args.round - 1} at temperature "
-              f"{at.sample.temperature:g}, the one round {args.round - 1}'s check measured it at "
-              f"(sample.temperature_from_check; sample.temperature is {recipe.sample.temperature:g})")
+    at = runs.for_generator(recipe, args.round - 1)  # sample.temperature_from_check: generator k-1's own decoding
+    if at.sample != recipe.sample:
+        a, r = at.sample, recipe.sample
+        cut = (f", top_p {a.top_p:g}, min_p {a.min_p:g}" if (a.top_p, a.min_p) != (r.top_p, r.min_p) else "")
+        print(f"sample: round {args.round} samples generator {args.round - 1} at temperature {a.temperature:g}{cut}, "
+              f"the decoding round {args.round - 1}'s check measured it at (sample.temperature_from_check; "
+              f"sample.temperature is {r.temperature:g}, top_p {r.top_p:g}, min_p {r.min_p:g})")
     recipe = at
     out = runs.stage_dir(recipe, "sample", args.round)
     sample_stage(recipe, out, generator, args.round, force=args.force, shard=args.shard)

@@ -409,7 +409,7 @@ def test_temperature_from_check_samples_each_round_at_the_last_checks_temperatur
 
 
 def test_check_min_p_is_generator_ks_in_calibration_and_check_and_the_next_round_samples_with_it(tmp_path,
-                                                                                                 monkeypatch):
+                                                                                                 monkeypatch, capsys):
     """check.min_p and check.top_p: generator k is calibrated and measured with them, generator k-1 keeps the sample
     section's; the check records both sides' decoding and says so in summary.md; with sample.temperature_from_check
     the next round samples generator k at the check's temperature, top_p and min_p; a check from before the record
@@ -472,8 +472,10 @@ def test_check_min_p_is_generator_ks_in_calibration_and_check_and_the_next_round
     assert runs.generator_decoding(recipe, 1) == {"temperature": 1.2, "top_p": 1.0, "min_p": 0.05}
     seen.clear()
     monkeypatch.setattr(sys, "argv", ["sample.py", "--round", "2", *over])
+    capsys.readouterr()
     runpy.run_path(str(REPO / "pipelines" / "sample.py"), run_name="__main__")
     assert seen == [("sample", 2, 1.2, 1.0, 0.05)]
+    assert "samples generator 1 at temperature 1.2, top_p 1, min_p 0.05" in capsys.readouterr().out
     # a check written before the decoding record: generator 1 at its temperature, the recipe's top_p and min_p
     info.pop("decoding")
     (out / "stage.json").write_text(json.dumps(info))
