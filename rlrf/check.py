@@ -184,10 +184,6 @@ def new_side(recipe: Recipe) -> Recipe:
     return new_decoding(recipe if t is None else runs.at_temperature(recipe, t))
 
 
-def decoding(recipe: Recipe) -> dict:
-    return {key: getattr(recipe.sample, key) for key in runs.DECODING}
-
-
 def match_distinct(recipe: Recipe, root: Path, old_gen: str, new_gen: str, k: int, log=print) -> dict:
     """check.match_distinct: the lowest of check.match_temperatures at which generator k's profiles (at check.top_p
     and check.min_p where set) of check.match_users train users reach the distinct-2 (check.match_figure: corpus, or
@@ -301,7 +297,7 @@ def check_stage(recipe: Recipe, round: int, *, force: bool = False) -> Path:
             dpo = read_stage_json(dpo_dir) if (dpo_dir / "stage.json").is_file() else None
             temperatures = {"old": recipe.sample.temperature, "new": new_recipe.sample.temperature,
                             **({"calibration": calibration} if calibration else {})}
-            decodings = {"old": decoding(recipe), "new": decoding(new_recipe)}
+            decodings = {"old": runs.decoding(recipe), "new": runs.decoding(new_recipe)}
             write_summary(out / "summary.md", k, figures, old_gen, new_gen, dpo, quality, temperatures, decodings)
             first = next(iter(figures))
             ci = figures[first]["diff"]

@@ -182,6 +182,11 @@ def generator_for_round(r: Recipe, k: int) -> str:
 DECODING = ("temperature", "top_p", "min_p")  # the sample keys a generator's own decoding sets
 
 
+def decoding(r: Recipe) -> dict:
+    """{temperature, top_p, min_p} as the recipe's sample section holds them."""
+    return {key: getattr(r.sample, key) for key in DECODING}
+
+
 def generator_decoding(r: Recipe, k: int) -> dict:
     """How generator k samples, in round k+1's sample and check and in `evaluate`: {temperature, top_p, min_p}, the
     recipe's sample section, or with sample.temperature_from_check (k >= 1) the ones round k's check measured
@@ -189,7 +194,7 @@ def generator_decoding(r: Recipe, k: int) -> dict:
     `decoding.new`: check.top_p and check.min_p; a check from before `decoding` was recorded: the recipe's)."""
     if k < 0:
         raise ValueError(f"generators count from 0 (the base model); got generator {k}")
-    own = {key: getattr(r.sample, key) for key in DECODING}
+    own = decoding(r)
     if k == 0 or not r.sample.temperature_from_check:
         return own
     from rlrf.artifacts import read_stage_json

@@ -340,6 +340,21 @@ def test_match_figure_across_matches_the_variety_between_users_not_within(tmp_pa
         load_recipe(None, ["check.match_figure=within"])
 
 
+def two_generators(recipe, monkeypatch) -> None:
+    """Generators 1 and 2 (empty, weights hashed by path) and round 1's finished reranker stage: what check_stage
+    needs to exist before its sides (faked by the caller) run."""
+    from rlrf import runs
+    from rlrf.store import Stage
+
+    monkeypatch.setattr("rlrf.llm.weights_hash", lambda p: "h-" + str(p)[-6:])
+    for k in (1, 2):
+        gen = runs.generator_dir(recipe, k)
+        gen.mkdir(parents=True)
+        (gen / "config.json").write_text("{}")
+    with Stage(runs.reranker_dir(recipe, 1), "train-reranker", {"x": 1}, quiet=True) as st:
+        st.finish(rows={})
+
+
 def test_temperature_from_check_samples_each_round_at_the_last_checks_temperature(tmp_path, monkeypatch):
     """sample.temperature_from_check: round k samples generator k-1 at the temperature round k-1's check measured it
     at, and round k's check measures (and calibrates against) generator k-1 there; round 1 keeps sample.temperature;
@@ -349,17 +364,10 @@ def test_temperature_from_check_samples_each_round_at_the_last_checks_temperatur
 
     from rlrf import runs
     from rlrf.config import load_recipe
-    from rlrf.store import Stage
 
     recipe = load_recipe(None, [f"runs_dir={tmp_path}", "run=r", "rounds.bootstrap=300", "sample.temperature=0.7",
                                 "check.match_distinct=true", "sample.temperature_from_check=true"])
-    monkeypatch.setattr("rlrf.llm.weights_hash", lambda p: "h-" + str(p)[-6:])
-    for k in (1, 2):
-        gen = runs.generator_dir(recipe, k)
-        gen.mkdir(parents=True)
-        (gen / "config.json").write_text("{}")
-    with Stage(runs.reranker_dir(recipe, 1), "train-reranker", {"x": 1}, quiet=True) as st:
-        st.finish(rows={})
+    two_generators(recipe, monkeypatch)
     rows = {u: [0.4, 0.5] for u in range(1, 11)}
     seen = []
     chosen = {1: 0.85, 2: 0.95}
@@ -426,13 +434,7 @@ def test_check_min_p_is_generator_ks_in_calibration_and_check_and_the_next_round
             "check.match_distinct=true", "sample.temperature_from_check=true", "check.min_p=0.05", "check.top_p=1.0",
             "check.match_users=4", "check.match_temperatures=[0.9,1.2]", "check.n=2", "sample.max_users=10"]
     recipe = load_recipe(None, over)
-    monkeypatch.setattr("rlrf.llm.weights_hash", lambda p: "h-" + str(p)[-6:])
-    for k in (1, 2):
-        gen = runs.generator_dir(recipe, k)
-        gen.mkdir(parents=True)
-        (gen / "config.json").write_text("{}")
-    with Stage(runs.reranker_dir(recipe, 1), "train-reranker", {"x": 1}, quiet=True) as st:
-        st.finish(rows={})
+    two_generators(recipe, monkeypatch)
     prompts = pl.DataFrame([{"user_id": u, "split": "train", "domain": "movies", "prompt_head": "h",
                              "history_lines": ["l"], "prompt_tail": "t", "prompt": "p"} for u in range(1, 21)],
                            schema=SCHEMAS["prompts"])
