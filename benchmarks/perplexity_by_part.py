@@ -25,7 +25,7 @@ import polars as pl
 from rlrf import runs
 from rlrf.artifacts import read_artifact
 from rlrf.config import load_recipe
-from rlrf.quality import _GENRE_ALIASES, catalogue_genres, normalize_title
+from rlrf.quality import _GENRE_ALIASES, catalogue_genres, normalize_title, token_nlls
 
 
 def names(genres: list[str]) -> list[str]:
@@ -59,31 +59,16 @@ def named_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> 
 
 def split_nll(profiles: pl.DataFrame, titles: dict[int, set[str]], genre_names: list[str], model, tokenizer,
               batch_size: int = 16) -> pl.DataFrame:
-    """Per user: summed NLL and token counts of the named tokens and of the rest (the check's token NLLs)."""
-    import torch
-    import torch.nn.functional as F
-
+    """Per user: summed NLL and token counts of the named tokens and of the rest (the check's token NLLs,
+    quality.token_nlls: the same batches and tokens as its perplexity)."""
+    users, texts = profiles["user_id"].to_list(), profiles["text"].fill_null("").to_list()
     rows = []
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    todo = []
-    for u, text in profiles.select("user_id", "text").iter_rows():
-        enc = tokenizer(text or "", add_special_tokens=False, return_offsets_mapping=True)
-        ids, offs = enc["input_ids"][:512], enc["offset_mapping"][:512]
-        if ids:
-            todo.append((u, ids, named_mask(offs, named_spans(text, genre_names + sorted(titles.get(u, ()))))))
-    model.eval()
-    for s in range(0, len(todo), batch_size):
-        part = todo[s:s + batch_size]
-        width = 1 + max(len(ids) for _, ids, _ in part)
-        x = torch.tensor([[bos] + ids + [pad] * (width - 1 - len(ids)) for _, ids, _ in part])
-        mask = torch.tensor([[1] * (1 + len(ids)) + [0] * (width - 1 - len(ids)) for _, ids, _ in part])
-        with torch.no_grad():
-            logits = model(input_ids=x, attention_mask=mask).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").numpy()
-        for (u, ids, named), row in zip(part, nll):
-            row = row[:len(ids)]
-            rows.append((u, float(row[named].sum()), int(named.sum()), float(row[~named].sum()), int((~named).sum())))
+    for u, text, nll in zip(users, texts, token_nlls(texts, model, tokenizer, batch_size)):
+        if not len(nll):
+            continue
+        offs = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"][:len(nll)]
+        named = named_mask(offs, named_spans(text, genre_names + sorted(titles.get(u, ()))))
+        rows.append((u, float(nll[named].sum()), int(named.sum()), float(nll[~named].sum()), int((~named).sum())))
     return (pl.DataFrame(rows, schema=["user_id", "nll_named", "n_named", "nll_rest", "n_rest"], orient="row")
             .group_by("user_id").sum().sort("user_id"))
 

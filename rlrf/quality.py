@@ -184,12 +184,41 @@ def token_nll(texts: list[str], model, tokenizer, batch_size: int = 16) -> tuple
     the last token) and the NLL comes from cross_entropy on those rows: the model's 49k-wide logits are never held for
     a whole padded batch, nor copied into a log-softmax of the same size."""
     import torch
-    import torch.nn.functional as F
 
     nll, count = np.zeros(len(texts)), np.zeros(len(texts), dtype=np.int64)
+    for rows, tok, row, keep in _nll_batches(_text_ids(texts, tokenizer), model, tokenizer, batch_size):
+        nll[rows] = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, row, tok).numpy()
+        count[rows] = keep.sum(1).numpy()
+    return nll, count
+
+
+def token_nlls(texts: list[str], model, tokenizer, batch_size: int = 16) -> list[np.ndarray]:
+    """Each text's per-token negative log-likelihoods (nats, float64), one for each of its tokens
+    (`tokenizer(text, add_special_tokens=False)`, the first 512), measured as token_nll measures them (the same
+    batches, the same BOS): their sum is token_nll's. An empty text gives an empty array. For readers that weigh
+    parts of a text apart (benchmarks/perplexity_by_part.py)."""
+    out = [np.zeros(0) for _ in texts]
+    for rows, tok, row, _ in _nll_batches(_text_ids(texts, tokenizer), model, tokenizer, batch_size):
+        tok, row = tok.numpy(), row.numpy()
+        for j, i in enumerate(rows):
+            out[i] = tok[row == j]
+    return out
+
+
+def _text_ids(texts: list[str], tokenizer) -> dict[int, list[int]]:
+    """{text index: its token ids, the first 512} of the texts that are not blank."""
+    return {i: tokenizer(t, add_special_tokens=False)["input_ids"][:512] for i, t in enumerate(texts) if t.strip()}
+
+
+def _nll_batches(ids: dict[int, list[int]], model, tokenizer, batch_size: int):
+    """Per batch of like-length texts: (their indices, the per-token NLL of their tokens in row-major order, the
+    batch row of each of those tokens, the batch's token mask). Each text is read after a BOS token; see token_nll."""
+    import torch
+    import torch.nn.functional as F
+
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else [pad]
-    ids = {i: bos + tokenizer(t, add_special_tokens=False)["input_ids"][:512] for i, t in enumerate(texts) if t.strip()}
+    ids = {i: bos + t for i, t in ids.items()}
     order = sorted(ids, key=lambda i: (len(ids[i]), i))
     body, head = _decoder_and_head(model)
     model.eval()
@@ -205,10 +234,7 @@ def token_nll(texts: list[str], model, tokenizer, batch_size: int = 16) -> tuple
             else:
                 logits = head(body(input_ids=input_ids, attention_mask=mask).last_hidden_state[:, :-1][keep])
             tok = F.cross_entropy(logits.float(), input_ids[:, 1:][keep], reduction="none").double()
-        row = torch.arange(len(rows))[:, None].expand_as(keep)[keep]
-        nll[rows] = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, row, tok).numpy()
-        count[rows] = keep.sum(1).numpy()
-    return nll, count
+        yield rows, tok, torch.arange(len(rows))[:, None].expand_as(keep)[keep], keep
 
 
 # causal LMs whose logits are exactly lm_head(the decoder's last hidden state): no logit soft-capping or scaling

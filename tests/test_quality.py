@@ -312,3 +312,23 @@ def test_token_nll_through_the_head_alone_equals_the_whole_model_text_by_text(ti
             logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
         assert c == ids.shape[1] - 1
         assert n == pytest.approx(-logp.gather(-1, ids[0, 1:, None]).sum().item(), rel=1e-5)
+
+
+def test_token_nlls_are_token_nlls_terms_token_by_token(tiny_model):
+    """quality.token_nlls gives each text's per-token NLLs from the same batches: one per token, in order, summing to
+    token_nll's; an empty or blank text gives none. Each token's value is the whole model's on that text alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlrf.quality import token_nlls
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    texts = ["Likes drama and war films.", "", "  ", "Comedy.", "A fan of sci-fi, horror and thrillers."]
+    per = token_nlls(texts, model, tok, batch_size=2)
+    nll, count = token_nll(texts, model, tok, batch_size=3)
+    assert [len(p) for p in per] == count.tolist() and [len(p) for p in per][1:3] == [0, 0]
+    assert [p.sum() for p in per] == pytest.approx(nll.tolist(), rel=1e-5)
+    ids = torch.tensor([[tok.bos_token_id] + tok(texts[3], add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+    assert per[3] == pytest.approx((-logp.gather(-1, ids[0, 1:, None])[:, 0]).numpy(), rel=1e-5)
