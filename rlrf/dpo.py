@@ -31,7 +31,7 @@ SECTION = DPOConfig
 STAGE = runs.Declared("dpo", ("dpo",))  # + generator and its weights hash
 
 LOG_COLUMNS = ("step", "epoch", "loss", "rewards/margins", "rewards/accuracies", "rewards/chosen",
-               "rewards/rejected", "logps/chosen", "logps/rejected", "learning_rate", "grad_norm")
+               "rewards/rejected", "logps/chosen", "logps/rejected", "learning_rate", "grad_norm", "token_kl")
 
 
 def use_bf16(setting: str) -> bool:
@@ -150,11 +150,12 @@ def load_policy(model_dir: Path, bf16: bool):
     return model, tok
 
 
-def share_prompt(trainer, entropy_alpha: float = 1.0) -> dict:
+def share_prompt(trainer, entropy_alpha: float = 1.0, token_kl: bool = False) -> dict:
     """Each pair's prompt through the model once (rlrf/dpo_packed.py) under TRL's own DPO loss and metrics; with
     dpo.lora_layers the reference pass also reuses the policy pass's frozen layers; with dpo.entropy_alpha the
-    reference pass's log-probs are divided by it (H-DPO). Returns the packed forward's counters (updated as it
-    trains)."""
+    reference pass's log-probs are divided by it (H-DPO); with `token_kl` each training step's token KL to the
+    reference is left in the returned dict for token_kl_trainer's loss. Returns the packed forward's counters (updated
+    as it trains)."""
     from peft import PeftModel
 
     from rlrf import dpo_packed
@@ -169,7 +170,32 @@ def share_prompt(trainer, entropy_alpha: float = 1.0) -> dict:
                          "WPO weighting or MoE aux loss; set dpo.share_prompt=false")
     model = trainer.model
     return dpo_packed.install(model.get_base_model() if isinstance(model, PeftModel) else model,
-                              reference_scale=1.0 / entropy_alpha)
+                              reference_scale=1.0 / entropy_alpha, token_kl=token_kl)
+
+
+def dpo_trainer(token_kl: float = 0.0, beta: float = 0.1):
+    """TRL's DPOTrainer, or with dpo.token_kl > 0 a subclass whose loss adds token_kl x beta x the batch's token KL
+    (KL(reference || policy) summed over each profile's tokens, averaged over the batch's profiles) that the
+    shared-prompt forward left in the trainer's `packed` dict (share_prompt(..., token_kl=True)); logged as
+    `token_kl` beside TRL's metrics. Evaluation (no gradient) runs no KL and adds nothing."""
+    from trl import DPOTrainer
+
+    if token_kl <= 0:
+        return DPOTrainer
+
+    class TokenKLDPOTrainer(DPOTrainer):
+        packed: dict = {}
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            kl = self.packed.pop("token_kl", None)
+            if kl is None:
+                return out
+            self._metrics["train" if self.model.training else "eval"]["token_kl"].append(kl.item())
+            term = token_kl * beta * kl
+            return (out[0] + term, out[1]) if return_outputs else out + term
+
+    return TokenKLDPOTrainer
 
 
 def group_by_length(dataset, batch_size: int, seed: int, megabatch: int = 50):
@@ -278,7 +304,6 @@ def merge(model_dir: Path, adapter_dir: Path, out: Path, scale: float = 1.0) -> 
 
 def train_trl(recipe: Recipe, pairs_dir: Path, model_dir: Path, out_dir: Path, log=print) -> dict:
     import torch
-    from trl import DPOTrainer
 
     cfg = recipe.dpo
     bf16 = use_bf16(cfg.dtype)
@@ -287,10 +312,12 @@ def train_trl(recipe: Recipe, pairs_dir: Path, model_dir: Path, out_dir: Path, l
     ds = load_pairs_dataset(pairs_dir, out_dir / "hf_cache")
     model, tok = load_policy(model_dir, bf16)
     ckpt_dir = out_dir / "checkpoints"
-    trainer = DPOTrainer(model=model, args=trl_args(cfg, ckpt_dir, seed, bf16), train_dataset=ds,
+    trainer = dpo_trainer(cfg.token_kl, cfg.beta)(model=model, args=trl_args(cfg, ckpt_dir, seed, bf16), train_dataset=ds,
                          processing_class=tok, peft_config=lora_config(cfg, model.config.num_hidden_layers),
                          callbacks=[_checkpoint_callback()])
-    packed = share_prompt(trainer, cfg.entropy_alpha) if cfg.share_prompt else None
+    packed = share_prompt(trainer, cfg.entropy_alpha, cfg.token_kl > 0) if cfg.share_prompt else None
+    if cfg.token_kl > 0:
+        trainer.packed = packed
     if cfg.group_by_length:
         trainer.train_dataset = group_by_length(trainer.train_dataset, cfg.per_device_train_batch_size, seed)
     resume = last_checkpoint(ckpt_dir)

@@ -86,10 +86,13 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: to
 
 
 def token_outputs(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor, temperature: float = 1.0,
-                  chunk: int = 1024):
+                  chunk: int = 1024, reference: torch.Tensor | None = None):
     """Per scored token: log p(target), entropy, mean logit, target is top-1 (rows of `hidden`), in chunks; the
-    logits divided by `temperature` first, as TRL's fused head does."""
-    outs = ([], [], [], [])
+    logits divided by `temperature` first, as TRL's fused head does. With `reference` (the reference model's hidden
+    states at the same rows, no gradient) also KL(reference || policy) of the next-token distributions per token
+    (its gradient through the policy's log-probs) and the reference's own four outputs."""
+    outs = ([], [], [], [], [])
+    ref_outs = ([], [], [], [])
     for s in range(0, hidden.shape[0], chunk):
         logits = torch.nn.functional.linear(hidden[s:s + chunk], weight, bias).float() / temperature
         logp = logits.log_softmax(-1)
@@ -99,15 +102,30 @@ def token_outputs(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: tor
             outs[1].append(-(logp.exp() * logp).sum(-1))
             outs[2].append(logits.mean(-1))
             outs[3].append(logits.argmax(-1) == tgt)
-    return [torch.cat(o) for o in outs]
+        if reference is not None:
+            with torch.no_grad():
+                ref_logits = torch.nn.functional.linear(reference[s:s + chunk], weight, bias).float() / temperature
+                ref_logp = ref_logits.log_softmax(-1)
+                ref_p = ref_logp.exp()
+                ref_outs[0].append(ref_logp.gather(1, tgt[:, None])[:, 0])
+                ref_outs[1].append(-(ref_p * ref_logp).sum(-1))
+                ref_outs[2].append(ref_logits.mean(-1))
+                ref_outs[3].append(ref_logits.argmax(-1) == tgt)
+            outs[4].append((ref_p * (ref_logp - logp)).sum(-1))
+    main = [torch.cat(o) for o in outs[:4]]
+    if reference is None:
+        return main
+    return main + [torch.cat(outs[4])], [torch.cat(o) for o in ref_outs]
 
 
-def install(model, reference_scale: float = 1.0) -> dict:
+def install(model, reference_scale: float = 1.0, token_kl: bool = False) -> dict:
     """Answer TRL's fused-head DPO call on `model` (the base model TRL patched) from prompt-shared rows; where LoRA
     adapts only the top layers (dpo.lora_layers), the reference pass reuses the policy pass's frozen layers. With
     `reference_scale` != 1 the reference pass's (adapter disabled) token log-probs are multiplied by it: H-DPO's
-    tempered reference (dpo.entropy_alpha = 1 / reference_scale)."""
-    stats = install_packed(model, pack_pairs, frozen=FrozenBottom.of(model))
+    tempered reference (dpo.entropy_alpha = 1 / reference_scale). With `token_kl` every training policy pass also
+    runs the reference on its rows and leaves the batch's token KL (see install_packed) in the returned dict's
+    "token_kl" for the trainer to add to its loss (dpo.token_kl)."""
+    stats = install_packed(model, pack_pairs, frozen=FrozenBottom.of(model), token_kl=token_kl)
     if reference_scale != 1.0:
         scale_reference(model, reference_scale)
         stats["reference_scale"] = reference_scale
@@ -210,22 +228,41 @@ class FrozenBottom:
             self.mode = None
 
 
-def install_packed(model, pack, temperature: float = 1.0, frozen: FrozenBottom | None = None) -> dict:
+def install_packed(model, pack, temperature: float = 1.0, frozen: FrozenBottom | None = None,
+                   token_kl: bool = False) -> dict:
     """Wrap `model.forward` (TRL's fused-head forward) so that a fused-head call whose rows `pack(input_ids,
     attention_mask, labels)` can pack -> (ids, position_ids, mask4d, src) is answered from the packed rows, with the
     logits divided by `temperature` as TRL's head does; any other call (and a batch `pack` returns None for) goes to
     the original forward. Returns the counters it keeps: forwards packed and not, and the tokens the packed ones ran
-    against the tokens TRL's rows hold."""
+    against the tokens TRL's rows hold.
+
+    With `token_kl`, a packed call with the adapters on and gradients enabled (a training policy pass) also runs the
+    reference (every LoRA layer disabled, no gradient; the frozen layers' output reused) on the same rows, and puts
+    in the returned dict's "token_kl" the sum over the batch's scored tokens of KL(reference || policy) of the
+    next-token distributions divided by its rows (the mean over its chosen and rejected sequences of their summed
+    token KL), with the policy's gradient. The reference pass TRL runs next on the same batch is answered from the
+    one this ran (counted in "reference_passes_cached"), so the KL costs two LM-head passes, not a forward."""
     from trl.trainer.utils import FusedCausalLMOutput
 
     fused_forward = model.forward
     stats = {"packed_forwards": 0, "plain_forwards": 0, "packed_tokens": 0, "row_tokens": 0}
+    adapters = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "enable_adapters")]
+    if token_kl:
+        if not adapters:
+            raise ValueError("dpo.token_kl: the model has no LoRA layer, so its reference cannot be run beside it")
+        stats["reference_passes_cached"] = 0
+    cached: list = []  # [(input_ids, labels, the reference's output)] of the last policy pass that ran one
 
     def forward(self, *args, fused_lm_head=False, labels=None, **kwargs):
         input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
         plain = (not fused_lm_head or args or labels is None or input_ids is None or attention_mask is None
                  or attention_mask.ndim != 2 or kwargs.get("shift_labels") is not None
                  or kwargs.get("output_router_logits"))
+        if not plain and cached and adapters[0].disable_adapters:
+            ids_, labels_, out = cached.pop()
+            if ids_.shape == input_ids.shape and torch.equal(ids_, input_ids) and torch.equal(labels_, labels):
+                stats["reference_passes_cached"] += 1
+                return out
         packed = None if plain else pack(input_ids, attention_mask, labels)
         if packed is None:
             stats["plain_forwards"] += int(bool(fused_lm_head))
@@ -236,23 +273,37 @@ def install_packed(model, pack, temperature: float = 1.0, frozen: FrozenBottom |
         stats["row_tokens"] += input_ids.numel()
         rest = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "position_ids",
                                                            "use_cache", "num_items_in_batch")}
-        with frozen.around(ids, pos, mask) if frozen is not None else contextlib.nullcontext():
-            hidden = self.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                                     **rest).last_hidden_state
+
+        def decoder():
+            with frozen.around(ids, pos, mask) if frozen is not None else contextlib.nullcontext():
+                return self.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                                       **rest).last_hidden_state
+
+        hidden = decoder()
         targets = labels[:, 1:]
         scored = targets != -100
         lm_head = self.get_output_embeddings()
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        sel = flat.index_select(0, src[scored])
-        logp, ent, mean, top1 = token_outputs(sel, lm_head.weight, lm_head.bias, targets[scored], temperature)
+        sel = hidden.reshape(-1, hidden.shape[-1]).index_select(0, src[scored])
 
         def place(x):
             return x.new_zeros(scored.shape).masked_scatter(scored, x)
 
-        log_probs = place(logp)
-        return FusedCausalLMOutput(loss=-log_probs.sum() / scored.sum().clamp(min=1), log_probs=log_probs,
-                                   entropy=place(ent), mean_logits=place(mean), is_top1=place(top1),
-                                   label_mask=scored)
+        def output(logp, ent, mean, top1):
+            log_probs = place(logp)
+            return FusedCausalLMOutput(loss=-log_probs.sum() / scored.sum().clamp(min=1), log_probs=log_probs,
+                                       entropy=place(ent), mean_logits=place(mean), is_top1=place(top1),
+                                       label_mask=scored)
+
+        if token_kl and torch.is_grad_enabled() and not adapters[0].disable_adapters:
+            with torch.no_grad(), _adapters_off(adapters):
+                ref = decoder()
+            ref_sel = ref.reshape(-1, ref.shape[-1]).index_select(0, src[scored])
+            (logp, ent, mean, top1, kl), ref_outs = token_outputs(sel, lm_head.weight, lm_head.bias,
+                                                                  targets[scored], temperature, reference=ref_sel)
+            stats["token_kl"] = kl.sum() / labels.shape[0]
+            cached[:] = [(input_ids, labels, output(*ref_outs))]
+            return output(logp, ent, mean, top1)
+        return output(*token_outputs(sel, lm_head.weight, lm_head.bias, targets[scored], temperature))
 
     model.forward = types.MethodType(forward, model)
     if frozen is not None:
@@ -260,3 +311,15 @@ def install_packed(model, pack, temperature: float = 1.0, frozen: FrozenBottom |
         stats["reference_passes_reusing"] = 0
         frozen.stats = stats  # one dict of counters for the caller
     return stats
+
+
+@contextlib.contextmanager
+def _adapters_off(layers):
+    """Every LoRA layer disabled (the reference model) inside, enabled again after, as PEFT's disable_adapter does."""
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enable_adapters(True)

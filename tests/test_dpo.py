@@ -210,6 +210,97 @@ def test_the_reference_pass_reuses_the_frozen_layers_and_gets_the_same_log_probs
     assert len(runs) == 4 and stats["reference_passes_reusing"] == 1
 
 
+def test_token_kl_is_the_reference_to_policy_kl_of_each_scored_token(tmp_path):
+    """dpo.token_kl's forward: a training policy pass (adapter on, gradients on) leaves, with its own log-probs
+    untouched, the batch's KL(reference || policy) summed over every scored token of chosen and rejected and divided
+    by TRL's rows, the same as from two plain whole-model forwards (adapter off, on) row by row; its gradient reaches
+    the LoRA weights. TRL's reference call next on that batch is answered from the pass the KL ran (the same log-probs
+    as a real reference forward), once; without gradients (evaluation) no KL is made. With LoRA's B at 0 the KL is 0."""
+    from peft import get_peft_model
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+    from trl.trainer.utils import add_fused_lm_head
+    from transformers import AutoModelForCausalLM
+
+    from rlrf import dpo_packed
+    from rlrf.dpo import lora_config
+
+    def fresh(perturb: bool):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(tmp_path / "model"), dtype=torch.float32)
+        add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+        model = get_peft_model(model, lora_config(load_recipe(None, TINY + ["dpo.lora_layers=1"]).dpo, 2))
+        if perturb:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if "lora_B" in n:
+                        p.normal_(0, 0.5)
+        return model, dpo_packed.install(model.get_base_model(), token_kl=True)
+
+    g = torch.Generator().manual_seed(0)
+    ex = [{"prompt_ids": torch.randint(4, 40, (p,), generator=g).tolist(),
+           "chosen_ids": torch.randint(4, 40, (c,), generator=g).tolist(),
+           "rejected_ids": torch.randint(4, 40, (r,), generator=g).tolist()} for p, c, r in [(9, 5, 7), (4, 8, 1)]]
+    b = DataCollatorForPreference(pad_token_id=2)(ex)
+    labels = b["input_ids"].masked_fill(b["completion_mask"] == 0, -100)
+    kw = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], fused_lm_head=True, labels=labels)
+
+    model, stats = fresh(perturb=True)
+    with torch.no_grad():  # the same quantity from plain whole-model forwards, TRL's two rows per pair
+        plain = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        pol = torch.log_softmax(model(**plain).logits[:, :-1].float(), -1)
+        with model.disable_adapter():
+            ref = torch.log_softmax(model(**plain).logits[:, :-1].float(), -1)
+            ref_targets = model(**kw).log_probs
+        scored = labels[:, 1:] != -100
+        expected = ((ref.exp() * (ref - pol)).sum(-1) * scored).sum() / labels.shape[0]
+    assert "token_kl" not in stats  # no gradient: an evaluation pass makes none
+    policy = model(**kw).log_probs
+    kl = stats.pop("token_kl")
+    assert kl.item() == pytest.approx(expected.item(), rel=1e-4) and kl.item() > 0
+    assert torch.allclose(policy.detach(), model(**kw).log_probs.detach(), atol=1e-6)  # its own log-probs untouched
+    stats.pop("token_kl")
+    with torch.no_grad(), model.disable_adapter():
+        cached = model(**kw).log_probs  # TRL's reference call right after: answered, not run
+        assert stats["reference_passes_cached"] == 1
+        assert torch.allclose(cached, ref_targets, atol=1e-5)
+        assert torch.allclose(model(**kw).log_probs, ref_targets, atol=1e-5)  # used once: the next one runs
+    assert stats["reference_passes_cached"] == 1
+    model(**kw)
+    stats.pop("token_kl").backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+    assert grads and all(x is not None for x in grads) and any(x.abs().sum() > 0 for x in grads)
+
+    model, stats = fresh(perturb=False)
+    model(**kw)
+    assert stats["token_kl"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_token_kl_adds_its_term_to_trls_loss(trained, tmp_path):
+    """dpo.token_kl trains with the term in the loss: at step 1 the policy is the reference, so the KL is 0 and the
+    loss log 2 as plain DPO's; the KL is logged each step and grows from 0, the later losses differ from plain DPO's
+    on the same pairs and seed, and every training step's reference pass came from the KL's. A late key: plain runs
+    keep their fingerprint; settings it cannot be built on are refused."""
+    import math
+
+    from rlrf.dpo import dpo_stage
+
+    _, model_dir, pairs, plain = trained
+    out = dpo_stage(load_recipe(None, TINY + ["dpo.token_kl=1.0"]), pairs, str(model_dir), tmp_path / "dpo")
+    rows = list(csv.DictReader(open(out / "train_log.csv")))
+    base = list(csv.DictReader(open(plain / "train_log.csv")))
+    assert float(rows[0]["loss"]) == pytest.approx(math.log(2), abs=1e-4)
+    assert float(rows[0]["token_kl"]) == pytest.approx(0.0, abs=1e-6)
+    assert all(float(r["token_kl"]) >= 0 for r in rows) and float(rows[-1]["token_kl"]) > 0
+    assert [round(float(r["loss"]), 5) for r in rows[1:]] != [round(float(r["loss"]), 5) for r in base[1:]]
+    assert all(r["token_kl"] == "" for r in base)
+    info = read_stage_json(out)
+    assert info["config"]["dpo"]["token_kl"] == 1.0 and "token_kl" not in read_stage_json(plain)["config"]["dpo"]
+    assert info["packed_forward"]["reference_passes_cached"] == info["steps"]
+    for bad in (["dpo.token_kl=-1"], ["dpo.token_kl=1", "dpo.share_prompt=false"],
+                ["dpo.token_kl=1", "dpo.backend=llamafactory"]):
+        with pytest.raises(ValueError, match="dpo.token_kl"):
+            load_recipe(None, bad)
+
+
 def test_training_seed_makes_a_replicate_on_the_same_pairs(trained, tmp_path):
     """dpo.seed replaces the recipe's seed in training only (LoRA init, pair order): the recipe's own value redoes the
     plain run loss for loss, another one trains differently on the same pairs. A late key: plain runs keep their

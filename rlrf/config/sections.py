@@ -310,6 +310,13 @@ class DPOConfig(_TrainingSeed):
                                    "sharper; 1 = DPO. Trained as DPO at beta x alpha against the reference's log-"
                                    "probabilities / alpha (the same loss). TRL backend, reverse_kl, dpo.share_prompt",
                                    late=True)
+    token_kl: float = _f(0.0, "a token-level forward KL to the reference beside the DPO loss (TDPO's sequential KL, "
+                              "Zeng et al., 2024, as an added term): + this x beta x the mean over the batch's chosen "
+                              "and rejected profiles of the sum over their tokens of KL(reference || policy) of the "
+                              "next-token distributions. Mass-covering: the policy pays for every token it stops "
+                              "giving probability where the reference gives it, so DPO cannot narrow it onto one kind "
+                              "of profile for free (1 = as strong per token as DPO's own push at the start). 0 = plain "
+                              "DPO. TRL backend, dpo.share_prompt", late=True)
     merge_scale: float = _f(1.0, "generator k = generator k-1 + this x the adapter's update: 1 = the trained policy; "
                                  "below 1 interpolates it towards its initialisation (WiSE-FT; WARP's LITI, Rame et "
                                  "al., 2024), which keeps part of the reward for less drift from the base model. "
@@ -363,6 +370,10 @@ class DPOConfig(_TrainingSeed):
                f"{self.entropy_alpha}: H-DPO is built on the TRL backend's reverse KL through the shared-prompt "
                f"forward (it scales the reference pass there); set dpo.backend=trl, dpo.divergence=reverse_kl and "
                f"dpo.share_prompt=true, or drop the key")
+        _check(self.token_kl >= 0, "dpo.token_kl", f"{self.token_kl}: must be >= 0 (0 = plain DPO)")
+        _check(self.token_kl == 0 or (self.backend == "trl" and self.share_prompt), "dpo.token_kl",
+               f"{self.token_kl}: the token KL is computed in the TRL backend's shared-prompt forward; set "
+               f"dpo.backend=trl and dpo.share_prompt=true, or drop the key")
         _check(0 < self.merge_scale <= 1, "dpo.merge_scale", f"{self.merge_scale}: must be in (0, 1] (1 = the "
                                                              f"trained policy; 0 would be the base model itself)")
         _check(self.learning_rate > 0, "dpo.learning_rate", "must be > 0")
