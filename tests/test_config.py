@@ -92,7 +92,9 @@ def test_the_llamafactory_recipe_is_the_demo_but_for_its_dpo_backend():
     assert lf["run"] != demo["run"]
     # share_prompt is the trl backend's packed forward, lora_layers its top-layer LoRA (which needs no checkpointing)
     assert (lf["dpo"]["lora_layers"], lf["dpo"]["gradient_checkpointing"]) == (0, True)
-    for key in ("backend", "share_prompt", "lora_layers", "gradient_checkpointing"):
+    # token_kl is computed in that packed forward too: LLaMA-Factory's DPO has no such term
+    assert lf["dpo"]["token_kl"] == 0
+    for key in ("backend", "share_prompt", "lora_layers", "gradient_checkpointing", "token_kl"):
         del lf["dpo"][key], demo["dpo"][key]
     del lf["run"], demo["run"]
     assert lf == demo
