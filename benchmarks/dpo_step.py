@@ -69,9 +69,9 @@ def build_variant(name: str, ds, model_dir: Path, ours: dict, out: Path, batch: 
     ours: which of the dpo stage's settings are on: no_ckpt, stage_dtype, group, share, precompute, and top (LoRA on
     the top half of the layers only, dpo.lora_layers).
     """
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
-    from rlrf.dpo import group_by_length, lora_config, share_prompt, trl_args, use_bf16
+    from rlrf.dpo import dpo_trainer, group_by_length, lora_config, share_prompt, trl_args, use_bf16
     from rlrf.llm import load_generator
 
     recipe = load_recipe(None, [f"dpo.per_device_train_batch_size={batch}", "dpo.gradient_accumulation_steps=1",
@@ -96,11 +96,13 @@ def build_variant(name: str, ds, model_dir: Path, ours: dict, out: Path, batch: 
     n_layers = model.config.num_hidden_layers
     if ours.get("top"):
         cfg = dataclasses.replace(cfg, lora_layers=n_layers // 2)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
-                         peft_config=lora_config(cfg, n_layers))
+    # the recipe's dpo.token_kl rides on the shared-prompt forward: the variants with it train the recipe's loss
+    token_kl = cfg.token_kl if ours["share"] else 0.0
+    trainer = dpo_trainer(token_kl, cfg.beta)(model=model, args=args, train_dataset=ds, processing_class=tok,
+                                              peft_config=lora_config(cfg, n_layers))
     init_s = time.perf_counter() - t0
     if ours["share"]:
-        share_prompt(trainer, cfg.entropy_alpha)
+        trainer.packed = share_prompt(trainer, cfg.entropy_alpha, token_kl > 0)
     if ours["group"]:
         trainer.train_dataset = group_by_length(trainer.train_dataset, batch, recipe.seed)
     if args.gradient_checkpointing:  # what Trainer.train() switches on before its loop

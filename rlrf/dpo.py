@@ -154,7 +154,7 @@ def share_prompt(trainer, entropy_alpha: float = 1.0, token_kl: bool = False) ->
     """Each pair's prompt through the model once (rlrf/dpo_packed.py) under TRL's own DPO loss and metrics; with
     dpo.lora_layers the reference pass also reuses the policy pass's frozen layers; with dpo.entropy_alpha the
     reference pass's log-probs are divided by it (H-DPO); with `token_kl` each training step's token KL to the
-    reference is left in the returned dict for token_kl_trainer's loss. Returns the packed forward's counters (updated
+    reference is left in the returned dict for dpo_trainer's loss. Returns the packed forward's counters (updated
     as it trains)."""
     from peft import PeftModel
 
@@ -184,11 +184,11 @@ def dpo_trainer(token_kl: float = 0.0, beta: float = 0.1):
         return DPOTrainer
 
     class TokenKLDPOTrainer(DPOTrainer):
-        packed: dict = {}
+        packed: dict | None = None  # share_prompt's counters, set after it installs the forward
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            kl = self.packed.pop("token_kl", None)
+            kl = (self.packed or {}).pop("token_kl", None)
             if kl is None:
                 return out
             self._metrics["train" if self.model.training else "eval"]["token_kl"].append(kl.item())
@@ -312,9 +312,9 @@ def train_trl(recipe: Recipe, pairs_dir: Path, model_dir: Path, out_dir: Path, l
     ds = load_pairs_dataset(pairs_dir, out_dir / "hf_cache")
     model, tok = load_policy(model_dir, bf16)
     ckpt_dir = out_dir / "checkpoints"
-    trainer = dpo_trainer(cfg.token_kl, cfg.beta)(model=model, args=trl_args(cfg, ckpt_dir, seed, bf16), train_dataset=ds,
-                         processing_class=tok, peft_config=lora_config(cfg, model.config.num_hidden_layers),
-                         callbacks=[_checkpoint_callback()])
+    trainer = dpo_trainer(cfg.token_kl, cfg.beta)(
+        model=model, args=trl_args(cfg, ckpt_dir, seed, bf16), train_dataset=ds, processing_class=tok,
+        peft_config=lora_config(cfg, model.config.num_hidden_layers), callbacks=[_checkpoint_callback()])
     packed = share_prompt(trainer, cfg.entropy_alpha, cfg.token_kl > 0) if cfg.share_prompt else None
     if cfg.token_kl > 0:
         trainer.packed = packed

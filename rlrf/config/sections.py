@@ -315,8 +315,9 @@ class DPOConfig(_TrainingSeed):
                               "and rejected profiles of the sum over their tokens of KL(reference || policy) of the "
                               "next-token distributions. Mass-covering: the policy pays for every token it stops "
                               "giving probability where the reference gives it, so DPO cannot narrow it onto one kind "
-                              "of profile for free (1 = as strong per token as DPO's own push at the start). 0 = plain "
-                              "DPO. TRL backend, dpo.share_prompt", late=True)
+                              "of profile for free. On the demo 0.1 kept the gain with less narrowing, 0.3 and 1 held "
+                              "the policy near the reference and lost it (README: H52). 0 = plain DPO. TRL backend, "
+                              "dpo.share_prompt", late=True)
     merge_scale: float = _f(1.0, "generator k = generator k-1 + this x the adapter's update: 1 = the trained policy; "
                                  "below 1 interpolates it towards its initialisation (WiSE-FT; WARP's LITI, Rame et "
                                  "al., 2024), which keeps part of the reward for less drift from the base model. "
