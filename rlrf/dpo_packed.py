@@ -132,12 +132,17 @@ def install(model, reference_scale: float = 1.0, token_kl: bool = False) -> dict
     return stats
 
 
+def _lora_layers(model) -> list:
+    """`model`'s LoRA layers: each one's `disable_adapters` says whether this forward is the reference's."""
+    return [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "disable_adapters")]
+
+
 def _tuner(model):
     """A LoRA layer of `model`: its `disable_adapters` says whether this forward is the reference's."""
-    tuner = next((m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "disable_adapters")), None)
-    if tuner is None:
+    layers = _lora_layers(model)
+    if not layers:
         raise ValueError("dpo.entropy_alpha: the model has no LoRA layer, so its reference pass cannot be told apart")
-    return tuner
+    return layers[0]
 
 
 def scale_reference(model, scale: float) -> None:
@@ -246,7 +251,7 @@ def install_packed(model, pack, temperature: float = 1.0, frozen: FrozenBottom |
 
     fused_forward = model.forward
     stats = {"packed_forwards": 0, "plain_forwards": 0, "packed_tokens": 0, "row_tokens": 0}
-    adapters = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "enable_adapters")]
+    adapters = _lora_layers(model)
     if token_kl:
         if not adapters:
             raise ValueError("dpo.token_kl: the model has no LoRA layer, so its reference cannot be run beside it")
