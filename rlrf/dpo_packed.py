@@ -93,24 +93,29 @@ def token_outputs(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: tor
     (its gradient through the policy's log-probs) and the reference's own four outputs."""
     outs = ([], [], [], [], [])
     ref_outs = ([], [], [], [])
-    for s in range(0, hidden.shape[0], chunk):
-        logits = torch.nn.functional.linear(hidden[s:s + chunk], weight, bias).float() / temperature
-        logp = logits.log_softmax(-1)
-        tgt = targets[s:s + chunk]
-        outs[0].append(logp.gather(1, tgt[:, None])[:, 0])
+
+    def head(h):
+        logits = torch.nn.functional.linear(h, weight, bias).float() / temperature
+        return logits, logits.log_softmax(-1)
+
+    def four(logits, logp, tgt, into):
+        """log p(target) (with the gradient logp carries), then entropy, mean logit, top-1 (none); the probs."""
+        into[0].append(logp.gather(1, tgt[:, None])[:, 0])
         with torch.no_grad():
-            outs[1].append(-(logp.exp() * logp).sum(-1))
-            outs[2].append(logits.mean(-1))
-            outs[3].append(logits.argmax(-1) == tgt)
+            p = logp.exp()
+            into[1].append(-(p * logp).sum(-1))
+            into[2].append(logits.mean(-1))
+            into[3].append(logits.argmax(-1) == tgt)
+        return p
+
+    for s in range(0, hidden.shape[0], chunk):
+        tgt = targets[s:s + chunk]
+        logits, logp = head(hidden[s:s + chunk])
+        four(logits, logp, tgt, outs)
         if reference is not None:
             with torch.no_grad():
-                ref_logits = torch.nn.functional.linear(reference[s:s + chunk], weight, bias).float() / temperature
-                ref_logp = ref_logits.log_softmax(-1)
-                ref_p = ref_logp.exp()
-                ref_outs[0].append(ref_logp.gather(1, tgt[:, None])[:, 0])
-                ref_outs[1].append(-(ref_p * ref_logp).sum(-1))
-                ref_outs[2].append(ref_logits.mean(-1))
-                ref_outs[3].append(ref_logits.argmax(-1) == tgt)
+                ref_logits, ref_logp = head(reference[s:s + chunk])
+                ref_p = four(ref_logits, ref_logp, tgt, ref_outs)
             outs[4].append((ref_p * (ref_logp - logp)).sum(-1))
     main = [torch.cat(o) for o in outs[:4]]
     if reference is None:
